@@ -94,8 +94,8 @@ class Chain(Optimizer):
                 f"this state_dict does not come from a Chain of {len(self.optimizers)} optimizer(s) and "
                 f"{len(self.transforms)} transform(s): build the optimizer with the same settings as the saved run"
             )
+        for transform, state in zip(self.transforms, transforms):  # first: they name mismatched layers
+            transform.load_state_dict(state)
         for opt, state in zip(self.optimizers, opts):
             opt.load_state_dict(state)
-        for transform, state in zip(self.transforms, transforms):
-            transform.load_state_dict(state)
         self._link()  # torch's load_state_dict replaces the inner group dicts

@@ -154,8 +154,8 @@ class ActivationPreconditioner:
             for pname, p in module.named_parameters(recurse=False):
                 owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
         for name, module in model.named_modules():
-            weight = getattr(module, "weight", None)
-            if not isinstance(weight, torch.Tensor) or not isinstance(weight, nn.Parameter):
+            weight = module._parameters.get("weight")  # its own parameter, not a wrapper's alias of a child's
+            if not isinstance(weight, nn.Parameter):
                 continue
             kind = None
             if type(module) is nn.Linear or (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward):
@@ -165,10 +165,13 @@ class ActivationPreconditioner:
                 d_in = module.in_channels // groups * math.prod(module.kernel_size)
             elif isinstance(module, nn.Embedding):
                 kind, d_in, groups = "embedding", module.num_embeddings, 1
+            if kind is None and weight.ndim < 2:
+                continue  # norm gains: the GP alone, nothing to report
             reason = None
             if kind is None:
-                if weight.ndim >= 2:
-                    reason = f"{type(module).__name__} is not a layer AP covers (Linear, Conv1d, Conv2d, Embedding)"
+                reason = f"{type(module).__name__} is not a layer AP covers (Linear, Conv1d, Conv2d, Embedding)"
+            elif isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+                reason = "nn.MultiheadAttention uses this weight without calling the module, so its inputs cannot be seen"
             elif any(name == e or name.startswith(e + ".") for e in exclude):
                 reason = "excluded by the caller"
             elif not weight.requires_grad:
@@ -180,8 +183,7 @@ class ActivationPreconditioner:
             elif kind == "embedding" and module.sparse:
                 reason = "sparse embedding gradients are not supported"
             if reason is not None:
-                if kind is not None or weight.ndim >= 2:
-                    self.uncovered[name] = reason
+                self.uncovered[name] = reason
                 continue
             layer = _Layer(name=name, module=module, kind=kind, d_in=d_in, groups=groups)
             self.layers.append(layer)
@@ -199,7 +201,7 @@ class ActivationPreconditioner:
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor):
                 return
-            layer.parts.append(self._input_stats(layer, x.detach()))
+            layer.parts.append(self._input_stats(layer, x))
 
         return hook
 
@@ -216,6 +218,7 @@ class ActivationPreconditioner:
         hit = self._cache.get(key)
         if hit is not None and hit[0]() is x:
             return hit[1]
+        ref, x = weakref.ref(x), x.detach()
         with torch.autocast(x.device.type, enabled=False):
             if layer.kind == "embedding":
                 flat = x.reshape(-1)
@@ -231,7 +234,7 @@ class ActivationPreconditioner:
                     total = s if total is None else total + s
                     count += rows.shape[0]
                 stat = (total, count)
-        self._cache[key] = (weakref.ref(x), stat)
+        self._cache[key] = (ref, stat)
         return stat
 
     # ------------------------------------------------------------------ the update
@@ -322,7 +325,7 @@ class ActivationPreconditioner:
         """Return ((groups, d, d) inverse of sigma + lam I, lam), or (None, lam) to keep the previous
         inverse. Cholesky in float32; float64, then eigh with eigenvalues clamped, then the
         previous inverse as fallbacks, each counted in ``self.fallbacks``."""
-        if not torch.isfinite(sigma).all():
+        if not torch.isfinite(sigma.sum()):  # a NaN or inf anywhere makes the sum non-finite
             self.fallbacks["nonfinite_stats"] += 1
             return self._keep_previous(layer)
         d = sigma.shape[-1]
@@ -349,7 +352,7 @@ class ActivationPreconditioner:
             pivots = torch.diagonal(chol, dim1=-2, dim2=-1).square()
             if (info == 0).all() and (pivots >= 0.5 * floor.to(dtype)[:, None]).all():
                 inverse = torch.cholesky_inverse(chol).float()
-                if torch.isfinite(inverse).all():
+                if torch.isfinite(inverse.sum()):
                     if fallback:
                         self.fallbacks[fallback] += 1
                     return inverse, self._scalar(lam)
@@ -374,10 +377,12 @@ class ActivationPreconditioner:
     def coverage(self) -> dict[str, str]:
         """Every module with a weight matrix: what AP does with it ("covered: linear, d_in=...")
         or why it leaves it to the GP alone."""
-        report = {
-            layer.name: f"covered: {layer.kind}, d_in={layer.d_in}" + (f", groups={layer.groups}" if layer.groups > 1 else "")
-            for layer in self.layers
-        }
+        report = {}
+        for layer in self.layers:
+            text = f"covered: {layer.kind}, d_in={layer.d_in}" + (f", groups={layer.groups}" if layer.groups > 1 else "")
+            if self.steps > 0 and layer.inverse is None:
+                text += " (but no input seen yet: the module was not called in training mode, so its gradient is left as is)"
+            report[layer.name] = text
         report.update({name: "not covered: " + why for name, why in self.uncovered.items()})
         return report
 

@@ -1,0 +1,196 @@
+"""AP gradients against the formula, computed independently (float64 linalg.solve from the inputs
+captured by the test's own hooks and patch extraction)."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import expected_ap, rel_err
+
+import dopr
+
+GAMMA = 1e-3
+TOL = 1e-5
+
+
+def capture_inputs(module):
+    seen = []
+    module.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().clone()))
+    return seen
+
+
+def test_linear_3d_input_first_and_hidden_layer():
+    model = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 5))
+    hidden_in = capture_inputs(model[2])
+    ap = dopr.ActivationPreconditioner(model, damping=GAMMA)
+    # (batch, tokens, d_in): every token is a row. The statistics are float32 by design; their
+    # rounding, amplified by cond(Sigma), is what limits the agreement (1.5e-5 at cond 800).
+    x = torch.randn(4, 7, 6)
+    model(x).pow(2).sum().backward()
+    g0, g2 = model[0].weight.grad.clone(), model[2].weight.grad.clone()
+    bias_grad = model[0].bias.grad.clone()
+    ap.step()
+    assert rel_err(model[0].weight.grad, expected_ap(g0, x.reshape(-1, 6), GAMMA)) < TOL
+    assert rel_err(model[2].weight.grad, expected_ap(g2, hidden_in[0].reshape(-1, 12), GAMMA)) < TOL
+    assert torch.equal(model[0].bias.grad, bias_grad)  # biases keep their gradient
+
+
+def conv1d_patches(x, kernel, stride, padding, dilation):
+    """Rows (B * L_out, C * kernel) ordered like weight.view(out, C * kernel), by explicit indexing."""
+    x = F.pad(x, (padding, padding))
+    length = (x.shape[-1] - dilation * (kernel - 1) - 1) // stride + 1
+    starts = torch.arange(length) * stride
+    idx = starts[:, None] + torch.arange(kernel)[None, :] * dilation  # (L_out, k)
+    patches = x[:, :, idx]  # (B, C, L_out, k)
+    return patches.permute(0, 2, 1, 3).reshape(-1, x.shape[1] * kernel)
+
+
+def test_conv1d_stride_padding_dilation():
+    conv = nn.Conv1d(3, 5, kernel_size=3, stride=2, padding=2, dilation=2)
+    ap = dopr.ActivationPreconditioner(conv, damping=GAMMA)
+    x = torch.randn(4, 3, 21)
+    conv(x).pow(2).sum().backward()
+    g = conv.weight.grad.clone().reshape(5, -1)
+    ap.step()
+    rows = conv1d_patches(x, 3, 2, 2, 2)
+    assert rel_err(conv.weight.grad.reshape(5, -1), expected_ap(g, rows, GAMMA)) < TOL
+
+
+def conv2d_patches(x, kernel, stride, padding):
+    x = F.pad(x, (padding, padding, padding, padding))
+    p = x.unfold(2, kernel, stride).unfold(3, kernel, stride)  # (B, C, Ho, Wo, k, k)
+    return p.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kernel * kernel)
+
+
+def test_conv2d_padding_and_stride():
+    conv = nn.Conv2d(3, 4, kernel_size=3, stride=2, padding=1)
+    ap = dopr.ActivationPreconditioner(conv, damping=GAMMA)
+    x = torch.randn(5, 3, 9, 9)
+    conv(x).pow(2).sum().backward()
+    g = conv.weight.grad.clone().reshape(4, -1)
+    ap.step()
+    rows = conv2d_patches(x, 3, 2, 1)
+    assert rel_err(conv.weight.grad.reshape(4, -1), expected_ap(g, rows, GAMMA)) < TOL
+
+
+def test_conv2d_same_padding_reflect_mode():
+    conv = nn.Conv2d(2, 3, kernel_size=3, padding="same", padding_mode="reflect")
+    ap = dopr.ActivationPreconditioner(conv, damping=GAMMA)
+    x = torch.randn(3, 2, 6, 6)
+    conv(x).pow(2).sum().backward()
+    g = conv.weight.grad.clone().reshape(3, -1)
+    ap.step()
+    rows = conv2d_patches(F.pad(x, (1, 1, 1, 1), mode="reflect"), 3, 1, 0)
+    assert rel_err(conv.weight.grad.reshape(3, -1), expected_ap(g, rows, GAMMA)) < TOL
+
+
+def test_grouped_conv_gets_one_block_per_group():
+    conv = nn.Conv2d(4, 6, kernel_size=3, padding=1, groups=2)
+    ap = dopr.ActivationPreconditioner(conv, damping=GAMMA)
+    x = torch.randn(3, 4, 7, 7)
+    conv(x).pow(2).sum().backward()
+    g = conv.weight.grad.clone()
+    ap.step()
+    for j in range(2):
+        rows = conv2d_patches(x[:, 2 * j : 2 * j + 2], 3, 1, 1)
+        gj = g[3 * j : 3 * j + 3].reshape(3, -1)
+        assert rel_err(conv.weight.grad[3 * j : 3 * j + 3].reshape(3, -1), expected_ap(gj, rows, GAMMA)) < TOL
+
+
+def test_embedding_one_hot_rows():
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 3)
+    ap = dopr.ActivationPreconditioner(nn.ModuleDict({"emb": emb, "head": head}), damping=GAMMA)
+    idx = torch.randint(0, 10, (6, 5))
+    head(emb(idx)).pow(2).sum().backward()
+    g = emb.weight.grad.clone()  # (V, dim): the paper's G is its transpose
+    ap.step()
+    rows = F.one_hot(idx.reshape(-1), 10)
+    expected = expected_ap(g.T, rows, GAMMA).T
+    assert rel_err(emb.weight.grad, expected) < TOL
+
+
+def test_peft_lora_adapters_of_a_transformers_model():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=False))
+    attn = model.base_model.model.model.layers[1].self_attn
+    lora_a, lora_b = attn.q_proj.lora_A["default"], attn.k_proj.lora_B["default"]
+    a_in, b_in = capture_inputs(lora_a), capture_inputs(lora_b)
+    ap = dopr.ActivationPreconditioner(model, damping=GAMMA)
+    cover = ap.coverage()
+    covered = [n for n, v in cover.items() if v.startswith("covered")]
+    assert covered and all("lora_" in n for n in covered)  # base weights are frozen
+    assert any("frozen" in v for v in cover.values())
+    ids = torch.randint(0, 50, (3, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    ga, gb = lora_a.weight.grad.clone(), lora_b.weight.grad.clone()
+    ap.step()
+    assert rel_err(lora_a.weight.grad, expected_ap(ga, a_in[0].reshape(-1, 16), GAMMA)) < TOL
+    assert rel_err(lora_b.weight.grad, expected_ap(gb, b_in[0].reshape(-1, 4), GAMMA)) < TOL
+
+
+def test_rows_pool_over_accumulated_micro_batches_and_skip_eval_and_no_grad():
+    layer = nn.Linear(5, 3)
+    ap = dopr.ActivationPreconditioner(layer, damping=GAMMA)
+    x1, x2 = torch.randn(8, 5), torch.randn(6, 5) * 2
+    with torch.no_grad():  # a rollout in train mode without autograd: no statistics
+        layer(torch.randn(50, 5) * 10)
+    layer.eval()
+    layer(torch.randn(50, 5) * 10).sum()  # eval mode: no statistics
+    layer.train()
+    layer(x1).pow(2).sum().backward()
+    layer(x2).pow(2).sum().backward()
+    g = layer.weight.grad.clone()
+    ap.step()
+    assert rel_err(layer.weight.grad, expected_ap(g, torch.cat([x1, x2]), GAMMA)) < TOL
+
+
+def test_update_every_reuses_the_inverse_and_ema_blends():
+    layer = nn.Linear(4, 2, bias=False)
+    ap = dopr.ActivationPreconditioner(layer, damping=GAMMA, update_every=2)
+    x1, x2 = torch.randn(16, 4), torch.randn(16, 4) + 1
+    layer(x1).sum().backward()
+    ap.step()
+    layer.weight.grad = None
+    layer(x2).pow(2).sum().backward()  # step 2 reuses the inverse of step 1's inputs
+    g = layer.weight.grad.clone()
+    ap.step()
+    assert rel_err(layer.weight.grad, expected_ap(g, x1, GAMMA)) < TOL
+
+    decay = 0.8
+    layer = nn.Linear(4, 2, bias=False)
+    ap = dopr.ActivationPreconditioner(layer, damping=0.0, stats="ema", ema_decay=decay)
+    layer(x1).sum().backward()
+    ap.step()
+    layer.weight.grad = None
+    layer(x2).pow(2).sum().backward()
+    g = layer.weight.grad.clone()
+    ap.step()
+    s1, s2 = x1.double().T @ x1.double() / 16, x2.double().T @ x2.double() / 16
+    expected = torch.linalg.solve(decay * s1 + (1 - decay) * s2, g.double().T).T
+    assert rel_err(layer.weight.grad, expected) < TOL
+
+
+def test_layers_reading_one_tensor_share_one_statistic_and_inverse():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.other = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.q(x) * self.k(x) + self.other(x.clone())
+
+    net = TwoHeads()
+    ap = dopr.ActivationPreconditioner(net, damping=GAMMA)
+    x = torch.randn(30, 6)
+    net(x).pow(2).sum().backward()
+    grads = {n: getattr(net, n).weight.grad.clone() for n in ("q", "k", "other")}
+    ap.step()
+    q, k, other = ap.layers
+    assert q.inverse is k.inverse  # one solve for q and k
+    assert other.inverse is not q.inverse  # a copy is another tensor: its own statistic
+    for n in ("q", "k", "other"):
+        assert rel_err(getattr(net, n).weight.grad, expected_ap(grads[n], x, GAMMA)) < TOL
