@@ -124,7 +124,7 @@ def main(argv=None):
         print("|---|---:|---:|---:|---:|---:|")
         for base in bases:
             x, d1, d10 = times[(base, base)], times[(base, f"dopr_{base}")], times[(base, f"dopr_{base}@10")]
-            print(f"| {base} | {1e3 * x:.1f} | {1e3 * d1:.1f} | {d1 / x:.2f} | {1e3 * d10:.1f} | {d10 / x:.2f} |")
+            print(f"| {base} | {1e3 * x:.2f} | {1e3 * d1:.2f} | {d1 / x:.3f} | {1e3 * d10:.2f} | {d10 / x:.3f} |")
         print(f"\n({time.perf_counter() - t0:.0f} s)", flush=True)
 
 

@@ -16,5 +16,5 @@ def test_benchmark_prints_a_ratio_row_per_gp_and_workload():
         rows = re.findall(rf"^\| {base} \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", out, re.M)
         assert len(rows) == 2, out
         for x, d1, r1, d10, r10 in rows:
-            assert abs(float(d1) / float(x) - float(r1)) < 0.05 + 0.01 * float(r1)
-            assert abs(float(d10) / float(x) - float(r10)) < 0.05 + 0.01 * float(r10)
+            assert abs(float(d1) / float(x) - float(r1)) < 0.02 * float(r1) + 0.002
+            assert abs(float(d10) / float(x) - float(r10)) < 0.02 * float(r10) + 0.002
