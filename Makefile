@@ -6,7 +6,13 @@ VENV ?= .venv
 CONSTRAINTS ?= constraints.txt
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-all bench clean-venv
+.PHONY: setup test test-all bench clean-venv reproduce-lm sweep-lm-lr
+
+SCALE ?= cpu
+SEEDS ?= 0,1,2
+LAUNCHER ?=
+LM_OPTIMIZERS ?= adamw,dopr_adamw,muon,dopr_muon
+LAUNCH := $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER),)
 
 setup: $(VENV)/.installed
 
@@ -28,3 +34,15 @@ bench: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The flagship: optimizer x seed on the LM task, then the report (results/lm/<scale>/).
+# Killed? Run it again: finished runs are skipped, the others resume from their checkpoints.
+reproduce-lm: setup
+	$(PY) -m experiments.train -m task=lm scale=$(SCALE) optimizer=$(LM_OPTIMIZERS) seed=$(SEEDS) $(LAUNCH)
+	$(PY) scripts/report.py --runs runs/lm/$(SCALE) --out results/lm/$(SCALE) \
+		--command "make reproduce-lm SCALE=$(SCALE) SEEDS=$(SEEDS)"
+
+# The LR sweep behind task.lr in configs/task/lm.yaml (results/lm/cpu/lr_sweep.md).
+sweep-lm-lr: setup
+	$(PY) -m experiments.train -m +sweep=lm_lr $(LAUNCH)
+	$(PY) scripts/report.py --runs runs/lm/lr_sweep --out results/lm/cpu --lr-sweep --command "make sweep-lm-lr"

@@ -1,0 +1,26 @@
+"""The one small interface between a task and the training loop."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Protocol
+
+import torch
+import torch.nn as nn
+
+
+class Task(Protocol):
+    model: nn.Module  # the trained network (the loop moves it, optimises it, keeps an EMA copy)
+    metric: str  # the headline rollout metric in evaluate()'s result, e.g. "accuracy"
+    higher_is_better: bool
+
+    def train_batch(self, step: int) -> Any:
+        """The batch for this step: a function of (seed, step) only, so a resumed run sees the same data."""
+
+    def val_batches(self) -> Iterable[Any]:
+        """Held-out batches, identical across runs and optimizers."""
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The one-step training objective (a scalar)."""
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Roll the model out on its own outputs and score it (the metric the paper cares about)."""

@@ -1,0 +1,189 @@
+"""Autoregressive LM task: next-token loss on worked solutions; the rollout metric is the
+exact-answer accuracy of greedy generations, by number of reasoning steps.
+
+Embedded default (no download): a small Llama-style model (``transformers.LlamaConfig``) trained
+from scratch on generated multi-step arithmetic word problems with step-by-step solutions and a
+GSM8K-style final line ("#### 42"), tokenised by characters. Longer chains mean more generated
+tokens conditioned on the model's own earlier output: that is where test-time feedback shows.
+
+Paper scale (``task.pretrained=<model path or hub id>``): LoRA SFT of a causal LM on
+OpenMathInstruct-2-style data (problem, generated_solution, expected_answer), evaluated on
+GSM8K-style data (question, answer ending "#### N"). See ``PretrainedLM``.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+NAMES = ["Ann", "Bob", "Cal", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kim", "Lu", "Max", "Ned", "Oli", "Pam"]
+ITEMS = ["pens", "cards", "eggs", "coins", "books", "cups", "nuts", "shells", "stamps", "marbles"]
+ADD = ["Buys {n} more", "Finds {n} more", "Gets {n} more", "Is given {n}"]
+SUB = ["Loses {n}", "Gives away {n}", "Sells {n}", "Uses {n}"]
+ANSWER = re.compile(r"####\s*(-?[\d,\.]+)")
+
+
+def make_problem(rng: random.Random, n_steps: int) -> dict:
+    """A word problem with ``n_steps`` additions/subtractions of 1..9, every total kept in 0..99,
+    and its worked solution: one "a+b=c." line per step, then "#### answer"."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    total = rng.randint(2, 30)
+    sentences, lines = [f"{name} has {total} {item}."], []
+    for _ in range(n_steps):
+        n = rng.randint(1, 9)
+        if total - n >= 0 and (total + n > 99 or rng.random() < 0.5):
+            sentences.append(rng.choice(SUB).format(n=n) + ".")
+            lines.append(f"{total}-{n}={total - n}.")
+            total -= n
+        else:
+            sentences.append(rng.choice(ADD).format(n=n) + ".")
+            lines.append(f"{total}+{n}={total + n}.")
+            total += n
+    sentences.append("How many now?")
+    return {"question": " ".join(sentences), "solution": " ".join(lines) + f" #### {total}",
+            "answer": str(total), "steps": n_steps}
+
+
+def extract_answer(text: str) -> str | None:
+    match = ANSWER.search(text)
+    return match.group(1).replace(",", "").rstrip(".") if match else None
+
+
+class CharTokenizer:
+    """Characters as tokens (a fixed printable alphabet), plus pad, bos and eos."""
+
+    PAD, BOS, EOS = 0, 1, 2
+
+    def __init__(self):
+        alphabet = "\n !#+-=?.,0123456789" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+        self.itos = ["<pad>", "<bos>", "<eos>"] + list(alphabet)
+        self.stoi = {c: i for i, c in enumerate(self.itos)}
+
+    def __len__(self):
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as err:
+            raise ValueError(f"character {err.args[0]!r} is not in the LM task's alphabet") from None
+
+    def decode(self, ids) -> str:
+        return "".join(self.itos[i] for i in ids if i > self.EOS)
+
+
+def generate_split(n: int, seed: int, steps: list[int], cache_dir: str | None):
+    """``n`` problems (lengths drawn uniformly from ``steps``) as a ``datasets.Dataset``,
+    generated once and cached on disk (the cache key is the generator and its arguments)."""
+    import datasets
+
+    def gen(n, seed, steps):
+        rng = random.Random(seed)
+        for _ in range(n):
+            yield make_problem(rng, rng.choice(steps))
+
+    return datasets.Dataset.from_generator(gen, gen_kwargs={"n": n, "seed": seed, "steps": tuple(steps)},  # a list would be sharded
+                                           cache_dir=cache_dir)
+
+
+def encode_examples(tok: CharTokenizer, examples, max_len: int):
+    """(input_ids, labels, attention_mask), right-padded; labels are -100 on the question (the loss
+    covers the worked solution and the answer, as in SFT) and on padding."""
+    n = len(examples)
+    ids = torch.full((n, max_len), tok.PAD, dtype=torch.long)
+    labels = torch.full((n, max_len), -100, dtype=torch.long)
+    for i, ex in enumerate(examples):
+        prompt = [tok.BOS] + tok.encode(ex["question"] + "\n")
+        target = tok.encode(ex["solution"]) + [tok.EOS]
+        seq = prompt + target
+        if len(seq) > max_len:
+            raise ValueError(f"a problem is {len(seq)} tokens long but task.max_len={max_len}: raise task.max_len")
+        ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, len(prompt) : len(seq)] = torch.tensor(target)
+    return ids, labels, ids.ne(tok.PAD)
+
+
+class ArithmeticLM:
+    """The embedded default (see the module docstring)."""
+
+    metric = "accuracy"
+    higher_is_better = True
+
+    def __init__(self, cfg, seed: int, device: torch.device):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        self.cfg, self.seed, self.device = cfg, seed, device
+        self.tok = CharTokenizer()
+        cache = str(Path(cfg.data_dir).expanduser()) if cfg.data_dir else None
+        train = generate_split(cfg.train_size, 1, cfg.train_steps, cache)
+        val = generate_split(cfg.val_size, 2, cfg.train_steps, cache)
+        self.train = encode_examples(self.tok, train, cfg.max_len)
+        self.val = encode_examples(self.tok, val, cfg.max_len)
+        # Rollout problems: a fixed set per chain length, including lengths beyond training.
+        self.eval_sets = {k: list(generate_split(cfg.eval_per_length, 100 + k, [k], cache)) for k in cfg.eval_steps}
+        torch.manual_seed(seed)
+        m = cfg.model
+        config = LlamaConfig(vocab_size=len(self.tok), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                             num_hidden_layers=m.layers, num_attention_heads=m.heads, num_key_value_heads=m.heads,
+                             max_position_embeddings=cfg.max_len + cfg.max_new_tokens, tie_word_embeddings=False,
+                             pad_token_id=self.tok.PAD, bos_token_id=self.tok.BOS, eos_token_id=self.tok.EOS)
+        self.model = LlamaForCausalLM(config).to(device)
+        self.batch_size = cfg.batch_size
+
+    def _to(self, tensors):
+        return tuple(t.to(self.device) for t in tensors)
+
+    def train_batch(self, step: int):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        idx = torch.randint(0, self.train[0].shape[0], (self.batch_size,), generator=g)
+        return self._to(t[idx] for t in self.train)
+
+    def val_batches(self):
+        n = self.val[0].shape[0]
+        for start in range(0, n, self.cfg.eval_batch_size):
+            yield self._to(t[start : start + self.cfg.eval_batch_size] for t in self.val)
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        ids, labels, mask = batch
+        width = int(mask.sum(1).max())  # drop all-padding columns
+        return model(input_ids=ids[:, :width], attention_mask=mask[:, :width], labels=labels[:, :width]).loss
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Greedy generation (batched, left-padded, KV cache through ``generate``); exact match of
+        the number after "####"."""
+        was_training = model.training
+        model.eval()
+        out, correct_all, total_all = {}, 0, 0
+        for k, problems in self.eval_sets.items():
+            correct = 0
+            for start in range(0, len(problems), self.cfg.eval_batch_size):
+                chunk = problems[start : start + self.cfg.eval_batch_size]
+                prompts = [[self.tok.BOS] + self.tok.encode(p["question"] + "\n") for p in chunk]
+                width = max(map(len, prompts))
+                ids = torch.full((len(chunk), width), self.tok.PAD, dtype=torch.long)
+                for i, p in enumerate(prompts):
+                    ids[i, width - len(p) :] = torch.tensor(p)
+                ids = ids.to(self.device)
+                gen = model.generate(input_ids=ids, attention_mask=ids.ne(self.tok.PAD), max_new_tokens=self.cfg.max_new_tokens,
+                                     do_sample=False, pad_token_id=self.tok.PAD, eos_token_id=self.tok.EOS)
+                for p, row in zip(chunk, gen[:, width:].tolist()):
+                    correct += extract_answer(self.tok.decode(row)) == p["answer"]
+            out[f"accuracy_steps{k}"] = correct / len(problems)
+            correct_all += correct
+            total_all += len(problems)
+        out["accuracy"] = correct_all / total_all
+        model.train(was_training)
+        return out
+
+
+def build(cfg, seed: int, device: torch.device):
+    if cfg.get("pretrained"):
+        from .lm_pretrained import PretrainedLM
+
+        return PretrainedLM(cfg, seed, device)
+    return ArithmeticLM(cfg, seed, device)

@@ -1,0 +1,205 @@
+"""The one training loop, for every task.
+
+    python -m experiments.train task=lm optimizer=dopr_adamw            # one run
+    python -m experiments.train -m optimizer=adamw,dopr_adamw seed=0,1,2 # a sweep
+
+Reads top to bottom: compose the config, build the task and the optimizer, resume from the run
+folder's checkpoint if there is one, then train: warmup + cosine LR, gradient clipping, optional
+EMA of the weights for evaluation, validation loss every ``eval_every`` steps, the task's rollout
+evaluator every ``rollout_every`` steps and at the end, atomic checkpoints. Every row goes to
+``<run_dir>/metrics.jsonl`` (and W&B); ``<run_dir>/summary.json`` holds the final and best metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import dopr
+
+from .checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from .logging import RunLogger, git_commit
+from .tasks import build_task
+
+OmegaConf.register_new_resolver("lr_tag", lambda lr: "" if lr is None else f"-lr{lr:g}", replace=True)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def resolve(cfg: DictConfig) -> DictConfig:
+    """The run's effective settings: the task's values at this scale (``task.scales[scale]``),
+    overridden by any ``trainer.*``/``lr`` given on the command line."""
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    scales = cfg.task.pop("scales", {})
+    if cfg.scale.name not in scales:
+        raise ValueError(f"task {cfg.task.name!r} has no settings for scale={cfg.scale.name!r}: add scales.{cfg.scale.name} to configs/task/{cfg.task.name}.yaml")
+    at_scale = scales[cfg.scale.name]
+    given = {k: v for k, v in cfg.trainer.items() if v is not None}
+    cfg.trainer = OmegaConf.merge(cfg.trainer, at_scale.pop("trainer", {}), given)
+    cfg.task = OmegaConf.merge(cfg.task, at_scale)
+    if cfg.lr is None:
+        chosen = cfg.task.get("lr", {}) or {}
+        if cfg.optimizer.name not in chosen:
+            raise ValueError(f"no learning rate for optimizer {cfg.optimizer.name!r} on task {cfg.task.name!r}: pass lr=... or add it to task.lr in configs/task/{cfg.task.name}.yaml")
+        cfg.lr = float(chosen[cfg.optimizer.name])
+    missing = [k for k, v in cfg.trainer.items() if v is None and k != "ema_decay"]
+    if missing:
+        raise ValueError(f"trainer settings {missing} are not set by scale {cfg.scale.name!r} of task {cfg.task.name!r}")
+    return cfg
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup, then cosine decay to 0 (as transformers' get_cosine_schedule_with_warmup)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+@torch.no_grad()
+def validation_loss(task, model) -> float:
+    was = model.training
+    model.eval()
+    losses = [float(task.loss(model, batch)) for batch in task.val_batches()]
+    model.train(was)
+    return sum(losses) / len(losses)
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    cfg = resolve(cfg)
+    tr = cfg.trainer
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    task = build_task(cfg.task, cfg.seed, device)
+    model = task.model
+    opt = dopr.build_optimizer(model, cfg.optimizer.name, lr=cfg.lr, weight_decay=cfg.optimizer.weight_decay,
+                               **OmegaConf.to_container(cfg.optimizer.kwargs))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tr.warmup_steps, tr.steps))
+    ema = None
+    if tr.ema_decay:
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tr.ema_decay))
+    eval_model = ema.module if ema is not None else model
+    ap = getattr(opt, "preconditioner", None)
+
+    ckpt_path = run_dir / "checkpoint.pt"
+    state = load_checkpoint(ckpt_path, device)
+    start, best = 0, {}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["rng"])
+        start, best = state["step"], state["best"]
+        print(f"resuming {run_dir} from step {start}", flush=True)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    commit = git_commit()
+    logger = RunLogger(run_dir, {**resolved, "git_commit": commit}, cfg.logger, start if state else None,
+                       group=cfg.task.name, name=f"{cfg.optimizer.name}-s{cfg.seed}", tags=[cfg.optimizer.name, commit])
+    if state is None:
+        atomic_write_json(run_dir / "config.json", {**resolved, "git_commit": commit})
+        if ap is not None:
+            logger.log({"step": 0, "ap_coverage": ap.coverage()})
+
+    def evaluate(step: int, rollout: bool) -> dict:
+        row = {"step": step, "val_loss": validation_loss(task, eval_model)}
+        if rollout:
+            t0 = time.time()
+            row.update(task.evaluate(eval_model))
+            row["rollout_seconds"] = time.time() - t0
+            metric = row[task.metric]
+            better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
+            if "metric" not in best or better(metric, best["metric"]):
+                best.update({"metric": metric, "step": step, "val_loss_at_best": row["val_loss"],
+                             **{f"best_{k}": v for k, v in row.items() if k not in ("step", "rollout_seconds")}})
+                save_checkpoint(run_dir / "best_model.pt", {"model": eval_model.state_dict(), "step": step})
+        best["min_val_loss"] = min(best.get("min_val_loss", math.inf), row["val_loss"])
+        logger.log(row)
+        print("  eval " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        return row
+
+    model.train()
+    t_start, step = time.time(), start
+    for step in range(start, tr.steps):
+        loss = task.loss(model, task.train_batch(step))
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"step {step}: the training loss is {loss.item()}; lower the learning rate (lr={cfg.lr}) "
+                                f"or raise the AP damping (optimizer.kwargs.damping) and rerun: the run resumes from its last checkpoint")
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip) if tr.grad_clip else None
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update_parameters(model)
+        done = step + 1
+        if done % tr.log_every == 0 or done == tr.steps:
+            rate = (done - start) / (time.time() - t_start)
+            row = {"step": done, "train_loss": loss.item(), "lr": sched.get_last_lr()[0], "steps_per_s": rate}
+            if grad_norm is not None:
+                row["grad_norm"] = float(grad_norm)
+            if ap is not None:
+                row.update({f"ap_fallback_{k}": v for k, v in ap.fallbacks.items()})
+                conds = [c for c in ap.condition_numbers().values() if math.isfinite(c)]
+                if conds:
+                    row.update({"ap_cond_max": max(conds), "ap_cond_median": sorted(conds)[len(conds) // 2]})
+            logger.log(row)
+            eta = (tr.steps - done) / max(rate, 1e-9)
+            print(f"step {done}/{tr.steps} loss {loss.item():.4f} lr {row['lr']:.2e} {rate:.2f} it/s eta {eta / 60:.1f} min", flush=True)
+        rollout = done % tr.rollout_every == 0 or done == tr.steps
+        if done % tr.eval_every == 0 or rollout:
+            final_row = evaluate(done, rollout)
+        if done % tr.checkpoint_every == 0 or done == tr.steps:
+            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                        "scheduler": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                                        "rng": torch.get_rng_state(), "step": done, "best": best})
+    if start >= tr.steps:  # already finished: re-evaluate nothing, report what is on disk
+        print(f"{run_dir} already finished ({tr.steps} steps)", flush=True)
+        logger.close()
+        return best
+    summary = {"task": cfg.task.name, "optimizer": cfg.optimizer.name, "lr": cfg.lr, "seed": cfg.seed,
+               "scale": cfg.scale.name, "steps": tr.steps, "metric_name": task.metric, "git_commit": commit,
+               "final": final_row, "best": best, "status": "done"}
+    atomic_write_json(run_dir / "summary.json", summary)
+    logger.summary({**{f"final_{k}": v for k, v in final_row.items()}, **{f"best_{k}": v for k, v in best.items()}})
+    logger.close()
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def main(cfg: DictConfig):
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        return train(cfg, run_dir)
+    except (ValueError, NonFiniteLoss, FileNotFoundError) as err:
+        atomic_write_json(run_dir / "summary.json", {"status": "failed", "error": f"{type(err).__name__}: {err}"})
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            return None  # one failed job must not stop the sweep; the report lists it
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    main()
