@@ -36,25 +36,18 @@ class NonFiniteLoss(RuntimeError):
 
 
 def resolve(cfg: DictConfig) -> DictConfig:
-    """The run's effective settings: the task's values at this scale (``task.scales[scale]``),
-    overridden by any ``trainer.*``/``lr`` given on the command line."""
+    """Fill the learning rate from the task's chosen values (``task.lr``) unless ``lr=`` was given,
+    and check that the task's scale config set every trainer setting."""
     cfg = cfg.copy()
-    OmegaConf.set_struct(cfg, False)
-    scales = cfg.task.pop("scales", {})
-    if cfg.scale.name not in scales:
-        raise ValueError(f"task {cfg.task.name!r} has no settings for scale={cfg.scale.name!r}: add scales.{cfg.scale.name} to configs/task/{cfg.task.name}.yaml")
-    at_scale = scales[cfg.scale.name]
-    given = {k: v for k, v in cfg.trainer.items() if v is not None}
-    cfg.trainer = OmegaConf.merge(cfg.trainer, at_scale.pop("trainer", {}), given)
-    cfg.task = OmegaConf.merge(cfg.task, at_scale)
     if cfg.lr is None:
-        chosen = cfg.task.get("lr", {}) or {}
+        chosen = cfg.task.get("lr") or {}
         if cfg.optimizer.name not in chosen:
             raise ValueError(f"no learning rate for optimizer {cfg.optimizer.name!r} on task {cfg.task.name!r}: pass lr=... or add it to task.lr in configs/task/{cfg.task.name}.yaml")
         cfg.lr = float(chosen[cfg.optimizer.name])
     missing = [k for k, v in cfg.trainer.items() if v is None and k != "ema_decay"]
     if missing:
-        raise ValueError(f"trainer settings {missing} are not set by scale {cfg.scale.name!r} of task {cfg.task.name!r}")
+        raise ValueError(f"trainer settings {missing} are not set for task={cfg.task.name} scale={cfg.scale.name}: "
+                         f"add configs/task_scale/{cfg.task.name}_{cfg.scale.name}.yaml or pass trainer.<name>=...")
     return cfg
 
 

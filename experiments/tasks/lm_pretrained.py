@@ -1,0 +1,139 @@
+"""Paper-scale LM path: LoRA SFT (peft) of a Hugging Face causal LM on OpenMathInstruct-2-style
+data, evaluated by greedy generation on GSM8K- and MATH-500-style sets.
+
+Data sources are ``datasets`` hub ids (``nvidia/OpenMathInstruct-2``, ``openai/gsm8k``,
+``HuggingFaceH4/MATH-500``) or local json/jsonl/parquet files with the same fields:
+- SFT data: ``problem``, ``generated_solution``, ``expected_answer``
+- ``gsm8k``: ``question``, ``answer`` (worked solution ending "#### N")
+- ``math500``: ``problem``, ``answer``
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .lm import extract_answer
+
+BOXED = re.compile(r"\\boxed\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}")
+NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
+PROMPT = "Question: {question}\nAnswer: "
+
+
+def load(source: str, split: str, config: str | None = None):
+    """A ``datasets`` split from a local file (json, jsonl, parquet, csv) or a hub id."""
+    import datasets
+
+    path = Path(str(source)).expanduser()
+    if path.exists():
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
+        if kind is None:
+            raise ValueError(f"{path}: unsupported data file type (use .json, .jsonl, .parquet or .csv)")
+        return datasets.load_dataset(kind, data_files=str(path), split="train")
+    if str(source).startswith(("/", "./", "~")):
+        raise FileNotFoundError(f"data file {source} does not exist: check task.train_data / task.eval_data")
+    return datasets.load_dataset(str(source), config, split=split)
+
+
+def final_answer(text: str) -> str | None:
+    """The model's answer: after "####", else the last \\boxed{}, else the last number."""
+    for found in (extract_answer(text), (BOXED.findall(text) or [None])[-1], (NUMBER.findall(text) or [None])[-1]):
+        if found:
+            return normalise(found)
+    return None
+
+
+def normalise(answer: str) -> str:
+    answer = str(answer).strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        value = float(answer)
+        return str(int(value)) if value == int(value) else str(value)
+    except ValueError:
+        return answer.replace(" ", "")
+
+
+class PretrainedLM:
+    metric = "accuracy"
+    higher_is_better = True
+
+    def __init__(self, cfg, seed: int, device: torch.device):
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg, self.seed, self.device = cfg, seed, device
+        self.tok = AutoTokenizer.from_pretrained(cfg.pretrained)
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.tok.padding_side = "left"
+        dtype = getattr(torch, cfg.get("dtype") or "float32")
+        base = AutoModelForCausalLM.from_pretrained(cfg.pretrained, dtype=dtype)
+        lora = cfg.lora
+        self.model = get_peft_model(base, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                     target_modules=list(lora.target_modules), task_type="CAUSAL_LM")).to(device)
+        data = load(cfg.train_data, cfg.train_split).shuffle(seed=0)
+        need = cfg.train_size + cfg.val_size
+        if len(data) < need:
+            raise ValueError(f"{cfg.train_data} has {len(data)} examples but train_size + val_size = {need}: lower them")
+        self.train = self._encode(data.select(range(cfg.train_size)))
+        self.val = self._encode(data.select(range(cfg.train_size, need)))
+        self.eval_sets = {}
+        for name, source in cfg.eval_data.items():
+            rows = load(source, "test", "main" if name == "gsm8k" else None)
+            if cfg.get("eval_size"):
+                rows = rows.select(range(min(cfg.eval_size, len(rows))))
+            question = "question" if "question" in rows.column_names else "problem"
+            self.eval_sets[name] = [(r[question], normalise(extract_answer(r["answer"]) or r["answer"])) for r in rows]
+
+    def _encode(self, rows):
+        ids, labels = [], []
+        for r in rows:
+            prompt = self.tok(PROMPT.format(question=r["problem"]), add_special_tokens=True)["input_ids"]
+            target = self.tok(f"{r['generated_solution']}\n#### {r['expected_answer']}", add_special_tokens=False)["input_ids"]
+            seq = (prompt + target + [self.tok.eos_token_id])[: self.cfg.max_len]
+            ids.append(seq)
+            labels.append(([-100] * len(prompt) + target + [self.tok.eos_token_id])[: self.cfg.max_len])
+        width = max(map(len, ids))
+        pad = self.tok.pad_token_id
+        out_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        out_labels = torch.full((len(ids), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.bool)
+        for i, (s, l) in enumerate(zip(ids, labels)):
+            out_ids[i, : len(s)], out_labels[i, : len(l)], mask[i, : len(s)] = torch.tensor(s), torch.tensor(l), True
+        return out_ids, out_labels, mask
+
+    def train_batch(self, step: int):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        idx = torch.randint(0, self.train[0].shape[0], (self.cfg.batch_size,), generator=g)
+        return tuple(t[idx].to(self.device) for t in self.train)
+
+    def val_batches(self):
+        n = self.val[0].shape[0]
+        for start in range(0, n, self.cfg.eval_batch_size):
+            yield tuple(t[start : start + self.cfg.eval_batch_size].to(self.device) for t in self.val)
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        ids, labels, mask = batch
+        width = int(mask.sum(1).max())
+        return model(input_ids=ids[:, :width], attention_mask=mask[:, :width], labels=labels[:, :width]).loss
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        was = model.training
+        model.eval()
+        out = {}
+        for name, items in self.eval_sets.items():
+            correct = 0
+            for start in range(0, len(items), self.cfg.eval_batch_size):
+                chunk = items[start : start + self.cfg.eval_batch_size]
+                enc = self.tok([PROMPT.format(question=q) for q, _ in chunk], return_tensors="pt", padding=True).to(self.device)
+                gen = model.generate(**enc, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
+                                     pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id)
+                texts = self.tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                correct += sum(final_answer(t) == a for t, (_, a) in zip(texts, chunk))
+            out[f"accuracy_{name}"] = correct / max(1, len(items))
+        out["accuracy"] = sum(out.values()) / max(1, len(out))
+        model.train(was)
+        return out

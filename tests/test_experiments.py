@@ -1,0 +1,147 @@
+"""The real entry points as subprocesses with tiny settings (CleanRL style)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
+
+
+def train(*overrides, check=True, timeout=300):
+    flags = [o for o in overrides if o.startswith("-")]
+    cmd = [sys.executable, "-m", "experiments.train", *flags, "scale=smoke", "threads=1", *[o for o in overrides if o not in flags]]
+    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "dopr_muon"])
+def test_one_run_logs_jsonl_and_an_offline_wandb_run(tmp_path, optimizer):
+    run = tmp_path / optimizer
+    train(f"optimizer={optimizer}", f"hydra.run.dir={run}")
+    logged = rows(run)
+    assert [r["step"] for r in logged if "train_loss" in r] == [2, 4, 6]
+    assert [r["step"] for r in logged if "val_loss" in r] == [3, 6]
+    final = [r for r in logged if "accuracy" in r]
+    assert len(final) == 1 and {"accuracy_steps1", "accuracy_steps4"} <= set(final[0])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["final"]["step"] == 6 and summary["optimizer"] == optimizer
+    assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run"
+    coverage = [r for r in logged if "ap_coverage" in r]
+    if optimizer.startswith("dopr_"):
+        assert any(v.startswith("covered: linear") for v in coverage[0]["ap_coverage"].values())
+        assert all("ap_fallback_eigh" in r for r in logged if "train_loss" in r)
+    else:
+        assert not coverage
+
+
+def test_multirun_of_two_jobs_and_the_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    train("-m", "optimizer=adamw,dopr_adamw", "logger=none", f"hydra.sweep.dir={sweep}")
+    assert sorted(p.parent.name for p in sweep.glob("*/summary.json")) == ["adamw-s0", "dopr_adamw-s0"]
+    out = tmp_path / "results"
+    subprocess.run([sys.executable, "scripts/report.py", "--runs", str(sweep), "--out", str(out)], cwd=ROOT, check=True,
+                   capture_output=True)
+    table = (out / "results.md").read_text()
+    assert "| adamw | 1 |" in table and "| dopr_adamw | 1 |" in table
+    assert (out / "val_loss_vs_accuracy.png").stat().st_size > 1000
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    common = ["optimizer=dopr_adamw", "logger=none", "trainer.steps=400", "trainer.checkpoint_every=20",
+              "trainer.eval_every=1000", "trainer.rollout_every=1000", "trainer.log_every=10"]
+    train(*common, f"hydra.run.dir={tmp_path / 'whole'}")
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "experiments.train", "scale=smoke", "threads=1", *common, f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoint.pt").exists():
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "summary.json").exists(), "the run finished before it could be killed: make it longer"
+    out = train(*common, f"hydra.run.dir={run}")
+    assert "resuming" in out.stdout
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["model"]
+    resumed = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    steps = [r["step"] for r in rows(run) if "train_loss" in r]
+    assert steps == list(range(10, 401, 10))  # every row once: none lost, none twice
+
+
+def test_bad_input_stops_with_a_message_that_names_the_fix(tmp_path):
+    out = train("task=nope", check=False)
+    assert out.returncode != 0 and "task/nope" in out.stderr and "lm" in out.stderr  # Hydra lists the options
+    out = train("optimizer=adam", check=False)
+    assert out.returncode != 0 and "optimizer/adam" in out.stderr and "dopr_adamw" in out.stderr
+    out = train("optimizer=sgd", "lr=1e12", "logger=none", f"hydra.run.dir={tmp_path / 'nan'}", check=False)
+    assert out.returncode != 0 and "lower the learning rate" in out.stderr
+    assert json.loads((tmp_path / "nan" / "summary.json").read_text())["status"] == "failed"
+    out = train("task.pretrained=/nonexistent/model", "task.train_data=/nonexistent/train.jsonl", "logger=none",
+                f"hydra.run.dir={tmp_path / 'missing'}", check=False)
+    assert out.returncode != 0 and "/nonexistent" in out.stderr
+
+
+def write_jsonl(path: Path, records: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_paper_scale_lora_path_on_local_fixtures(tmp_path):
+    """A tiny random Llama saved with save_pretrained and tiny files in the schemas of
+    OpenMathInstruct-2, GSM8K and MATH-500 go through the real LoRA SFT path."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    sft = [{"problem": f"What is {a} plus {b}?", "generated_solution": f"{a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}.",
+            "expected_answer": str(a + b)} for a in range(6) for b in range(4)]
+    gsm8k = [{"question": f"Tom has {a} apples and buys {b}. How many?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"} for a, b in [(1, 2), (3, 4), (5, 1)]]
+    math500 = [{"problem": f"Compute ${a}+{b}$.", "answer": str(a + b), "solution": "", "subject": "Algebra", "level": 1, "unique_id": str(i)}
+               for i, (a, b) in enumerate([(2, 2), (7, 1)])]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(), decoders.ByteLevel()
+    texts = [json.dumps(r) for r in sft + gsm8k + math500]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"]))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    model_dir = tmp_path / "tiny-llama"
+    config = LlamaConfig(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    hf_tok.save_pretrained(model_dir)
+    run = tmp_path / "run"
+    train("optimizer=dopr_adamw", "logger=none", f"hydra.run.dir={run}", f"task.pretrained={model_dir}",
+          f"task.train_data={write_jsonl(tmp_path / 'omi2.jsonl', sft)}", "task.train_size=16", "task.val_size=8",
+          f"+task.eval_data.gsm8k={write_jsonl(tmp_path / 'gsm8k.jsonl', gsm8k)}",
+          f"+task.eval_data.math500={write_jsonl(tmp_path / 'math500.jsonl', math500)}",
+          "task.max_len=96", "task.max_new_tokens=12", "task.lora.r=4", "task.lora.target_modules=[q_proj,v_proj]")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "done"
+    assert {"accuracy_gsm8k", "accuracy_math500", "accuracy"} <= set(summary["final"])
+    coverage = next(r for r in rows(run) if "ap_coverage" in r)["ap_coverage"]
+    covered = [n for n, v in coverage.items() if v.startswith("covered")]
+    assert covered and all(".lora_" in n for n in covered)
+
+
+def test_answer_extraction():
+    from experiments.tasks.lm import extract_answer, make_problem
+    from experiments.tasks.lm_pretrained import final_answer
+    import random
+
+    assert extract_answer("3+4=7. #### 7") == "7"
+    assert final_answer("so \\boxed{1,200}.") == "1200" and final_answer("#### 42.") == "42" and final_answer("x = 3.0") == "3"
+    p = make_problem(random.Random(0), 3)
+    assert p["steps"] == 3 and extract_answer(p["solution"]) == p["answer"] and p["solution"].count("=") == 3
