@@ -161,6 +161,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         rollout = done % tr.rollout_every == 0 or done == tr.steps
         if done % tr.eval_every == 0 or rollout:
             final_row = evaluate(done, rollout)
+            if ap is not None:  # per-layer anisotropy of the inputs: cond(Sigma) at the last refresh
+                logger.log({"step": done, **{f"ap_cond/{k}": v for k, v in ap.condition_numbers().items()}})
         if done % tr.checkpoint_every == 0 or done == tr.steps:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                         "scheduler": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
