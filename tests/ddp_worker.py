@@ -44,6 +44,7 @@ def train(rank: int, world: int, init_file: str, out_file: str, all_reduce: bool
     if rank == 0:
         torch.save(net.state_dict(), out_file)
     if world > 1:
+        dist.barrier()  # no rank tears gloo down while another still uses it (a race that aborts the process)
         dist.destroy_process_group()
 
 
