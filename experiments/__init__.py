@@ -1,5 +1,2 @@
-"""The experiment suite: one training loop, the tasks and their rollout evaluators.
-
-The training loop and the LM task come next (see the README's "Status"); the optimizer library
-they use is `dopr`.
-"""
+"""The experiment suite: one training loop (``experiments.train``), the tasks
+(``experiments.tasks``) and their rollout evaluators. The optimizers come from ``dopr``."""
