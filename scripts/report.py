@@ -16,7 +16,6 @@ import csv
 import io
 import json
 import math
-import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from experiments.checkpoint import atomic_write_text  # noqa: E402
+from experiments.logging import git_commit  # noqa: E402
 
 # One colour per optimizer across every figure: the base GP's hue, dark with AP, light without.
 COLOURS = {"adamw": "#9ecae1", "dopr_adamw": "#08519c", "muon": "#fdae6b", "dopr_muon": "#a63603",
@@ -118,11 +118,6 @@ def figure(rows: list[dict], metric: str, path: Path, title: str) -> None:
     tmp = path.with_suffix(".png.tmp")
     tmp.write_bytes(buf.getvalue())
     tmp.replace(path)
-
-
-def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return out.stdout.strip() or "unknown"
 
 
 def main(argv=None) -> int:

@@ -107,7 +107,27 @@ def encode_examples(tok: CharTokenizer, examples, max_len: int):
     return ids, labels, ids.ne(tok.PAD)
 
 
-class ArithmeticLM:
+class TokenBatches:
+    """Batching and the token loss shared by both LM variants: ``self.train``/``self.val`` are
+    (input_ids, labels, attention_mask) tensors; the step's batch is a function of (seed, step)."""
+
+    def train_batch(self, step: int):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        idx = torch.randint(0, self.train[0].shape[0], (self.cfg.batch_size,), generator=g)
+        return tuple(t[idx].to(self.device) for t in self.train)
+
+    def val_batches(self):
+        n = self.val[0].shape[0]
+        for start in range(0, n, self.cfg.eval_batch_size):
+            yield tuple(t[start : start + self.cfg.eval_batch_size].to(self.device) for t in self.val)
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        ids, labels, mask = batch
+        width = int(mask.sum(1).max())  # drop all-padding columns
+        return model(input_ids=ids[:, :width], attention_mask=mask[:, :width], labels=labels[:, :width]).loss
+
+
+class ArithmeticLM(TokenBatches):
     """The embedded default (see the module docstring)."""
 
     metric = "accuracy"
@@ -132,25 +152,6 @@ class ArithmeticLM:
                              max_position_embeddings=cfg.max_len + cfg.max_new_tokens, tie_word_embeddings=False,
                              pad_token_id=self.tok.PAD, bos_token_id=self.tok.BOS, eos_token_id=self.tok.EOS)
         self.model = LlamaForCausalLM(config).to(device)
-        self.batch_size = cfg.batch_size
-
-    def _to(self, tensors):
-        return tuple(t.to(self.device) for t in tensors)
-
-    def train_batch(self, step: int):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        idx = torch.randint(0, self.train[0].shape[0], (self.batch_size,), generator=g)
-        return self._to(t[idx] for t in self.train)
-
-    def val_batches(self):
-        n = self.val[0].shape[0]
-        for start in range(0, n, self.cfg.eval_batch_size):
-            yield self._to(t[start : start + self.cfg.eval_batch_size] for t in self.val)
-
-    def loss(self, model: nn.Module, batch) -> torch.Tensor:
-        ids, labels, mask = batch
-        width = int(mask.sum(1).max())  # drop all-padding columns
-        return model(input_ids=ids[:, :width], attention_mask=mask[:, :width], labels=labels[:, :width]).loss
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .lm import extract_answer
+from .lm import TokenBatches, extract_answer
 
 BOXED = re.compile(r"\\boxed\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}")
 NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
@@ -55,7 +55,7 @@ def normalise(answer: str) -> str:
         return answer.replace(" ", "")
 
 
-class PretrainedLM:
+class PretrainedLM(TokenBatches):
     metric = "accuracy"
     higher_is_better = True
 
@@ -103,21 +103,6 @@ class PretrainedLM:
         for i, (s, l) in enumerate(zip(ids, labels)):
             out_ids[i, : len(s)], out_labels[i, : len(l)], mask[i, : len(s)] = torch.tensor(s), torch.tensor(l), True
         return out_ids, out_labels, mask
-
-    def train_batch(self, step: int):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        idx = torch.randint(0, self.train[0].shape[0], (self.cfg.batch_size,), generator=g)
-        return tuple(t[idx].to(self.device) for t in self.train)
-
-    def val_batches(self):
-        n = self.val[0].shape[0]
-        for start in range(0, n, self.cfg.eval_batch_size):
-            yield tuple(t[start : start + self.cfg.eval_batch_size].to(self.device) for t in self.val)
-
-    def loss(self, model: nn.Module, batch) -> torch.Tensor:
-        ids, labels, mask = batch
-        width = int(mask.sum(1).max())
-        return model(input_ids=ids[:, :width], attention_mask=mask[:, :width], labels=labels[:, :width]).loss
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
