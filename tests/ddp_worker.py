@@ -1,6 +1,7 @@
 """A small DDP training run, for test_ddp.py (spawned on gloo/CPU) and by hand:
 ``python tests/ddp_worker.py`` runs the one-process reference."""
 
+import os
 import sys
 
 import torch
@@ -46,6 +47,15 @@ def train(rank: int, world: int, init_file: str, out_file: str, all_reduce: bool
     if world > 1:
         dist.barrier()  # no rank tears gloo down while another still uses it (a race that aborts the process)
         dist.destroy_process_group()
+
+
+def spawned(rank: int, world: int, init_file: str, out_file: str, all_reduce: bool = True) -> None:
+    """mp.spawn entry: train, then leave without interpreter teardown, where gloo's background
+    threads were seen to abort a rank ("terminate called without an active exception") under load."""
+    train(rank, world, init_file, out_file, all_reduce)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

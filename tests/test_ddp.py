@@ -3,12 +3,12 @@ because AP all-reduces its statistics before the solve."""
 
 import torch
 import torch.multiprocessing as mp
-from ddp_worker import train
+from ddp_worker import spawned, train
 
 
 def run_two(tmp_path, name, all_reduce):
     out = tmp_path / f"{name}.pt"
-    mp.spawn(train, args=(2, str(tmp_path / f"{name}.init"), str(out), all_reduce), nprocs=2, join=True)
+    mp.spawn(spawned, args=(2, str(tmp_path / f"{name}.init"), str(out), all_reduce), nprocs=2, join=True)
     return torch.load(out)
 
 
