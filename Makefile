@@ -6,12 +6,13 @@ VENV ?= .venv
 CONSTRAINTS ?= constraints.txt
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-all bench clean-venv reproduce-lm sweep-lm-lr
+.PHONY: setup test test-all bench clean-venv reproduce-lm sweep-lm-lr reproduce-flow sweep-flow-lr
 
 SCALE ?= cpu
 SEEDS ?= 0,1,2
 LAUNCHER ?=
 LM_OPTIMIZERS ?= adamw,dopr_adamw,muon,dopr_muon
+FLOW_OPTIMIZERS ?= adamw,dopr_adamw,muon,dopr_muon
 LAUNCH := $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER),)
 
 setup: $(VENV)/.installed
@@ -46,3 +47,14 @@ reproduce-lm: setup
 sweep-lm-lr: setup
 	$(PY) -m experiments.train -m +sweep=lm_lr $(LAUNCH)
 	$(PY) scripts/report.py --runs runs/lm/lr_sweep --out results/lm/cpu --lr-sweep --command "make sweep-lm-lr"
+
+# Flow-matching image generation: optimizer x seed, then results/flow/<scale>/.
+reproduce-flow: setup
+	$(PY) -m experiments.train -m task=flow scale=$(SCALE) optimizer=$(FLOW_OPTIMIZERS) seed=$(SEEDS) $(LAUNCH)
+	$(PY) scripts/report.py --runs runs/flow/$(SCALE) --out results/flow/$(SCALE) \
+		--command "make reproduce-flow SCALE=$(SCALE) SEEDS=$(SEEDS)"
+
+# The LR sweep behind task.lr in configs/task/flow.yaml (results/flow/cpu/lr_sweep.md).
+sweep-flow-lr: setup
+	$(PY) -m experiments.train -m +sweep=flow_lr $(LAUNCH)
+	$(PY) scripts/report.py --runs runs/flow/lr_sweep --out results/flow/cpu --lr-sweep --command "make sweep-flow-lr"

@@ -171,8 +171,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         print(f"{run_dir} already finished ({tr.steps} steps)", flush=True)
         logger.close()
         return best
+    if hasattr(task, "save_artifacts"):  # e.g. a grid of samples for the report
+        task.save_artifacts(eval_model, run_dir)
     summary = {"task": cfg.task.name, "optimizer": cfg.optimizer.name, "lr": cfg.lr, "seed": cfg.seed,
                "scale": cfg.scale.name, "steps": tr.steps, "metric_name": task.metric, "git_commit": commit,
+               "higher_is_better": task.higher_is_better, "val_loss_label": getattr(task, "val_loss_label", None),
+               "metric_label": getattr(task, "metric_label", None), "horizon_label": getattr(task, "horizon_label", None),
                "final": final_row, "best": best, "status": "done"}
     atomic_write_json(run_dir / "summary.json", summary)
     logger.summary({**{f"final_{k}": v for k, v in final_row.items()}, **{f"best_{k}": v for k, v in best.items()}})

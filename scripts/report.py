@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import math
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -70,7 +71,7 @@ def per_run_rows(done: list[dict]) -> list[dict]:
         row = {"optimizer": s["optimizer"], "lr": s["lr"], "seed": s["seed"], "final_val_loss": s["final"]["val_loss"],
                "min_val_loss": s["best"]["min_val_loss"], f"final_{s['metric_name']}": s["final"][s["metric_name"]],
                f"best_{s['metric_name']}": s["best"]["metric"], "best_step": s["best"]["step"], "run": r["dir"]}
-        row.update({f"final_{k}": v for k, v in s["final"].items() if k.startswith(s["metric_name"] + "_")})
+        row.update({f"final_{k}": v for k, v in s["final"].items() if k not in ("step", "val_loss", s["metric_name"])})
         rows.append(row)
     return sorted(rows, key=lambda r: (ORDER.index(r["optimizer"]) if r["optimizer"] in ORDER else 99, r["lr"], r["seed"]))
 
@@ -79,8 +80,8 @@ def summary_table(rows: list[dict], metric: str, by_lr: bool) -> str:
     groups = defaultdict(list)
     for row in rows:
         groups[(row["optimizer"], row["lr"]) if by_lr else (row["optimizer"],)].append(row)
-    extra = sorted({k for row in rows for k in row if k.startswith(f"final_{metric}_")},
-                   key=lambda k: (len(k), k))
+    extra = [key for points in horizon_series(rows, metric).values() for _, key in points]
+    extra += sorted({k for row in rows for k in row if k.startswith(f"final_{metric}_") and k not in extra})
     head = ["optimizer"] + (["lr"] if by_lr else []) + ["seeds", "final val loss", "best val loss",
             f"final {metric}", f"best {metric}"] + [k.replace(f"final_{metric}_", f"final {metric}, ") for k in extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -93,24 +94,24 @@ def summary_table(rows: list[dict], metric: str, by_lr: bool) -> str:
     return "\n".join(lines)
 
 
-def figure(rows: list[dict], metric: str, path: Path, title: str) -> None:
-    import matplotlib
+# Axis labels for run folders written before tasks declared their own (summary.json's *_label keys).
+LABELS = {"lm": {"val_loss_label": "validation loss (nats per token)", "metric_label": "exact-answer accuracy (fraction)",
+                 "horizon_label": "reasoning steps in the problem"}}
 
-    matplotlib.use("Agg")
+
+def labels(summary: dict) -> dict:
+    fallback = LABELS.get(summary.get("task"), {})
+    keys = ("val_loss_label", "metric_label", "horizon_label")
+    out = {k: summary.get(k) or fallback.get(k) for k in keys}
+    out["val_loss_label"] = out["val_loss_label"] or "validation loss"
+    out["metric_label"] = out["metric_label"] or summary["metric_name"]
+    out["horizon_label"] = out["horizon_label"] or "rollout horizon"
+    return out
+
+
+def _save_png(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
-    for opt in sorted({r["optimizer"] for r in rows}, key=lambda o: ORDER.index(o) if o in ORDER else 99):
-        rs = [r for r in rows if r["optimizer"] == opt]
-        ax.scatter([r["final_val_loss"] for r in rs], [r[f"final_{metric}"] for r in rs], s=40,
-                   color=COLOURS.get(opt, "#777777"), label=opt, edgecolors="black", linewidths=0.5,
-                   marker="o" if opt.startswith("dopr_") else "s")
-    ax.set_xlabel("validation loss (nats per token, final weights)")
-    ax.set_ylabel(f"{metric} (final weights, fraction)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})  # no timestamp: deterministic bytes
     plt.close(fig)
@@ -118,6 +119,129 @@ def figure(rows: list[dict], metric: str, path: Path, title: str) -> None:
     tmp = path.with_suffix(".png.tmp")
     tmp.write_bytes(buf.getvalue())
     tmp.replace(path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _optimizers(rows: list[dict]) -> list[str]:
+    return sorted({r["optimizer"] for r in rows}, key=lambda o: ORDER.index(o) if o in ORDER else 99)
+
+
+def horizon_series(rows: list[dict], metric: str) -> dict[str, list[tuple[int, str]]]:
+    """The per-horizon variants of the metric in the run rows, e.g. accuracy_steps3 (series
+    "steps") or fd_euler_8 (series "euler"): {series: [(horizon, column), ...]} sorted by horizon."""
+    pattern = re.compile(rf"^final_{re.escape(metric)}_(?P<series>[A-Za-z_]*?)_?(?P<n>\d+)$")
+    series = defaultdict(set)
+    for row in rows:
+        for key in row:
+            m = pattern.match(key)
+            if m:
+                series[m["series"] or "steps"].add((int(m["n"]), key))
+    return {k: sorted(v) for k, v in sorted(series.items())}
+
+
+def horizon_figure(rows: list[dict], metric: str, path: Path, title: str, lab: dict) -> bool:
+    """The rollout metric against the rollout horizon (chain length, ODE steps, ...), one panel per
+    series, one line per optimizer: mean over seeds with its 95% CI as a band."""
+    series = horizon_series(rows, metric)
+    if not series:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(series), figsize=(5.2 * len(series), 4.0), dpi=120, squeeze=False)
+    for ax, (name, points) in zip(axes[0], series.items()):
+        for opt in _optimizers(rows):
+            rs = [r for r in rows if r["optimizer"] == opt]
+            xs, means, lo, hi = [], [], [], []
+            for n, key in points:
+                vals = [r[key] for r in rs if key in r]
+                if not vals:
+                    continue
+                mean, half = mean_ci(vals)
+                half = 0.0 if math.isnan(half) else half
+                xs.append(n), means.append(mean), lo.append(mean - half), hi.append(mean + half)
+            colour = COLOURS.get(opt, "#777777")
+            ax.plot(xs, means, marker="o" if opt.startswith("dopr_") else "s", color=colour, label=opt,
+                    linestyle="-" if opt.startswith("dopr_") else "--")
+            ax.fill_between(xs, lo, hi, color=colour, alpha=0.2, linewidth=0)
+        if max(n for n, _ in points) / max(1, min(n for n, _ in points)) >= 8:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks([n for n, _ in points], [str(n) for n, _ in points])
+        ax.set_xlabel(lab["horizon_label"] + ("" if name == "steps" else f" ({name})"))
+        ax.set_ylabel(lab["metric_label"] + ", final weights", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title + "; mean and 95% CI over seeds", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    _save_png(fig, path)
+    return True
+
+
+def samples_figure(runs_dir: Path, done: list[dict], path: Path, title: str) -> bool:
+    """A grid of generated samples per optimizer (the lowest seed's run), from the samples.npy
+    that tasks with images write at the end of training: rows are classes."""
+    import numpy as np
+
+    picked = {}
+    for r in sorted(done, key=lambda r: r["summary"]["seed"]):
+        f = runs_dir / r["dir"] / "samples.npy"
+        if f.exists():
+            picked.setdefault(r["summary"]["optimizer"], (r["summary"]["seed"], np.load(f)))
+    if not picked:
+        return False
+    plt = _pyplot()
+    opts = [o for o in ORDER if o in picked] + [o for o in picked if o not in ORDER]
+    fig, axes = plt.subplots(1, len(opts), figsize=(3.2 * len(opts), 3.8), dpi=120, squeeze=False)
+    for ax, opt in zip(axes[0], opts):
+        seed, images = picked[opt]
+        n, c, h, w = images.shape
+        per_row = 8 if n % 8 == 0 else n
+        grid = images.reshape(n // per_row, per_row, c, h, w).transpose(0, 3, 1, 4, 2).reshape(n // per_row * h, per_row * w, c)
+        ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(f"{opt} (seed {seed})", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save_png(fig, path)
+    return True
+
+
+def other_metrics_table(rows: list[dict], metric: str) -> str:
+    """Mean ± CI of every other final rollout number (e.g. class accuracy of samples)."""
+    skip = {"final_val_loss", f"final_{metric}", "final_step", "final_rollout_seconds"}
+    keys = sorted({k for row in rows for k in row if k.startswith("final_") and k not in skip
+                   and not k.startswith(f"final_{metric}_") and isinstance(row[k], (int, float))}, key=lambda k: (len(k), k))
+    if not keys:
+        return ""
+    head = ["optimizer", "seeds"] + [k[len("final_"):] for k in keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for opt in _optimizers(rows):
+        rs = [r for r in rows if r["optimizer"] == opt]
+        lines.append("| " + " | ".join([opt, str(len(rs))] + [fmt(*mean_ci([r[k] for r in rs if k in r]), 3) for k in keys]) + " |")
+    return "\n".join(lines)
+
+
+def figure(rows: list[dict], metric: str, path: Path, title: str, lab: dict) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    for opt in sorted({r["optimizer"] for r in rows}, key=lambda o: ORDER.index(o) if o in ORDER else 99):
+        rs = [r for r in rows if r["optimizer"] == opt]
+        ax.scatter([r["final_val_loss"] for r in rs], [r[f"final_{metric}"] for r in rs], s=40,
+                   color=COLOURS.get(opt, "#777777"), label=opt, edgecolors="black", linewidths=0.5,
+                   marker="o" if opt.startswith("dopr_") else "s")
+    ax.set_xlabel(lab["val_loss_label"] + ", final weights")
+    ax.set_ylabel(lab["metric_label"] + ", final weights")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_png(fig, path)
 
 
 def main(argv=None) -> int:
@@ -134,6 +258,8 @@ def main(argv=None) -> int:
         parser.error(f"no finished run under {args.runs}" + (f" ({len(failed)} failed or unfinished)" if failed else ""))
     rows = per_run_rows(done)
     metric = done[0]["summary"]["metric_name"]
+    higher = done[0]["summary"].get("higher_is_better", True)
+    lab = labels(done[0]["summary"])
     task = done[0]["summary"]["task"]
     scale = done[0]["summary"]["scale"]
     commits = sorted({r["summary"]["git_commit"] for r in done})
@@ -148,21 +274,30 @@ def main(argv=None) -> int:
              "`best val loss` the lowest validation loss seen.", "", table, ""]
     if args.lr_sweep:
         parts += ["## Chosen learning rates", "",
-                  f"Per optimizer, the LR with the highest mean final {metric} (the rollout metric the suite is about); "
+                  f"Per optimizer, the LR with the {'highest' if higher else 'lowest'} mean final {metric} (the rollout metric the suite is about); "
                   "the LR with the lowest mean final validation loss is shown beside it.", "",
                   "| optimizer | LR by " + metric + " | LR by val loss |", "|---|---|---|"]
         by_opt = defaultdict(lambda: defaultdict(list))
         for row in rows:
             by_opt[row["optimizer"]][row["lr"]].append(row)
+        sign = 1 if higher else -1
         for opt, lrs in by_opt.items():
-            best_metric = max(lrs, key=lambda lr: sum(r[f"final_{metric}"] for r in lrs[lr]) / len(lrs[lr]))
+            best_metric = max(lrs, key=lambda lr: sign * sum(r[f"final_{metric}"] for r in lrs[lr]) / len(lrs[lr]))
             best_loss = min(lrs, key=lambda lr: sum(r["final_val_loss"] for r in lrs[lr]) / len(lrs[lr]))
             parts.append(f"| {opt} | {best_metric:g} | {best_loss:g} |")
         parts.append("")
     else:
         fig_name = "val_loss_vs_" + metric + ".png"
-        figure(rows, metric, args.out / fig_name, f"{task} (scale={scale}): one point per run")
+        figure(rows, metric, args.out / fig_name, f"{task} (scale={scale}): one point per run", lab)
         parts += [f"![validation loss against {metric}]({fig_name})", ""]
+        others = other_metrics_table(rows, metric)
+        if others:
+            parts += ["## Other rollout numbers (final weights)", "", others, ""]
+        if horizon_figure(rows, metric, args.out / f"{metric}_vs_horizon.png", f"{task} (scale={scale})", lab):
+            parts += [f"## {metric} against the rollout horizon", "", f"![{metric} against horizon]({metric}_vs_horizon.png)", ""]
+        if samples_figure(args.runs, done, args.out / "samples.png", f"{task} (scale={scale}): final-weight samples"):
+            parts += ["## Samples", "", "Class-conditional samples of each optimizer's lowest-seed run (rows: classes), "
+                      "written by the task at the end of training (samples.npy in the run folder).", "", "![samples](samples.png)", ""]
     if failed:
         parts += ["## Failed or unfinished runs", "", "| run | status | reason |", "|---|---|---|"]
         parts += [f"| {f['dir']} | {f['summary'].get('status')} | {f['summary'].get('error', '')} |" for f in failed]

@@ -2,7 +2,7 @@
 
 import importlib
 
-TASKS = ("lm",)
+TASKS = ("lm", "flow")
 
 
 def build_task(task_cfg, seed, device):

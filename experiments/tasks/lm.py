@@ -132,6 +132,9 @@ class ArithmeticLM(TokenBatches):
 
     metric = "accuracy"
     higher_is_better = True
+    val_loss_label = "validation loss (nats per token)"
+    metric_label = "exact-answer accuracy (fraction)"
+    horizon_label = "reasoning steps in the problem"
 
     def __init__(self, cfg, seed: int, device: torch.device):
         from transformers import LlamaConfig, LlamaForCausalLM

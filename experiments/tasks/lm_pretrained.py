@@ -58,6 +58,8 @@ def normalise(answer: str) -> str:
 class PretrainedLM(TokenBatches):
     metric = "accuracy"
     higher_is_better = True
+    val_loss_label = "validation loss (nats per token)"
+    metric_label = "exact-answer accuracy (fraction)"
 
     def __init__(self, cfg, seed: int, device: torch.device):
         from peft import LoraConfig, get_peft_model

@@ -1,0 +1,366 @@
+"""Flow-matching image generation: the network is trained on a one-step velocity regression but
+deployed by integrating an ODE over its own outputs, so its errors compound along the path.
+
+Path (rectified flow / conditional flow matching with the linear interpolation):
+``x_t = (1 - t) * noise + t * image``, target velocity ``image - noise``, ``t ~ U(0, 1)``; sampling
+integrates ``dx/dt = v(x, t)`` from noise at t=0 to an image at t=1. Class-conditional through
+the UNet's class embedding; with ``label_dropout > 0`` the null class (index ``num_classes``) is
+trained too, so classifier-free guidance (``guidance != 1``) is available at sampling time.
+
+Rollout metric: the Frechet distance (FD) between generated and real training images in the
+penultimate features of a classifier the suite trains on the same data set (torchmetrics' FID
+with that network as the feature extractor), per ODE solver and number of steps, plus that
+classifier's accuracy on class-conditional samples (does the sample show the requested class?).
+With ``inception_weights`` set (a cluster where the weights are on disk), the real Inception FID
+too, through the same metric class.
+
+Embedded default: scikit-learn's handwritten digits (1797 images, 8x8, ship with the package).
+Paper scale: CIFAR-10 through ``datasets`` (hub id or a local folder/parquet in its format).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+
+SOLVERS = ("euler", "midpoint", "heun3", "rk4")  # torchdiffeq's fixed-grid methods we expose
+STAGES = {"euler": 1, "midpoint": 2, "heun3": 3, "rk4": 4}  # network evaluations per step
+
+
+# --------------------------------------------------------------------------------------- data
+def load_images(cfg) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{"train", "val", "test"}: (images in [-1, 1], N x C x H x W float32; labels, N int64).
+
+    ``cfg.dataset == "digits"``: scikit-learn's digits, split 80/10/10 by a fixed permutation.
+    Otherwise a ``datasets`` source (hub id, or a local folder of parquet files / an imagefolder)
+    with ``cfg.train_split`` and ``cfg.val_split``; the held-out split is halved into val and test.
+    """
+    if cfg.dataset == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        y = torch.tensor(digits.target, dtype=torch.long)
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+        n_val = n_test = len(y) // 10
+        parts = {"val": perm[:n_val], "test": perm[n_val : n_val + n_test], "train": perm[n_val + n_test :]}
+        out = {k: (x[i], y[i]) for k, i in parts.items()}
+    else:
+        train = _hf_images(cfg, cfg.train_split, cfg.get("train_size"))
+        held = _hf_images(cfg, cfg.val_split, cfg.get("val_size"))
+        half = len(held[1]) // 2
+        out = {"train": train, "val": (held[0][:half], held[1][:half]), "test": (held[0][half:], held[1][half:])}
+    size = cfg.image_size
+    for k, (x, y) in out.items():
+        if x.shape[1] != cfg.channels:
+            raise ValueError(f"task.channels={cfg.channels} but the {k} images have {x.shape[1]} channels: set task.channels={x.shape[1]}")
+        if x.shape[-1] != size or x.shape[-2] != size:  # e.g. 8x8 digits in a 16x16 UNet
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out[k] = (x.clamp(0, 1) * 2 - 1, y)
+    return out
+
+
+def _hf_images(cfg, split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    import datasets
+    import numpy as np
+
+    if cfg.channels not in (1, 3):
+        raise ValueError(f"task.channels={cfg.channels}: images are read as grey (task.channels=1) or RGB (task.channels=3)")
+    source = Path(cfg.dataset).expanduser()
+    try:
+        ds = datasets.load_dataset(str(source) if source.exists() else cfg.dataset, split=split)
+    except Exception as err:  # no network, wrong id, missing split: say what to change
+        raise FileNotFoundError(f"cannot load image data set {cfg.dataset!r} split {split!r} ({type(err).__name__}: {err}). "
+                                f"Use task.dataset=digits (embedded), or a local folder in the same format "
+                                f"(parquet with columns {cfg.image_column!r} and {cfg.label_column!r}, or an imagefolder)") from None
+    for col in (cfg.image_column, cfg.label_column):
+        if col not in ds.column_names:
+            raise ValueError(f"data set {cfg.dataset!r} has no column {col!r} (columns: {ds.column_names}): set task.image_column / task.label_column")
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    images = np.stack([np.asarray(im.convert("RGB" if cfg.channels == 3 else "L")) for im in ds[cfg.image_column]])
+    x = torch.from_numpy(images).float().div(255.0)
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    return x.contiguous(), torch.tensor(ds[cfg.label_column], dtype=torch.long)
+
+
+# ------------------------------------------------------------------ feature network for FD
+class FeatureClassifier(nn.Module):
+    """A small CNN classifier; its penultimate activations are the features of the Frechet
+    distance. ``forward`` returns those features (what torchmetrics' FID calls), ``logits`` the
+    class scores."""
+
+    def __init__(self, channels: int, num_classes: int, width: int = 32, num_features: int = 64):
+        super().__init__()
+        self.num_features = num_features  # read by torchmetrics instead of a dummy forward pass
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(2 * width, num_features), nn.ReLU())
+        self.head = nn.Linear(num_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def classifier_path(cfg) -> Path:
+    """Cache file of the feature classifier: keyed by everything that changes it."""
+    key = {k: cfg[k] for k in ("dataset", "train_split", "val_split", "train_size", "val_size", "image_size", "channels", "num_classes") if k in cfg}
+    key["classifier"] = dict(cfg.classifier)
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return Path(cfg.data_dir).expanduser() / f"feature_classifier-{digest}.pt"
+
+
+def train_feature_classifier(cfg, data, device, log=print) -> tuple[FeatureClassifier, float]:
+    """Train the FD feature network on the training split (fixed seed, Adam, light shift
+    augmentation) and return it with its test accuracy."""
+    c = cfg.classifier
+    g = torch.Generator().manual_seed(c.seed)
+    torch.manual_seed(c.seed)
+    net = FeatureClassifier(cfg.channels, cfg.num_classes, c.width, c.num_features).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=c.lr)
+    x, y = data["train"]
+    steps_per_epoch = max(1, len(y) // c.batch_size)
+    for epoch in range(c.epochs):
+        perm = torch.randperm(len(y), generator=g)
+        for i in range(steps_per_epoch):
+            idx = perm[i * c.batch_size : (i + 1) * c.batch_size]
+            xb = x[idx]
+            shift = torch.randint(-1, 2, (2,), generator=g).tolist()  # +-1 pixel translations
+            xb = torch.roll(xb, shifts=shift, dims=(2, 3))
+            loss = F.cross_entropy(net.logits(xb.to(device)), y[idx].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if (epoch + 1) % max(1, c.epochs // 5) == 0:
+            log(f"  feature classifier epoch {epoch + 1}/{c.epochs} loss {loss.item():.4f}")
+    return net.eval(), classifier_accuracy(net, *data["test"], device)
+
+
+@torch.no_grad()
+def classifier_accuracy(net: FeatureClassifier, x: torch.Tensor, y: torch.Tensor, device) -> float:
+    pred = torch.cat([net.logits(x[i : i + 512].to(device)).argmax(1).cpu() for i in range(0, len(y), 512)])
+    return float((pred == y).float().mean())
+
+
+def feature_classifier(cfg, data, device, retrain: bool = False, log=print) -> tuple[FeatureClassifier, float]:
+    """The cached feature network (trained on first use; ``retrain`` forces it)."""
+    path = classifier_path(cfg)
+    state = None if retrain else load_checkpoint(path, device)
+    if state is None:
+        log(f"training the FD feature classifier (once; cached at {path})")
+        net, acc = train_feature_classifier(cfg, data, device, log)
+        save_checkpoint(path, {"model": net.state_dict(), "test_accuracy": acc})
+    else:
+        net = FeatureClassifier(cfg.channels, cfg.num_classes, cfg.classifier.width, cfg.classifier.num_features).to(device)
+        net.load_state_dict(state["model"])
+        acc = state["test_accuracy"]
+    log(f"FD feature classifier: test accuracy {acc:.4f} ({path})")
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net.eval(), acc
+
+
+class FrechetDistance:
+    """Frechet distance to a fixed set of real images in a given feature network, computed by
+    torchmetrics' FID (real statistics accumulated once, generated ones reset per call)."""
+
+    def __init__(self, feature_net: nn.Module, real: torch.Tensor, batch: int = 500, to_input=None):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        self.to_input = to_input or (lambda x: x)
+        self.batch = batch
+        self.metric = FrechetInceptionDistance(feature=feature_net, reset_real_features=False)
+        device = next(feature_net.parameters()).device
+        self.metric.to(device)
+        for i in range(0, len(real), batch):
+            self.metric.update(self.to_input(real[i : i + batch].to(device)), real=True)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> float:
+        self.metric.reset()
+        device = self.metric.real_features_sum.device
+        for i in range(0, len(images), self.batch):
+            self.metric.update(self.to_input(images[i : i + self.batch].to(device)), real=False)
+        return float(self.metric.compute())
+
+
+def inception_fd(weights: str, real: torch.Tensor) -> FrechetDistance:
+    """Real Inception FID (torch-fidelity's Inception v3 through torchmetrics) from weights on disk
+    (no download): images go in as 3-channel floats in [0, 1]."""
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"task.inception_weights={weights}: no such file. Point it at torch-fidelity's "
+                                "pt_inception-2015-12-05 weights on disk, or set task.inception_weights=null")
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    class _Wrapped(nn.Module):  # reuse FrechetDistance's batching with Inception's own input rule
+        def __init__(self):
+            super().__init__()
+            self.inner = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(path)).inception
+            self.num_features = 2048
+
+        def forward(self, x):
+            return self.inner(x)
+
+    def to_input(x):  # [-1, 1] -> [0, 1] uint8 as Inception expects, grey -> RGB
+        x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+    return FrechetDistance(_Wrapped(), real, to_input=to_input)
+
+
+# ------------------------------------------------------------------------------------ task
+def build_unet(cfg):
+    from diffusers import UNet2DModel
+
+    m = cfg.model
+    levels = len(m.channels)
+    down = tuple("AttnDownBlock2D" if i in m.attention_levels else "DownBlock2D" for i in range(levels))
+    up = tuple("AttnUpBlock2D" if levels - 1 - i in m.attention_levels else "UpBlock2D" for i in range(levels))
+    if cfg.image_size % 2 ** (levels - 1):
+        raise ValueError(f"task.image_size={cfg.image_size} must be divisible by 2^{levels - 1} for {levels} UNet levels")
+    return UNet2DModel(sample_size=cfg.image_size, in_channels=cfg.channels, out_channels=cfg.channels,
+                       block_out_channels=tuple(m.channels), down_block_types=down, up_block_types=up,
+                       layers_per_block=m.layers_per_block, norm_num_groups=m.norm_groups,
+                       attention_head_dim=m.head_dim, num_class_embeds=cfg.num_classes + 1)  # + the null class
+
+
+class FlowMatching:
+    """The task (see the module docstring)."""
+
+    metric = "fd"
+    higher_is_better = False
+    val_loss_label = "flow-matching loss (velocity MSE per pixel)"
+    metric_label = "Frechet distance in classifier features"
+    horizon_label = "ODE steps"
+
+    def __init__(self, cfg, seed: int, device: torch.device):
+        for s in cfg.solvers:
+            if s not in SOLVERS:
+                raise ValueError(f"unknown ODE solver {s!r} in task.solvers: choose from {', '.join(SOLVERS)}")
+        if cfg.headline_solver not in cfg.solvers or cfg.headline_steps not in cfg.ode_steps:
+            raise ValueError(f"task.headline_solver={cfg.headline_solver} / headline_steps={cfg.headline_steps} must be "
+                             f"among task.solvers={list(cfg.solvers)} / task.ode_steps={list(cfg.ode_steps)}")
+        self.cfg, self.seed, self.device = cfg, seed, device
+        self.data = load_images(cfg)
+        self.null_class = cfg.num_classes
+        self.classifier, self.classifier_accuracy = feature_classifier(cfg, self.data, device)
+        real = self.data["train"][0]
+        self.fd = FrechetDistance(self.classifier, real)
+        self.inception = inception_fd(cfg.inception_weights, real) if cfg.get("inception_weights") else None
+        # Validation: held-out images, each with `val_draws` fixed (noise, t) pairs; identical in every run.
+        g = torch.Generator().manual_seed(12345)
+        xv, yv = self.data["val"]
+        xv, yv = xv.repeat(cfg.val_draws, 1, 1, 1), yv.repeat(cfg.val_draws)
+        self.val = (xv, yv, torch.randn(xv.shape, generator=g), torch.rand(len(yv), generator=g))
+        # Rollout: fixed initial noise and balanced labels, the same for every run and solver.
+        g = torch.Generator().manual_seed(777)
+        n = cfg.eval_samples
+        self.eval_labels = torch.arange(n) % cfg.num_classes
+        self.eval_noise = torch.randn((n, cfg.channels, cfg.image_size, cfg.image_size), generator=g)
+        torch.manual_seed(seed)
+        self.model = build_unet(cfg).to(device)
+
+    def train_batch(self, step: int):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        x, y = self.data["train"]
+        idx = torch.randint(0, len(y), (self.cfg.batch_size,), generator=g)
+        labels = y[idx].clone()
+        labels[torch.rand(len(idx), generator=g) < self.cfg.label_dropout] = self.null_class
+        noise = torch.randn(x[idx].shape, generator=g)
+        return tuple(t.to(self.device) for t in (x[idx], labels, noise, torch.rand(len(idx), generator=g)))
+
+    def val_batches(self):
+        b = self.cfg.eval_batch_size
+        for i in range(0, len(self.val[1]), b):
+            yield tuple(t[i : i + b].to(self.device) for t in self.val)
+
+    def velocity(self, model, x, t, labels):
+        # diffusers' sinusoidal time embedding is laid out for timesteps in [0, 1000].
+        return model(x, t * 1000, class_labels=labels).sample
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        image, labels, noise, t = batch
+        tt = t.view(-1, 1, 1, 1)
+        x_t = (1 - tt) * noise + tt * image
+        return F.mse_loss(self.velocity(model, x_t, t, labels), image - noise)
+
+    @torch.no_grad()
+    def sample(self, model, noise, labels, solver: str, steps: int) -> torch.Tensor:
+        """Integrate dx/dt = v(x, t) from t=0 (noise) to t=1 on a uniform grid of ``steps`` steps
+        (torchdiffeq's fixed-grid solvers; diffusers' flow-matching schedulers use a non-uniform
+        grid and have no midpoint method). With ``guidance != 1``: classifier-free guidance."""
+        from torchdiffeq import odeint
+
+        w, null = self.cfg.guidance, torch.full_like(labels, self.null_class)
+
+        def field(t, x):
+            tb = t.expand(len(x))
+            if w == 1.0:
+                return self.velocity(model, x, tb, labels)
+            v = self.velocity(model, torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([labels, null]))
+            cond, uncond = v.chunk(2)
+            return uncond + w * (cond - uncond)
+
+        grid = torch.linspace(0, 1, steps + 1, device=noise.device)
+        return odeint(field, noise, grid, method=solver)[-1].clamp(-1, 1)
+
+    def generate(self, model, solver: str, steps: int, noise=None, labels=None) -> torch.Tensor:
+        noise = self.eval_noise if noise is None else noise
+        labels = self.eval_labels if labels is None else labels
+        b = self.cfg.eval_batch_size
+        return torch.cat([self.sample(model, noise[i : i + b].to(self.device), labels[i : i + b].to(self.device), solver, steps).cpu()
+                          for i in range(0, len(labels), b)])
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        was = model.training
+        model.eval()
+        out = {}
+        for solver in self.cfg.solvers:
+            for steps in self.cfg.ode_steps:
+                images = self.generate(model, solver, steps)
+                tag = f"{solver}_{steps}"
+                out[f"fd_{tag}"] = self.fd(images)
+                out[f"class_accuracy_{tag}"] = classifier_accuracy(self.classifier, images, self.eval_labels, self.device)
+                if self.inception is not None:
+                    out[f"fid_inception_{tag}"] = self.inception(images)
+        head = f"{self.cfg.headline_solver}_{self.cfg.headline_steps}"
+        out["fd"], out["class_accuracy"] = out[f"fd_{head}"], out[f"class_accuracy_{head}"]
+        out["classifier_test_accuracy"] = self.classifier_accuracy
+        model.train(was)
+        return out
+
+    def save_artifacts(self, model: nn.Module, run_dir: Path) -> None:
+        """``samples.npy``: a (classes x 8) grid of samples at the headline solver and step count,
+        uint8 in [0, 255], N x C x H x W (scripts/report.py draws it)."""
+        import io
+
+        import numpy as np
+
+        was = model.training
+        model.eval()
+        k = self.cfg.num_classes
+        labels = torch.arange(k).repeat_interleave(8)
+        noise = torch.randn((len(labels), self.cfg.channels, self.cfg.image_size, self.cfg.image_size),
+                            generator=torch.Generator().manual_seed(778))
+        images = self.generate(model, self.cfg.headline_solver, self.cfg.headline_steps, noise, labels)
+        model.train(was)
+        buf = io.BytesIO()
+        np.save(buf, ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy())
+        atomic_write_bytes(Path(run_dir) / "samples.npy", buf.getvalue())
+
+
+def build(cfg, seed: int, device: torch.device):
+    return FlowMatching(cfg, seed, device)

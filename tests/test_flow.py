@@ -1,0 +1,210 @@
+"""The flow-matching task: the Frechet distance is honest, the ODE solvers are the methods they
+claim to be, the data paths load, and the real entry point runs (subprocess, smoke scale)."""
+
+import json
+import math
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from experiments.tasks import flow
+from test_experiments import rows, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def task_cfg(tmp_path, scale="cpu", *overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["task=flow", f"scale={scale}", f"task.data_dir={tmp_path}", *overrides])
+    return cfg.task
+
+
+@pytest.fixture(scope="module")
+def digits_fd(tmp_path_factory):
+    """The cpu-scale feature classifier (trained once here, a few seconds) and its FD to the train split."""
+    cfg = task_cfg(tmp_path_factory.mktemp("flow"))
+    data = flow.load_images(cfg)
+    net, acc = flow.feature_classifier(cfg, data, torch.device("cpu"))
+    return data, net, acc, flow.FrechetDistance(net, data["train"][0]), cfg
+
+
+def frechet_formula(a: np.ndarray, b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2), in float64 with scipy's sqrtm."""
+    from scipy import linalg
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(s_a @ s_b).real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * root))
+
+
+def test_digits_splits_are_disjoint_and_scaled(digits_fd):
+    data = digits_fd[0]
+    sizes = {k: len(v[1]) for k, v in data.items()}
+    assert sizes == {"train": 1439, "val": 179, "test": 179}
+    x = torch.cat([v[0] for v in data.values()])
+    assert x.shape[1:] == (1, 8, 8) and float(x.min()) == -1.0 and float(x.max()) == 1.0
+    # no image appears in two splits (digits has a few exact duplicates overall; compare index sets instead)
+    flat = {k: {tuple(img.flatten().tolist()) for img in v[0]} for k, v in data.items()}
+    assert len(flat["val"] & flat["test"]) <= 2 and len(flat["train"] & flat["val"]) <= 2
+
+
+def test_feature_classifier_is_accurate_and_cached(digits_fd, tmp_path):
+    data, net, acc, _, cfg = digits_fd
+    assert acc > 0.9, f"the FD feature network must recognise held-out digits, got test accuracy {acc}"
+    assert flow.classifier_path(cfg).is_file()
+    said = []
+    again, acc_again = flow.feature_classifier(cfg, data, torch.device("cpu"), log=said.append)
+    assert acc_again == acc and not any("training" in s for s in said), said  # loaded, not retrained
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+
+
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # dead ReLU features: a singular covariance, still a valid FD
+def test_frechet_distance_matches_the_formula_and_is_honest(digits_fd):
+    data, net, _, fd, _ = digits_fd
+    train_x = data["train"][0]
+    held = torch.cat([data["val"][0], data["test"][0]])
+    with torch.no_grad():
+        f_train, f_held = net(train_x).double().numpy(), net(held).double().numpy()
+    ours = fd(held)
+    assert math.isclose(ours, frechet_formula(f_train, f_held), rel_tol=1e-3, abs_tol=1e-3)
+    assert abs(fd(train_x)) < 1e-3  # identical inputs: ~0
+    noise = torch.randn(held.shape, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    blurred = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(held, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    real_vs_real, to_noise, to_blur = ours, fd(noise), fd(blurred)
+    assert real_vs_real < 0.1 * to_noise and real_vs_real < 0.1 * to_blur, (real_vs_real, to_noise, to_blur)
+
+
+def _sampler(field, guidance=1.0, null_class=10):
+    """A FlowMatching stand-in whose velocity is ``field(x, t, labels)``, to test sample() alone."""
+    task = object.__new__(flow.FlowMatching)
+    task.cfg = types.SimpleNamespace(guidance=guidance)
+    task.null_class = null_class
+    task.velocity = lambda model, x, t, labels: field(x, t, labels)
+    return task
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 16])
+def test_ode_solvers_are_the_fixed_grid_methods(steps):
+    # dx/dt = -x from t=0 to 1 on a uniform grid of h = 1/steps: one step multiplies by
+    # (1 - h) for Euler and by (1 - h + h^2/2) for the midpoint method.
+    task = _sampler(lambda x, t, labels: -x)
+    x0 = torch.full((3, 1, 2, 2), 0.5, dtype=torch.float64)
+    labels = torch.zeros(3, dtype=torch.long)
+    h = 1.0 / steps
+    euler = task.sample(None, x0, labels, "euler", steps)
+    midpoint = task.sample(None, x0, labels, "midpoint", steps)
+    torch.testing.assert_close(euler, x0 * (1 - h) ** steps)
+    torch.testing.assert_close(midpoint, x0 * (1 - h + h * h / 2) ** steps)
+
+
+def test_time_grid_runs_from_noise_to_data():
+    # dx/dt = t: x(1) = x(0) + 1/2 exactly for midpoint; Euler on N steps gives x0 + (N-1)/(2N).
+    task = _sampler(lambda x, t, labels: t.view(-1, 1, 1, 1).expand_as(x).to(x.dtype))
+    x0 = torch.zeros(2, 1, 2, 2, dtype=torch.float64) - 0.9
+    labels = torch.zeros(2, dtype=torch.long)
+    torch.testing.assert_close(task.sample(None, x0, labels, "midpoint", 4), x0 + 0.5)
+    torch.testing.assert_close(task.sample(None, x0, labels, "euler", 4), x0 + 3 / 8)
+
+
+def test_classifier_free_guidance_extrapolates_from_the_null_class():
+    # velocity = label value (constant in x, t): guided velocity = u + w (c - u), u from the null class.
+    task = _sampler(lambda x, t, labels: labels.view(-1, 1, 1, 1).to(x.dtype).expand_as(x), guidance=3.0, null_class=10)
+    x0 = torch.zeros(2, 1, 1, 1, dtype=torch.float64)
+    labels = torch.tensor([2, 7])
+    out = task.sample(None, x0, labels, "euler", 1)  # one unit-length step: x1 = x0 + v
+    expected = (10 + 3.0 * (labels - 10)).double().clamp(-1, 1)  # samples are clamped to the image range
+    torch.testing.assert_close(out.flatten(), expected)
+
+
+def test_the_training_loss_is_the_velocity_regression(tmp_path):
+    cfg = task_cfg(tmp_path, "smoke")
+    task = flow.FlowMatching(cfg, 0, torch.device("cpu"))
+    image, labels, noise, t = task.train_batch(0)
+    seen = {}
+
+    class Probe(torch.nn.Module):  # records what the loss feeds the network
+        def forward(self, x, timestep, class_labels):
+            seen.update(x=x, timestep=timestep, labels=class_labels)
+            return types.SimpleNamespace(sample=torch.zeros_like(x))
+
+    loss = task.loss(Probe(), (image, labels, noise, t))
+    torch.testing.assert_close(seen["x"], (1 - t.view(-1, 1, 1, 1)) * noise + t.view(-1, 1, 1, 1) * image)
+    torch.testing.assert_close(seen["timestep"], t * 1000)
+    torch.testing.assert_close(loss, ((image - noise) ** 2).mean())
+    # the same step gives the same batch (resume), another step another one
+    assert all(torch.equal(a, b) for a, b in zip(task.train_batch(0), (image, labels, noise, t)))
+    assert not torch.equal(task.train_batch(1)[0], image)
+    dropped = torch.cat([task.train_batch(s)[1] for s in range(50)])
+    assert 0.03 < float((dropped == cfg.num_classes).float().mean()) < 0.2  # label_dropout=0.1 -> null class
+
+
+def _cifar_like_fixture(folder: Path, n_train=12, n_test=8, size=32):
+    """A tiny data set in the hub's CIFAR-10 layout: parquet files with an Image column ``img``
+    and an int ``label``, one file per split (written independently of the loader)."""
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (folder / "plain_text").mkdir(parents=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        pixels = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+        ds = datasets.Dataset.from_dict({"img": [Image.fromarray(p) for p in pixels], "label": list(range(n))},
+                                        features=datasets.Features({"img": datasets.Image(), "label": datasets.Value("int64")}))
+        ds.to_parquet(str(folder / "plain_text" / f"{split}-00000-of-00001.parquet"))
+    return pixels
+
+
+def test_cifar_format_loads_from_a_local_folder(tmp_path):
+    last_test_pixels = _cifar_like_fixture(tmp_path / "cifar")
+    cfg = task_cfg(tmp_path, "cpu", f"task.dataset={tmp_path / 'cifar'}", "task.channels=3", "task.image_size=32")
+    data = flow.load_images(cfg)
+    assert {k: v[0].shape for k, v in data.items()} == {"train": (12, 3, 32, 32), "val": (4, 3, 32, 32), "test": (4, 3, 32, 32)}
+    assert data["train"][1].tolist() == list(range(12)) and data["test"][1].tolist() == [4, 5, 6, 7]
+    expected = torch.from_numpy(last_test_pixels[4:]).permute(0, 3, 1, 2).float() / 255 * 2 - 1
+    torch.testing.assert_close(data["test"][0], expected)
+    # resized to the UNet's size when they differ
+    small = flow.load_images(task_cfg(tmp_path, "cpu", f"task.dataset={tmp_path / 'cifar'}", "task.channels=3", "task.image_size=16"))
+    assert small["train"][0].shape == (12, 3, 16, 16)
+
+
+def test_data_errors_name_the_fix(tmp_path):
+    _cifar_like_fixture(tmp_path / "cifar")
+    with pytest.raises(ValueError, match="task.channels=3"):
+        flow.load_images(task_cfg(tmp_path, "cpu", f"task.dataset={tmp_path / 'cifar'}", "task.channels=2"))
+    grey = flow.load_images(task_cfg(tmp_path, "cpu", f"task.dataset={tmp_path / 'cifar'}", "task.image_size=32"))
+    assert grey["train"][0].shape == (12, 1, 32, 32)  # channels=1 reads RGB data as grey
+    with pytest.raises(ValueError, match="task.image_column"):
+        flow.load_images(task_cfg(tmp_path, "cpu", f"task.dataset={tmp_path / 'cifar'}", "task.channels=3", "task.image_column=image"))
+    with pytest.raises(FileNotFoundError, match="task.dataset=digits"):
+        flow.load_images(task_cfg(tmp_path, "cpu", f"task.dataset={tmp_path / 'nowhere'}", "task.channels=3"))
+    with pytest.raises(FileNotFoundError, match="inception_weights"):
+        flow.inception_fd(str(tmp_path / "missing.pth"), torch.zeros(2, 1, 8, 8))
+
+
+def test_smoke_run_of_the_entry_point(tmp_path):
+    run = tmp_path / "run"
+    train("task=flow", "optimizer=dopr_adamw", f"task.data_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["metric_name"] == "fd" and summary["higher_is_better"] is False
+    final = summary["final"]
+    assert {f"fd_{s}_{n}" for s in ("euler", "midpoint") for n in (1, 2)} <= set(final)
+    assert all(math.isfinite(final[k]) and final[k] >= 0 for k in final if k.startswith("fd"))
+    assert 0 <= final["class_accuracy"] <= 1
+    samples = np.load(run / "samples.npy")
+    assert samples.shape == (80, 1, 8, 8) and samples.dtype == np.uint8
+    coverage = next(r["ap_coverage"] for r in rows(run) if "ap_coverage" in r)
+    covered = {k for k, v in coverage.items() if v.startswith("covered")}
+    assert {"conv_in", "conv_out", "time_embedding.linear_1", "class_embedding"} <= covered
+    assert any(k.endswith("attentions.0.to_q") for k in covered) and any(k.endswith("resnets.0.conv1") for k in covered)
+    assert any(k.endswith("attentions.0.to_out.0") for k in covered)
+    import torch.nn as nn
+
+    from experiments.tasks.flow import build_unet
+    unet = build_unet(task_cfg(tmp_path, "smoke"))
+    convs = {n for n, m in unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert convs <= covered, f"Conv2d/Linear layers left to the GP alone: {convs - covered}"
