@@ -12,6 +12,8 @@ evaluator every ``rollout_every`` steps and at the end, atomic checkpoints. Ever
 
 from __future__ import annotations
 
+import datetime
+import json
 import math
 import os
 import sys
@@ -44,7 +46,7 @@ def resolve(cfg: DictConfig) -> DictConfig:
         if cfg.optimizer.name not in chosen:
             raise ValueError(f"no learning rate for optimizer {cfg.optimizer.name!r} on task {cfg.task.name!r}: pass lr=... or add it to task.lr in configs/task/{cfg.task.name}.yaml")
         cfg.lr = float(chosen[cfg.optimizer.name])
-    missing = [k for k, v in cfg.trainer.items() if v is None and k != "ema_decay"]
+    missing = [k for k, v in cfg.trainer.items() if v is None and k not in ("ema_decay", "grad_clip")]  # null: off
     if missing:
         raise ValueError(f"trainer settings {missing} are not set for task={cfg.task.name} scale={cfg.scale.name}: "
                          f"add configs/task_scale/{cfg.task.name}_{cfg.scale.name}.yaml or pass trainer.<name>=...")
@@ -53,8 +55,43 @@ def resolve(cfg: DictConfig) -> DictConfig:
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per process under DDP
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
     return torch.device(name)
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size). Data parallelism is on exactly when the job has several processes:
+    ``torchrun --nproc_per_node=N -m experiments.train ...``, or a Slurm job with N tasks
+    (``hydra/launcher=slurm_ddp``; submitit's environment is exported to torch's variables here)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SUBMITIT_EXECUTOR" in os.environ:
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    # A long timeout: the other processes wait at a barrier while the first one runs the rollouts.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=4))
+    return dist.get_rank(), world
+
+
+def shard(batch, rank: int, world: int):
+    """This process's contiguous slice of the global batch (every tensor split on its first dim)."""
+    if world == 1:
+        return batch
+    tensors = batch if isinstance(batch, (tuple, list)) else (batch,)
+    size = tensors[0].shape[0]
+    if size % world:
+        raise ValueError(f"the global batch ({size}) does not split evenly over {world} processes: make task.batch_size a multiple of {world}")
+    part = size // world
+    out = tuple(t[rank * part : (rank + 1) * part] for t in tensors)
+    return out if isinstance(batch, (tuple, list)) else out[0]
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -77,11 +114,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     cfg = resolve(cfg)
     tr = cfg.trainer
     device = pick_device(cfg.device)
+    rank, world = init_distributed(device)
+    lead = rank == 0  # only the first process evaluates, logs and writes files
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     task = build_task(cfg.task, cfg.seed, device)
     model = task.model
+    # DDP averages the gradients; AP all-reduces its statistics itself (dopr's distributed="auto").
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = dopr.build_optimizer(model, cfg.optimizer.name, lr=cfg.lr, weight_decay=cfg.optimizer.weight_decay,
                                **OmegaConf.to_container(cfg.optimizer.kwargs))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tr.warmup_steps, tr.steps))
@@ -104,14 +145,21 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         start, best = state["step"], state["best"]
         print(f"resuming {run_dir} from step {start}", flush=True)
 
+    if start >= tr.steps:  # already finished: re-evaluate nothing, report what is on disk
+        print(f"{run_dir} already finished ({tr.steps} steps)", flush=True)
+        done_summary = run_dir / "summary.json"
+        return json.loads(done_summary.read_text()) if done_summary.exists() else {"best": best, "status": "done"}
+
     resolved = OmegaConf.to_container(cfg, resolve=True)
     commit = git_commit()
-    logger = RunLogger(run_dir, {**resolved, "git_commit": commit}, cfg.logger, start if state else None,
-                       group=cfg.task.name, name=f"{cfg.optimizer.name}-s{cfg.seed}", tags=[cfg.optimizer.name, commit])
-    if state is None:
-        atomic_write_json(run_dir / "config.json", {**resolved, "git_commit": commit})
-        if ap is not None:
-            logger.log({"step": 0, "ap_coverage": ap.coverage()})
+    logger = None
+    if lead:
+        logger = RunLogger(run_dir, {**resolved, "git_commit": commit, "world_size": world}, cfg.logger, start if state else None,
+                           group=cfg.task.name, name=f"{cfg.optimizer.name}-s{cfg.seed}", tags=[cfg.optimizer.name, commit])
+        if state is None:
+            atomic_write_json(run_dir / "config.json", {**resolved, "git_commit": commit, "world_size": world})
+            if ap is not None:
+                logger.log({"step": 0, "ap_coverage": ap.coverage()})
 
     def evaluate(step: int, rollout: bool) -> dict:
         row = {"step": step, "val_loss": validation_loss(task, eval_model)}
@@ -131,11 +179,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         return row
 
     model.train()
-    t_start, step = time.time(), start
+    t_start = time.time()
     for step in range(start, tr.steps):
-        loss = task.loss(model, task.train_batch(step))
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"step {step}: the training loss is {loss.item()}; lower the learning rate (lr={cfg.lr}) "
+        loss = task.loss(train_model, shard(task.train_batch(step), rank, world))
+        seen = loss.detach().clone()
+        if world > 1:  # every process must see the same loss to stop together on a non-finite one
+            torch.distributed.all_reduce(seen)
+            seen /= world
+        if not torch.isfinite(seen):
+            raise NonFiniteLoss(f"step {step}: the training loss is {seen.item()}; lower the learning rate (lr={cfg.lr}) "
                                 f"or raise the AP damping (optimizer.kwargs.damping) and rerun: the run resumes from its last checkpoint")
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip) if tr.grad_clip else None
@@ -145,9 +197,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if ema is not None:
             ema.update_parameters(model)
         done = step + 1
-        if done % tr.log_every == 0 or done == tr.steps:
+        if lead and (done % tr.log_every == 0 or done == tr.steps):
             rate = (done - start) / (time.time() - t_start)
-            row = {"step": done, "train_loss": loss.item(), "lr": sched.get_last_lr()[0], "steps_per_s": rate}
+            row = {"step": done, "train_loss": seen.item(), "lr": sched.get_last_lr()[0], "steps_per_s": rate}
             if grad_norm is not None:
                 row["grad_norm"] = float(grad_norm)
             if ap is not None:
@@ -157,24 +209,24 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                     row.update({"ap_cond_max": max(conds), "ap_cond_median": sorted(conds)[len(conds) // 2]})
             logger.log(row)
             eta = (tr.steps - done) / max(rate, 1e-9)
-            print(f"step {done}/{tr.steps} loss {loss.item():.4f} lr {row['lr']:.2e} {rate:.2f} it/s eta {eta / 60:.1f} min", flush=True)
+            print(f"step {done}/{tr.steps} loss {seen.item():.4f} lr {row['lr']:.2e} {rate:.2f} it/s eta {eta / 60:.1f} min", flush=True)
         rollout = done % tr.rollout_every == 0 or done == tr.steps
-        if done % tr.eval_every == 0 or rollout:
+        if lead and (done % tr.eval_every == 0 or rollout):
             final_row = evaluate(done, rollout)
             if ap is not None:  # per-layer anisotropy of the inputs: cond(Sigma) at the last refresh
                 logger.log({"step": done, **{f"ap_cond/{k}": v for k, v in ap.condition_numbers().items()}})
-        if done % tr.checkpoint_every == 0 or done == tr.steps:
+        if lead and (done % tr.checkpoint_every == 0 or done == tr.steps):
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                         "scheduler": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                                         "rng": torch.get_rng_state(), "step": done, "best": best})
-    if start >= tr.steps:  # already finished: re-evaluate nothing, report what is on disk
-        print(f"{run_dir} already finished ({tr.steps} steps)", flush=True)
-        logger.close()
-        return best
+        if world > 1 and (done % tr.eval_every == 0 or rollout or done % tr.checkpoint_every == 0):
+            torch.distributed.barrier()  # the others wait while the first process evaluates and saves
+    if not lead:
+        return {"status": "done", "rank": rank}
     if hasattr(task, "save_artifacts"):  # e.g. a grid of samples for the report
         task.save_artifacts(eval_model, run_dir)
     summary = {"task": cfg.task.name, "optimizer": cfg.optimizer.name, "lr": cfg.lr, "seed": cfg.seed,
-               "scale": cfg.scale.name, "steps": tr.steps, "metric_name": task.metric, "git_commit": commit,
+               "scale": cfg.scale.name, "steps": tr.steps, "world_size": world, "metric_name": task.metric, "git_commit": commit,
                "higher_is_better": task.higher_is_better, "val_loss_label": getattr(task, "val_loss_label", None),
                "metric_label": getattr(task, "metric_label", None), "horizon_label": getattr(task, "horizon_label", None),
                "final": final_row, "best": best, "status": "done"}
@@ -184,13 +236,25 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """train(), then leave the process group (if any) cleanly so the next job in this process starts fresh."""
+    try:
+        return train(cfg, run_dir)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        return train(cfg, run_dir)
+        return run(cfg, run_dir)
     except (ValueError, NonFiniteLoss, FileNotFoundError) as err:
         atomic_write_json(run_dir / "summary.json", {"status": "failed", "error": f"{type(err).__name__}: {err}"})
         print(f"error: {err}", file=sys.stderr, flush=True)

@@ -180,7 +180,8 @@ class FrechetDistance:
 
         self.to_input = to_input or (lambda x: x)
         self.batch = batch
-        self.metric = FrechetInceptionDistance(feature=feature_net, reset_real_features=False)
+        # sync_on_compute=False: only the first DDP process evaluates; a cross-process sync would wait forever
+        self.metric = FrechetInceptionDistance(feature=feature_net, reset_real_features=False, sync_on_compute=False)
         device = next(feature_net.parameters()).device
         self.metric.to(device)
         for i in range(0, len(real), batch):
