@@ -6,7 +6,7 @@ VENV ?= .venv
 CONSTRAINTS ?= constraints.txt
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-all bench clean-venv reproduce-lm sweep-lm-lr reproduce-flow sweep-flow-lr
+.PHONY: setup test test-all test-slow bench clean-venv reproduce-lm sweep-lm-lr reproduce-flow sweep-flow-lr
 
 SCALE ?= cpu
 SEEDS ?= 0,1,2
@@ -28,6 +28,10 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest -q -m ''
+
+# Only the slow tests (a local Slurm cluster: installs Slurm from Debian if missing, root only).
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 # Per-step time of each GP with and without AP, and the DoPr-X / X ratios (see README).
 bench: setup
