@@ -6,7 +6,7 @@ VENV ?= .venv
 CONSTRAINTS ?= constraints.txt
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-all test-slow bench clean-venv reproduce-lm sweep-lm-lr reproduce-flow sweep-flow-lr
+.PHONY: setup test test-all test-slow bench report clean-venv reproduce-lm sweep-lm-lr reproduce-flow sweep-flow-lr
 
 SCALE ?= cpu
 SEEDS ?= 0,1,2
@@ -33,6 +33,10 @@ test-all: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# The cross-task summary results/README.md, from the per-task reports under results/ (no run folders needed).
+report: setup
+	$(PY) scripts/summary.py
+
 # Per-step time of each GP with and without AP, and the DoPr-X / X ratios (see README).
 bench: setup
 	$(PY) scripts/bench_optimizer.py
@@ -44,21 +48,25 @@ clean-venv:
 # Killed? Run it again: finished runs are skipped, the others resume from their checkpoints.
 reproduce-lm: setup
 	$(PY) -m experiments.train -m task=lm scale=$(SCALE) optimizer=$(LM_OPTIMIZERS) seed=$(SEEDS) $(LAUNCH)
-	$(PY) scripts/report.py --runs runs/lm/$(SCALE) --out results/lm/$(SCALE) \
+	$(PY) scripts/report.py --runs runs/lm/$(SCALE) --out results/lm/$(SCALE) --wandb \
 		--command "make reproduce-lm SCALE=$(SCALE) SEEDS=$(SEEDS)"
+	$(MAKE) report
 
 # The LR sweep behind task.lr in configs/task/lm.yaml (results/lm/cpu/lr_sweep.md).
 sweep-lm-lr: setup
 	$(PY) -m experiments.train -m +sweep=lm_lr $(LAUNCH)
-	$(PY) scripts/report.py --runs runs/lm/lr_sweep --out results/lm/cpu --lr-sweep --command "make sweep-lm-lr"
+	$(PY) scripts/report.py --runs runs/lm/lr_sweep --out results/lm/cpu --lr-sweep --wandb --command "make sweep-lm-lr"
+	$(MAKE) report
 
 # Flow-matching image generation: optimizer x seed, then results/flow/<scale>/.
 reproduce-flow: setup
 	$(PY) -m experiments.train -m task=flow scale=$(SCALE) optimizer=$(FLOW_OPTIMIZERS) seed=$(SEEDS) $(LAUNCH)
-	$(PY) scripts/report.py --runs runs/flow/$(SCALE) --out results/flow/$(SCALE) \
+	$(PY) scripts/report.py --runs runs/flow/$(SCALE) --out results/flow/$(SCALE) --wandb \
 		--command "make reproduce-flow SCALE=$(SCALE) SEEDS=$(SEEDS)"
+	$(MAKE) report
 
 # The LR sweep behind task.lr in configs/task/flow.yaml (results/flow/cpu/lr_sweep.md).
 sweep-flow-lr: setup
 	$(PY) -m experiments.train -m +sweep=flow_lr $(LAUNCH)
-	$(PY) scripts/report.py --runs runs/flow/lr_sweep --out results/flow/cpu --lr-sweep --command "make sweep-flow-lr"
+	$(PY) scripts/report.py --runs runs/flow/lr_sweep --out results/flow/cpu --lr-sweep --wandb --command "make sweep-flow-lr"
+	$(MAKE) report

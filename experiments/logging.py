@@ -61,9 +61,7 @@ class RunLogger:
             id_file = run_dir / "wandb_id.txt"
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             atomic_write_text(id_file, run_id)
-            mode = os.environ.get("WANDB_MODE") or logger_cfg.mode
-            if not mode:
-                mode = "online" if os.environ.get("WANDB_API_KEY") or _has_netrc_key() else "offline"
+            mode = wandb_mode(logger_cfg.mode)
             self.wandb = wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, group=group, name=name,
                                     id=run_id, resume="allow", dir=str(run_dir), config=config, mode=mode,
                                     tags=tags, settings=wandb.Settings(silent=True))
@@ -83,6 +81,14 @@ class RunLogger:
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def wandb_mode(configured: str | None = None) -> str:
+    """WANDB_MODE if set, else the configured mode, else online only where an API key is known."""
+    mode = os.environ.get("WANDB_MODE") or configured
+    if not mode:
+        mode = "online" if os.environ.get("WANDB_API_KEY") or _has_netrc_key() else "offline"
+    return mode
 
 
 def _has_netrc_key() -> bool:

@@ -155,7 +155,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     logger = None
     if lead:
         logger = RunLogger(run_dir, {**resolved, "git_commit": commit, "world_size": world}, cfg.logger, start if state else None,
-                           group=cfg.task.name, name=f"{cfg.optimizer.name}-s{cfg.seed}", tags=[cfg.optimizer.name, commit])
+                           group=f"{cfg.task.name}/{run_dir.parent.name}", name=f"{cfg.optimizer.name}-s{cfg.seed}", tags=[cfg.optimizer.name, commit])
         if state is None:
             atomic_write_json(run_dir / "config.json", {**resolved, "git_commit": commit, "world_size": world})
             if ap is not None:

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from experiments.checkpoint import atomic_write_text  # noqa: E402
 from experiments.logging import git_commit  # noqa: E402
+from experiments.stats import mean_ci  # noqa: E402
 
 # One colour per optimizer across every figure: the base GP's hue, dark with AP, light without.
 COLOURS = {"adamw": "#9ecae1", "dopr_adamw": "#08519c", "muon": "#fdae6b", "dopr_muon": "#a63603",
@@ -46,18 +47,6 @@ def load_runs(runs_dir: Path) -> tuple[list[dict], list[dict]]:
         if not (run / "summary.json").exists():
             failed.append({"dir": str(run.relative_to(runs_dir)), "summary": {"status": "unfinished", "error": "no summary.json: killed or still running (rerun the same command to resume)"}, "config": {}})
     return done, failed
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% Student-t confidence interval (nan for one value)."""
-    from scipy import stats
-
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
 
 
 def fmt(mean: float, half: float, digits: int) -> str:
@@ -244,12 +233,34 @@ def figure(rows: list[dict], metric: str, path: Path, title: str, lab: dict) -> 
     _save_png(fig, path)
 
 
+def log_to_wandb(rows: list[dict], metric: str, task: str, runs_dir: Path, project: str, lab: dict) -> str:
+    """One W&B run per report (job_type "report", in the sweep's group): a Table of every run and a
+    scatter plot of final validation loss against the final rollout metric, so the dashboard shows
+    the comparison without custom panels. Offline unless WANDB_MODE or an API key says otherwise."""
+    import wandb
+
+    from experiments.logging import wandb_mode
+
+    group = f"{task}/{runs_dir.name}"
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    run = wandb.init(project=project, group=group, job_type="report", name=f"report-{task}-{runs_dir.name}", dir=str(runs_dir),
+                     mode=wandb_mode(), tags=["report", git_commit()], settings=wandb.Settings(silent=True))
+    table = wandb.Table(columns=fields, data=[[row.get(f) for f in fields] for row in rows])
+    run.log({"runs": table, f"val_loss_vs_{metric}": wandb.plot.scatter(
+        table, "final_val_loss", f"final_{metric}", title=f"{task} {runs_dir.name}: {lab['val_loss_label']} vs {lab['metric_label']}")})
+    where = run.dir
+    run.finish()
+    return where
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", required=True, type=Path, help="a sweep folder (runs/<task>/<scale>)")
     parser.add_argument("--out", required=True, type=Path, help="results folder (results/<task>)")
     parser.add_argument("--lr-sweep", action="store_true", help="group by (optimizer, lr) and write lr_sweep.md")
     parser.add_argument("--command", default=None, help="the command that made the runs (written into the report)")
+    parser.add_argument("--wandb", action="store_true", help="also log a W&B run with a Table of the runs and a val-loss-vs-metric scatter")
+    parser.add_argument("--wandb-project", default="dopr")
     args = parser.parse_args(argv)
     if not args.runs.is_dir():
         parser.error(f"{args.runs} is not a folder of runs: run the sweep first (e.g. make reproduce-lm)")
@@ -310,7 +321,16 @@ def main(argv=None) -> int:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(args.out / f"{stem}_runs.csv", buf.getvalue())
+    # What the cross-task summary (scripts/summary.py) needs to read the CSV without the run folders.
+    meta = {"task": task, "scale": scale, "metric": metric, "higher_is_better": higher, **lab, "lr_sweep": args.lr_sweep,
+            "runs": len(done), "failed": [{"run": f["dir"], "status": f["summary"].get("status"), "error": f["summary"].get("error", "")} for f in failed],
+            "training_commits": commits, "command": args.command,
+            "horizons": {name: [n for n, _ in pts] for name, pts in horizon_series(rows, metric).items()}}
+    atomic_write_text(args.out / f"{stem}_meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
     print(f"wrote {args.out / (stem + '.md')} ({len(done)} runs, {len(failed)} failed or unfinished)")
+    if args.wandb:
+        where = log_to_wandb(rows, metric, task, args.runs, args.wandb_project, lab)
+        print(f"logged the runs table and scatter plot to W&B ({where}; offline runs: wandb sync {args.runs}/wandb/offline-run-*)")
     print(table)
     return 0
 

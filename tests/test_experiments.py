@@ -53,11 +53,19 @@ def test_multirun_of_two_jobs_and_the_report(tmp_path):
     train("-m", "optimizer=adamw,dopr_adamw", "logger=none", f"hydra.sweep.dir={sweep}")
     assert sorted(p.parent.name for p in sweep.glob("*/summary.json")) == ["adamw-s0", "dopr_adamw-s0"]
     out = tmp_path / "results"
-    subprocess.run([sys.executable, "scripts/report.py", "--runs", str(sweep), "--out", str(out)], cwd=ROOT, check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, "scripts/report.py", "--runs", str(sweep), "--out", str(out), "--wandb"], cwd=ROOT,
+                   check=True, capture_output=True, env=ENV)
     table = (out / "results.md").read_text()
     assert "| adamw | 1 |" in table and "| dopr_adamw | 1 |" in table
     assert (out / "val_loss_vs_accuracy.png").stat().st_size > 1000
+    assert (out / "accuracy_vs_horizon.png").stat().st_size > 1000
+    meta = json.loads((out / "results_meta.json").read_text())
+    assert meta["metric"] == "accuracy" and meta["higher_is_better"] and meta["horizons"] == {"steps": [1, 4]}
+    # the report's W&B run (offline here): a Table with one row per run, beside a scatter plot
+    logged = list(sweep.glob("wandb/offline-run-*/files/media/table/runs_*.table.json"))
+    assert len(logged) == 1
+    data = json.loads(logged[0].read_text())
+    assert sorted(row[data["columns"].index("optimizer")] for row in data["data"]) == ["adamw", "dopr_adamw"]
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):

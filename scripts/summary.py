@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""The cross-task summary: results/README.md, generated (never hand-edited) from the per-task
+reports that scripts/report.py wrote (results/<task>/<scale>/results_runs.csv, lr_sweep_runs.csv
+and their *_meta.json), so it needs no run folders and runs on a fresh clone.
+
+    python scripts/summary.py                    # = make report
+    python scripts/summary.py --results results --out results/README.md
+
+For every task and base GP: did AP change the rollout metric and the validation loss (paired
+over seeds: mean difference, 95% CI, paired t-test)? For every LR sweep: which LR validation loss
+picks, which the rollout metric picks, and what picking by validation loss costs; Spearman rank
+correlation between validation loss and the rollout metric per optimizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from experiments.checkpoint import atomic_write_text  # noqa: E402
+from experiments.stats import mean_ci, paired, selection, spearman  # noqa: E402
+
+ORDER = ["adamw", "muon", "signum", "adamuon", "sgd"]
+
+
+def read_csv(path: Path) -> list[dict]:
+    def num(v):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+    with open(path, newline="") as f:
+        return [{k: num(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def load(results: Path, include_smoke: bool = False) -> list[dict]:
+    """[{meta, runs, sweep (meta, runs) or None, folder}] for every results/<task>/<scale>/ report
+    (scale=smoke folders, which are not committed, only with ``include_smoke``)."""
+    out = []
+    for meta_path in sorted(results.glob("*/*/results_meta.json")):
+        folder = meta_path.parent
+        if folder.name == "smoke" and not include_smoke:
+            continue
+        meta = json.loads(meta_path.read_text())
+        entry = {"meta": meta, "runs": read_csv(folder / "results_runs.csv"), "folder": folder, "sweep": None}
+        if (folder / "lr_sweep_meta.json").exists():
+            entry["sweep"] = (json.loads((folder / "lr_sweep_meta.json").read_text()), read_csv(folder / "lr_sweep_runs.csv"))
+        out.append(entry)
+    return out
+
+
+def fmt(x: float, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.{digits}g}" if digits < 0 else f"{x:.{digits}f}"
+
+
+def verdict(diff: dict, better_sign: int) -> str:
+    """'better' / 'worse' when the 95% CI of the paired difference excludes 0, else 'no difference'."""
+    if diff["n"] < 2 or math.isnan(diff["ci"]):
+        return "too few seeds"
+    low, high = diff["mean"] - diff["ci"], diff["mean"] + diff["ci"]
+    if low > 0 or high < 0:
+        return "**better**" if (diff["mean"] > 0) == (better_sign > 0) else "**worse**"
+    return "no difference"
+
+
+def comparisons(entry: dict) -> list[dict]:
+    meta, runs = entry["meta"], entry["runs"]
+    metric_key = f"final_{meta['metric']}"
+    sign = 1 if meta["higher_is_better"] else -1
+    by_opt = defaultdict(dict)
+    for r in runs:
+        by_opt[r["optimizer"]][int(r["seed"])] = r
+    rows = []
+    for base in sorted((o for o in by_opt if not o.startswith("dopr_") and f"dopr_{o}" in by_opt),
+                       key=lambda o: ORDER.index(o) if o in ORDER else 99):
+        treated, control = by_opt[f"dopr_{base}"], by_opt[base]
+        d_metric = paired({s: r[metric_key] for s, r in treated.items()}, {s: r[metric_key] for s, r in control.items()})
+        d_loss = paired({s: r["final_val_loss"] for s, r in treated.items()}, {s: r["final_val_loss"] for s, r in control.items()})
+        rows.append({"base": base, "metric": d_metric, "loss": d_loss, "metric_verdict": verdict(d_metric, sign),
+                     "loss_verdict": verdict(d_loss, -1),
+                     "base_mean": mean_ci([r[metric_key] for r in control.values()])[0],
+                     "dopr_mean": mean_ci([r[metric_key] for r in treated.values()])[0]})
+    return rows
+
+
+def ci_text(d: dict, digits: int = 4) -> str:
+    if d["n"] == 0:
+        return "n/a"
+    if math.isnan(d["ci"]):
+        return f"{d['mean']:+.{digits}f}"
+    return f"{d['mean']:+.{digits}f} [{d['mean'] - d['ci']:+.{digits}f}, {d['mean'] + d['ci']:+.{digits}f}]"
+
+
+def p_text(p: float) -> str:
+    return "n/a" if math.isnan(p) else f"{p:.3f}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=ROOT / "results", help="the results folder (results/<task>/<scale>/)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: <results>/README.md)")
+    parser.add_argument("--include-smoke", action="store_true", help="also summarise results/<task>/smoke/ (skipped by default)")
+    args = parser.parse_args(argv)
+    out = args.out or args.results / "README.md"
+    entries = load(args.results, args.include_smoke)
+    if not entries:
+        parser.error(f"no per-task report under {args.results} (results/<task>/<scale>/results_meta.json): "
+                     "run a make reproduce-<task> first, or scripts/report.py on its run folders")
+    parts = ["# Results across tasks", "",
+             "Generated by `make report` (`python scripts/summary.py`) from the per-task reports in this folder; "
+             "do not edit by hand. Each task's folder holds its table, per-run CSV, figures and the command that made them.", "",
+             "## Did AP help? (DoPr-X against X, paired by seed)", "",
+             "Differences are DoPr-X minus X on the final weights, paired over the seeds both have: mean, 95% t-interval "
+             "[low, high], and the two-sided paired t-test p-value. 'better'/'worse' means the interval excludes 0 "
+             "(in the direction that is better for that quantity: higher accuracy, lower FD, lower loss); with 3 seeds "
+             "only large effects can show.", "",
+             "| task | scale | base GP | seeds | metric | X | DoPr-X | difference in metric [95% CI] | p | AP on metric | "
+             "difference in val loss [95% CI] | p | AP on val loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        m = e["meta"]
+        for c in comparisons(e):
+            parts.append(f"| [{m['task']}]({e['folder'].relative_to(args.results)}/results.md) | {m['scale']} | {c['base']} | "
+                         f"{c['metric']['n']} | {m['metric']} ({'higher' if m['higher_is_better'] else 'lower'} is better) | "
+                         f"{c['base_mean']:.4g} | {c['dopr_mean']:.4g} | {ci_text(c['metric'])} | {p_text(c['metric']['p'])} | "
+                         f"{c['metric_verdict']} | {ci_text(c['loss'])} | {p_text(c['loss']['p'])} | {c['loss_verdict']} |")
+    parts += ["", "## Does validation loss pick the model the rollout metric would pick?", "",
+              "Over each optimizer's LR sweep (same grid and budget for every optimizer): the LR with the lowest mean "
+              "final validation loss, the LR with the best mean rollout metric, and the regret of choosing by validation "
+              "loss (the rollout metric given up, in its units). Spearman's rank correlation between final validation "
+              "loss and the final rollout metric over the sweep's runs (negative: lower loss goes with higher metric; "
+              "positive for a lower-is-better metric such as FD means the two agree).", "",
+              "| task | optimizer | LRs | LR by val loss | LR by metric | metric at val-loss LR | metric at metric LR | regret | Spearman (sweep runs) | Spearman (seed runs) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        if not e["sweep"]:
+            continue
+        sweep_meta, sweep_runs = e["sweep"]
+        key = f"final_{sweep_meta['metric']}"
+        by_opt = defaultdict(list)
+        for r in sweep_runs:
+            by_opt[r["optimizer"]].append(r)
+        seed_runs = defaultdict(list)
+        for r in e["runs"]:
+            seed_runs[r["optimizer"]].append(r)
+        for opt in sorted(by_opt, key=lambda o: (ORDER.index(o.removeprefix("dopr_")) if o.removeprefix("dopr_") in ORDER else 99, o.startswith("dopr_"), o)):
+            rs = by_opt[opt]
+            sel = selection(rs, key, sweep_meta["higher_is_better"])
+            rho = spearman([r["final_val_loss"] for r in rs], [r[key] for r in rs])
+            own = seed_runs.get(opt, [])
+            rho_seeds = spearman([r["final_val_loss"] for r in own], [r[key] for r in own]) if own else math.nan
+            parts.append(f"| {sweep_meta['task']} | {opt} | {sel['lrs']} | {sel['lr_by_loss']:g} | {sel['lr_by_metric']:g} | "
+                         f"{sel['metric_at_loss_choice']:.4g} | {sel['metric_at_metric_choice']:.4g} | {sel['regret']:.4g} | "
+                         f"{'n/a' if math.isnan(rho) else f'{rho:+.2f}'} | {'n/a' if math.isnan(rho_seeds) else f'{rho_seeds:+.2f}'} |")
+    parts += ["", "## Figures per task", ""]
+    for e in entries:
+        m, rel = e["meta"], e["folder"].relative_to(args.results)
+        parts += [f"### {m['task']} (scale={m['scale']})", "",
+                  f"Runs: {m['runs']}" + (f"; failed or unfinished: {len(m['failed'])} (listed in [{rel}/results.md]({rel}/results.md))" if m["failed"] else "")
+                  + f". Made by `{m.get('command') or 'see the task report'}`.", ""]
+        for name, caption in ((f"val_loss_vs_{m['metric']}.png", f"validation loss against {m['metric']}"),
+                              (f"{m['metric']}_vs_horizon.png", f"{m['metric']} against the rollout horizon ({m.get('horizon_label')})"),
+                              ("samples.png", "samples")):
+            if (e["folder"] / name).exists():
+                parts += [f"![{caption}]({rel}/{name})", ""]
+    atomic_write_text(out, "\n".join(parts))
+    print(f"wrote {out} ({len(entries)} task reports)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The report statistics against values computed by hand, and the cross-task summary on
+synthetic per-task reports (deterministic, numbers where they should be)."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.stats import mean_ci, paired, selection, spearman
+
+ROOT = Path(__file__).resolve().parents[1]
+# Student t quantile t_{0.975} with 2 degrees of freedom, closed form for df=2: (2u - 1) / sqrt(2u(1 - u)).
+T2 = 0.95 / math.sqrt(2 * 0.975 * 0.025)
+
+
+def test_mean_ci_by_hand():
+    # [1, 2, 3]: mean 2, sd 1 -> half-width t_{0.975, 2} / sqrt(3) (4.3027 / 1.7321)
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and math.isclose(half, T2 / math.sqrt(3), rel_tol=1e-9)
+    assert math.isnan(mean_ci([5.0])[1])
+
+
+def test_paired_difference_and_t_test_by_hand():
+    # differences (seed 0, 1, 2) = 2, 3, 0: mean 5/3, sd sqrt(7/3), t = mean / (sd / sqrt 3);
+    # for 2 degrees of freedom the two-sided p-value is 1 - t / sqrt(2 + t^2) exactly.
+    out = paired({0: 3.0, 1: 5.0, 2: 4.0, 7: 1.0}, {0: 1.0, 1: 2.0, 2: 4.0})  # seed 7 has no partner: ignored
+    sd = math.sqrt(7 / 3)
+    t = (5 / 3) / (sd / math.sqrt(3))
+    assert out["n"] == 3 and out["seeds"] == [0, 1, 2]
+    assert math.isclose(out["mean"], 5 / 3, rel_tol=1e-12)
+    assert math.isclose(out["ci"], T2 * sd / math.sqrt(3), rel_tol=1e-9)
+    assert math.isclose(out["p"], 1 - t / math.sqrt(2 + t * t), rel_tol=1e-9)
+
+
+def test_spearman_by_hand():
+    # ranks of y: 1, 3, 2, 4; d^2 sums to 2; rho = 1 - 6 * 2 / (4 * (16 - 1)) = 0.8
+    assert math.isclose(spearman([1, 2, 3, 4], [10, 30, 20, 40]), 0.8)
+    assert math.isclose(spearman([1, 2, 3], [3, 2, 1]), -1.0)
+    assert math.isnan(spearman([1, 2], [1, 2])) and math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_selection_regret_by_hand():
+    rows = [{"lr": 1e-3, "m": 0.5, "final_val_loss": 1.0}, {"lr": 1e-3, "m": 0.7, "final_val_loss": 1.2},
+            {"lr": 1e-2, "m": 0.9, "final_val_loss": 1.3}, {"lr": 1e-2, "m": 0.8, "final_val_loss": 1.3},
+            {"lr": 1e-1, "m": 0.2, "final_val_loss": 2.0}]
+    up = selection(rows, "m", higher_is_better=True)
+    # mean loss: 1.1, 1.3, 2.0 -> 1e-3; mean metric: 0.6, 0.85, 0.2 -> 1e-2; regret 0.85 - 0.6
+    assert (up["lr_by_loss"], up["lr_by_metric"], up["lrs"]) == (1e-3, 1e-2, 3)
+    assert math.isclose(up["regret"], 0.25)
+    down = selection(rows, "m", higher_is_better=False)  # e.g. FD: lowest mean metric 0.2 at 1e-1
+    assert down["lr_by_metric"] == 1e-1 and math.isclose(down["regret"], 0.4)
+
+
+def _write_report(folder: Path, metric: str, higher: bool, runs: list[dict], stem="results"):
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{stem}_runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(runs[0]))
+        writer.writeheader()
+        writer.writerows(runs)
+    meta = {"task": folder.parent.name, "scale": folder.name, "metric": metric, "higher_is_better": higher, "runs": len(runs),
+            "failed": [], "command": "synthetic", "horizon_label": "steps", "lr_sweep": stem == "lr_sweep"}
+    (folder / f"{stem}_meta.json").write_text(json.dumps(meta))
+
+
+def test_summary_on_synthetic_reports_is_right_and_deterministic(tmp_path):
+    results = tmp_path / "results"
+    # task "alpha": accuracy up by 0.19, 0.20, 0.21 with AP (sd 0.01: the interval excludes 0 -> better);
+    # val loss changed by +0.01, -0.02, +0.015 (the interval includes 0 -> no difference)
+    runs = []
+    for seed, (acc, loss, d_loss) in enumerate([(0.5, 1.0, 0.01), (0.6, 0.9, -0.02), (0.4, 1.1, 0.015)]):
+        runs.append({"optimizer": "adamw", "lr": 0.001, "seed": seed, "final_val_loss": loss, "final_accuracy": acc})
+        runs.append({"optimizer": "dopr_adamw", "lr": 0.001, "seed": seed, "final_val_loss": loss + d_loss,
+                     "final_accuracy": acc + 0.19 + 0.01 * seed})
+    _write_report(results / "alpha" / "cpu", "accuracy", True, runs)
+    sweep = [{"optimizer": "adamw", "lr": lr, "seed": 100, "final_val_loss": loss, "final_accuracy": acc}
+             for lr, loss, acc in [(1e-3, 1.0, 0.3), (1e-2, 0.8, 0.5), (1e-1, 0.7, 0.2)]]
+    _write_report(results / "alpha" / "cpu", "accuracy", True, sweep, stem="lr_sweep")
+    # task "beta": FD (lower is better), AP worse by exactly 1.0 on each seed -> CI of width 0
+    runs = []
+    for seed in range(3):
+        runs.append({"optimizer": "muon", "lr": 0.01, "seed": seed, "final_val_loss": 0.3, "final_fd": 2.0 + seed})
+        runs.append({"optimizer": "dopr_muon", "lr": 0.01, "seed": seed, "final_val_loss": 0.3, "final_fd": 3.0 + seed})
+    _write_report(results / "beta" / "cpu", "fd", False, runs)
+
+    def make():
+        subprocess.run([sys.executable, "scripts/summary.py", "--results", str(results)], cwd=ROOT, check=True, capture_output=True)
+        return (results / "README.md").read_text()
+
+    text = make()
+    assert make() == text  # deterministic
+    alpha = next(line for line in text.splitlines() if line.startswith("| [alpha]"))
+    half = T2 * 0.01 / math.sqrt(3)  # differences 0.19, 0.20, 0.21: sd 0.01
+    assert f"+0.2000 [{0.2 - half:+.4f}, {0.2 + half:+.4f}]" in alpha and "| **better** |" in alpha
+    assert alpha.rstrip(" |").endswith("no difference")
+    beta = next(line for line in text.splitlines() if line.startswith("| [beta]"))
+    assert "+1.0000 [+1.0000, +1.0000]" in beta and "**worse**" in beta.split("|")[10]
+    # the sweep: val loss picks 0.1 (loss 0.7, accuracy 0.2), accuracy picks 0.01 (0.5): regret 0.3
+    sweep_line = next(line for line in text.splitlines() if line.startswith("| alpha | adamw |"))
+    cells = [c.strip() for c in sweep_line.strip("|").split("|")]
+    assert cells[2:8] == ["3", "0.1", "0.01", "0.2", "0.5", "0.3"]
+    assert cells[8] == "+0.50"  # Spearman over the 3 sweep runs: loss ranks 3,2,1 vs accuracy ranks 2,3,1: 1 - 6*2/(3*8)
+
+
+def test_summary_without_reports_names_the_fix(tmp_path):
+    out = subprocess.run([sys.executable, "scripts/summary.py", "--results", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0 and "make reproduce-" in out.stderr
