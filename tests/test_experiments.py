@@ -66,6 +66,12 @@ def test_multirun_of_two_jobs_and_the_report(tmp_path):
     assert len(logged) == 1
     data = json.loads(logged[0].read_text())
     assert sorted(row[data["columns"].index("optimizer")] for row in data["data"]) == ["adamw", "dopr_adamw"]
+    # the same runs give the same bytes (figures carry no timestamp)
+    again = tmp_path / "again"
+    subprocess.run([sys.executable, "scripts/report.py", "--runs", str(sweep), "--out", str(again)], cwd=ROOT, check=True,
+                   capture_output=True, env=ENV)
+    for name in ("val_loss_vs_accuracy.png", "accuracy_vs_horizon.png", "results_runs.csv"):
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
