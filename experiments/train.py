@@ -229,6 +229,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                "scale": cfg.scale.name, "steps": tr.steps, "world_size": world, "metric_name": task.metric, "git_commit": commit,
                "higher_is_better": task.higher_is_better, "val_loss_label": getattr(task, "val_loss_label", None),
                "metric_label": getattr(task, "metric_label", None), "horizon_label": getattr(task, "horizon_label", None),
+               "diagnostics": list(getattr(task, "diagnostics", ())),
                "final": final_row, "best": best, "status": "done"}
     atomic_write_json(run_dir / "summary.json", summary)
     logger.summary({**{f"final_{k}": v for k, v in final_row.items()}, **{f"best_{k}": v for k, v in best.items()}})

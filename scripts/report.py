@@ -189,6 +189,7 @@ def samples_figure(runs_dir: Path, done: list[dict], path: Path, title: str) -> 
     fig, axes = plt.subplots(1, len(opts), figsize=(3.2 * len(opts), 3.8), dpi=120, squeeze=False)
     for ax, opt in zip(axes[0], opts):
         seed, images = picked[opt]
+        images = np.pad(images, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=96)  # a grey frame around each sample
         n, c, h, w = images.shape
         per_row = 8 if n % 8 == 0 else n
         grid = images.reshape(n // per_row, per_row, c, h, w).transpose(0, 3, 1, 4, 2).reshape(n // per_row * h, per_row * w, c)
@@ -216,15 +217,16 @@ def other_metrics_table(rows: list[dict], metric: str) -> str:
     return "\n".join(lines)
 
 
-def figure(rows: list[dict], metric: str, path: Path, title: str, lab: dict) -> None:
+def figure(rows: list[dict], metric: str, path: Path, title: str, lab: dict, x_key: str = "final_val_loss", x_label: str | None = None) -> None:
+    """One point per run: x (validation loss, or a diagnostic) against the rollout metric."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
     for opt in sorted({r["optimizer"] for r in rows}, key=lambda o: ORDER.index(o) if o in ORDER else 99):
-        rs = [r for r in rows if r["optimizer"] == opt]
-        ax.scatter([r["final_val_loss"] for r in rs], [r[f"final_{metric}"] for r in rs], s=40,
+        rs = [r for r in rows if r["optimizer"] == opt and x_key in r]
+        ax.scatter([r[x_key] for r in rs], [r[f"final_{metric}"] for r in rs], s=40,
                    color=COLOURS.get(opt, "#777777"), label=opt, edgecolors="black", linewidths=0.5,
                    marker="o" if opt.startswith("dopr_") else "s")
-    ax.set_xlabel(lab["val_loss_label"] + ", final weights")
+    ax.set_xlabel((x_label or lab["val_loss_label"]) + ", final weights")
     ax.set_ylabel(lab["metric_label"] + ", final weights")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
@@ -301,6 +303,11 @@ def main(argv=None) -> int:
         fig_name = "val_loss_vs_" + metric + ".png"
         figure(rows, metric, args.out / fig_name, f"{task} (scale={scale}): one point per run", lab)
         parts += [f"![validation loss against {metric}]({fig_name})", ""]
+        for diag in done[0]["summary"].get("diagnostics") or []:
+            name = f"{diag}_vs_{metric}.png"
+            figure(rows, metric, args.out / name, f"{task} (scale={scale}): one point per run", lab,
+                   x_key=f"final_{diag}", x_label=diag.replace("_", " "))
+            parts += [f"![{diag} against {metric}]({name})", ""]
         others = other_metrics_table(rows, metric)
         if others:
             parts += ["## Other rollout numbers (final weights)", "", others, ""]

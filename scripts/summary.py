@@ -166,7 +166,9 @@ def main(argv=None) -> int:
         parts += [f"### {m['task']} (scale={m['scale']})", "",
                   f"Runs: {m['runs']}" + (f"; failed or unfinished: {len(m['failed'])} (listed in [{rel}/results.md]({rel}/results.md))" if m["failed"] else "")
                   + f". Made by `{m.get('command') or 'see the task report'}`.", ""]
-        for name, caption in ((f"val_loss_vs_{m['metric']}.png", f"validation loss against {m['metric']}"),
+        diagnostics = [(p.name, f"{p.name.split('_vs_')[0].replace('_', ' ')} against {m['metric']}")
+                       for p in sorted(e["folder"].glob(f"*_vs_{m['metric']}.png")) if not p.name.startswith("val_loss_vs_")]
+        for name, caption in ((f"val_loss_vs_{m['metric']}.png", f"validation loss against {m['metric']}"), *diagnostics,
                               (f"{m['metric']}_vs_horizon.png", f"{m['metric']} against the rollout horizon ({m.get('horizon_label')})"),
                               ("samples.png", "samples")):
             if (e["folder"] / name).exists():
