@@ -19,7 +19,8 @@ def free_port() -> int:
 
 
 def run(run_dir, optimizer, procs: int):
-    overrides = ["task=flow", "scale=smoke", f"optimizer={optimizer}", "logger=none", "threads=1", "trainer.steps=10",
+    # lr fixed here (not the task's chosen one): the tolerances below were measured at this LR
+    overrides = ["task=flow", "scale=smoke", f"optimizer={optimizer}", "lr=1e-3", "logger=none", "threads=1", "trainer.steps=10",
                  f"task.data_dir={run_dir.parent / 'cache'}", f"hydra.run.dir={run_dir}"]
     launcher = [] if procs == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={procs}", f"--master_port={free_port()}"]
     cmd = [sys.executable, *launcher, "-m", "experiments.train", *overrides]
@@ -34,12 +35,14 @@ def relative_distance(a: dict, b: dict) -> float:
     return (num / den) ** 0.5
 
 
-# Tolerances on ||W_2proc - W_1proc|| / ||W_1proc|| after 10 steps. The two runs sum the same
+# Tolerances on ||W_2proc - W_1proc|| / ||W_1proc|| after 10 steps at lr=1e-3. The two runs sum the same
 # numbers in a different order (per-process gradient and AP statistic sums, then all-reduce), so
 # they agree to float32 rounding, amplified by AP's inverse (cond up to 1/damping) and, for AdamW,
 # by its elementwise normalisation of near-zero gradients. Measured on 2 cores: DoPr-SGD 9e-6,
 # DoPr-AdamW 7e-5; plain SGD 1e-8. A wrong reduction (e.g. statistics not all-reduced, or a
-# batch split that drops samples) moves the weights by ~1e-2 and more.
+# batch split that drops samples) moves the weights by ~1e-2 and more. (At the flow task's chosen
+# DoPr-AdamW LR, 3e-2, the rounding amplification alone reaches 3e-2 after 10 steps: a looser
+# check would not separate rounding from a bug, so the test fixes the LR.)
 @pytest.mark.parametrize("optimizer, tolerance", [("dopr_sgd", 1e-4), ("dopr_adamw", 1e-3)])
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path, optimizer, tolerance):
     one = run(tmp_path / "one", optimizer, 1)
