@@ -6,13 +6,14 @@ VENV ?= .venv
 CONSTRAINTS ?= constraints.txt
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-all test-slow bench report clean-venv reproduce-lm sweep-lm-lr reproduce-flow sweep-flow-lr
+.PHONY: setup test test-all test-slow bench report clean-venv reproduce-lm sweep-lm-lr reproduce-flow sweep-flow-lr reproduce-control
 
 SCALE ?= cpu
 SEEDS ?= 0,1,2
 LAUNCHER ?=
 LM_OPTIMIZERS ?= adamw,dopr_adamw,muon,dopr_muon
 FLOW_OPTIMIZERS ?= adamw,dopr_adamw,muon,dopr_muon
+CONTROL_OPTIMIZERS ?= adamw,dopr_adamw,muon,dopr_muon,signum,dopr_signum,adamuon,dopr_adamuon
 LAUNCH := $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER),)
 
 setup: $(VENV)/.installed
@@ -69,4 +70,11 @@ reproduce-flow: setup
 sweep-flow-lr: setup
 	$(PY) -m experiments.train -m +sweep=flow_lr $(LAUNCH)
 	$(PY) scripts/report.py --runs runs/flow/lr_sweep --out results/flow/cpu --lr-sweep --wandb --command "make sweep-flow-lr"
+	$(MAKE) report
+
+# Behaviour cloning (Hopper-v5 from the committed SAC expert): 8 optimizers x seed, then results/control/<scale>/.
+reproduce-control: setup
+	$(PY) -m experiments.train -m task=control scale=$(SCALE) optimizer=$(CONTROL_OPTIMIZERS) seed=$(SEEDS) $(LAUNCH)
+	$(PY) scripts/report.py --runs runs/control/$(SCALE) --out results/control/$(SCALE) --wandb \
+		--command "make reproduce-control SCALE=$(SCALE) SEEDS=$(SEEDS)"
 	$(MAKE) report

@@ -2,7 +2,7 @@
 
 import importlib
 
-TASKS = ("lm", "flow")
+TASKS = ("lm", "flow", "control")
 
 
 def build_task(task_cfg, seed, device):

@@ -1,0 +1,115 @@
+"""The control (behaviour-cloning) task: the expert network is SB3's SAC actor, rollouts count
+rewards as a plain single-environment loop does, the covariance diagnostic is the Frechet formula,
+the Minari path reads a locally written dataset, the committed expert's return is what the README
+says, and the real entry point runs with a short rollout."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from experiments.tasks import control
+from test_experiments import ENV, rows, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_expert_actor_reproduces_stable_baselines3_sac():
+    from stable_baselines3 import SAC
+
+    env = gym.make("Hopper-v5")
+    sac = SAC("MlpPolicy", env, seed=3, learning_starts=0)
+    actor = control.ExpertActor(env.observation_space.shape[0], env.action_space.shape[0], [256, 256],
+                                env.action_space.low, env.action_space.high)
+    actor.load_state_dict(sac.policy.actor.state_dict())
+    obs = np.random.default_rng(0).standard_normal((16, env.observation_space.shape[0])).astype(np.float32)
+    expected, _ = sac.predict(obs, deterministic=True)
+    np.testing.assert_allclose(actor(torch.from_numpy(obs)).numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_vectorised_rollout_counts_rewards_like_a_plain_loop():
+    def policy(obs):  # a fixed, state-dependent policy that falls over at different times per seed
+        return torch.tanh(obs[:, :3] * 0.7)
+
+    seeds = [5, 6, 7]
+    returns, lengths = control.rollout_returns("Hopper-v5", policy, seeds)
+    for seed, ret, length in zip(seeds, returns, lengths):
+        env = gym.make("Hopper-v5")
+        obs, _ = env.reset(seed=seed)
+        total, steps, done = 0.0, 0, False
+        while not done:
+            action = policy(torch.as_tensor(obs[None], dtype=torch.float32))[0].numpy().astype(np.float64)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total, steps, done = total + reward, steps + 1, terminated or truncated
+        assert length == steps and np.isclose(ret, total, rtol=1e-9)
+
+
+def test_state_divergence_is_the_frechet_formula():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4000, 3)) @ np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 0.2]]) + np.array([1.0, -2.0, 0.5])
+    fd, gap = control.gaussian_gap(a, a)
+    assert fd < 1e-8 and gap == 0.0
+    # b = 2a: mean doubles, covariance x4: FD = |mu|^2 + tr(S + 4S - 2 * 2S) = |mu|^2 + tr(S); gap = ||3S|| / ||S|| = 3
+    fd, gap = control.gaussian_gap(a, 2 * a)
+    expected = float((a.mean(0) ** 2).sum() + np.trace(np.cov(a, rowvar=False)))
+    assert np.isclose(fd, expected, rtol=1e-6) and np.isclose(gap, 3.0)
+
+
+@pytest.mark.filterwarnings("ignore:`eval_env` is set to None")
+def test_minari_dataset_loads_from_a_local_fixture(tmp_path, monkeypatch):
+    """A 3-episode dataset in Minari's on-disk format (HDF5 + metadata), written with Minari's own
+    writer from arrays made here, reads back through the task's loader: states are the
+    observations without the last one, actions as written."""
+    import minari
+    from minari.data_collector.episode_buffer import EpisodeBuffer
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    rng = np.random.default_rng(0)
+    lengths, written = [5, 7, 4], []
+    for i, n in enumerate(lengths):
+        written.append(EpisodeBuffer(id=i, observations=rng.standard_normal((n + 1, 11)), actions=rng.uniform(-1, 1, (n, 3)),
+                                     rewards=rng.standard_normal(n), terminations=np.r_[np.zeros(n - 1, bool), True],
+                                     truncations=np.zeros(n, bool), infos={}))
+    minari.create_dataset_from_buffers("test/hopper/tiny-v0", written, env=gym.make("Hopper-v5"), algorithm_name="random")
+    episodes = control.minari_demonstrations("test/hopper/tiny-v0")
+    assert [len(s) for s, _ in episodes] == lengths
+    for (states, actions), buf in zip(episodes, written):
+        np.testing.assert_allclose(states, buf.observations[:-1], rtol=1e-6)
+        np.testing.assert_allclose(actions, buf.actions, rtol=1e-6)
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["task=control", "scale=smoke", "task.dataset=minari:test/hopper/tiny-v0"])
+    task = control.build(cfg.task, 0, torch.device("cpu"))
+    assert len(task.val_s) == 5 and len(task.train_s) == 11  # the first episode is held out for validation
+    with pytest.raises(FileNotFoundError, match="minari download"):
+        control.minari_demonstrations("test/hopper/missing-v0")
+
+
+def test_committed_expert_return_is_printed_and_matches_the_readme():
+    out = subprocess.run([sys.executable, "scripts/expert.py", "return", "--env", "Hopper-v5"], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    printed = float(re.search(r"mean return (-?[\d.]+)", out)[1])
+    stored = json.loads((ROOT / "experiments/assets/experts/Hopper-v5_sac.json").read_text())["mean_return"]
+    assert printed == stored, out
+    readme = (ROOT / "README.md").read_text()
+    assert f"mean return {stored}" in readme, "README must quote the committed expert's return"
+    assert stored > 500, "the committed expert should hop (a Hopper that falls at once scores < 200)"
+
+
+def test_smoke_run_of_the_entry_point_with_a_short_rollout(tmp_path):
+    run = tmp_path / "run"
+    train("task=control", "optimizer=dopr_muon", f"task.data_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}")
+    summary = json.loads((run / "summary.json").read_text())
+    final = summary["final"]
+    assert summary["status"] == "done" and summary["metric_name"] == "return"
+    assert {"return", "episode_length", "return_h10", "return_h50", "state_fd", "state_cov_gap"} <= set(final)
+    assert 0 < final["episode_length"] <= 1000 and np.isfinite(final["state_fd"])
+    coverage = next(r["ap_coverage"] for r in rows(run) if "ap_coverage" in r)
+    for name in ("inp", "blocks.0.1", "blocks.0.3", "out.1"):  # every Linear of the residual MLP (smoke: one block)
+        assert coverage[name].startswith("covered: linear"), (name, coverage)
