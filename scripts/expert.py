@@ -3,12 +3,12 @@
 
     python scripts/expert.py train  --env Hopper-v5 --steps 120000 --seed 0   # SAC (stable-baselines3)
     python scripts/expert.py return --env Hopper-v5                           # the committed expert's return
-    python scripts/expert.py record --env Hopper-v5 --episodes 50 --seed 0    # demonstrations (npz)
 
 The expert is the SAC policy network alone (``experiments/assets/experts/<env>_sac.pt``: state
 dict + architecture, a few hundred KB), so demonstrations regenerate deterministically without
-retraining; its mean return over fixed evaluation seeds is written beside it (``.json``) and
-printed by ``return``. Paper scale (Humanoid-v5) is the same command with more steps on a cluster.
+retraining (the control task generates and caches them from it, with a seed); its mean return
+over fixed evaluation seeds is written beside it (``.json``) and printed by ``return``. Paper
+scale (Humanoid-v5) is the same command with more steps on a cluster.
 """
 
 from __future__ import annotations

@@ -122,13 +122,13 @@ def main(argv=None) -> int:
              "[low, high], and the two-sided paired t-test p-value. 'better'/'worse' means the interval excludes 0 "
              "(in the direction that is better for that quantity: higher accuracy, lower FD, lower loss); with 3 seeds "
              "only large effects can show.", "",
-             "| task | scale | base GP | seeds | metric | X | DoPr-X | difference in metric [95% CI] | p | AP on metric | "
+             "| task | results folder | base GP | seeds | metric | X | DoPr-X | difference in metric [95% CI] | p | AP on metric | "
              "difference in val loss [95% CI] | p | AP on val loss |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         m = e["meta"]
         for c in comparisons(e):
-            parts.append(f"| [{m['task']}]({e['folder'].relative_to(args.results)}/results.md) | {m['scale']} | {c['base']} | "
+            parts.append(f"| [{m['task']}]({e['folder'].relative_to(args.results)}/results.md) | {e['folder'].name} | {c['base']} | "
                          f"{c['metric']['n']} | {m['metric']} ({'higher' if m['higher_is_better'] else 'lower'} is better) | "
                          f"{c['base_mean']:.4g} | {c['dopr_mean']:.4g} | {ci_text(c['metric'])} | {p_text(c['metric']['p'])} | "
                          f"{c['metric_verdict']} | {ci_text(c['loss'])} | {p_text(c['loss']['p'])} | {c['loss_verdict']} |")
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     parts += ["", "## Figures per task", ""]
     for e in entries:
         m, rel = e["meta"], e["folder"].relative_to(args.results)
-        parts += [f"### {m['task']} (scale={m['scale']})", "",
+        parts += [f"### {m['task']} ({rel})", "",
                   f"Runs: {m['runs']}" + (f"; failed or unfinished: {len(m['failed'])} (listed in [{rel}/results.md]({rel}/results.md))" if m["failed"] else "")
                   + f". Made by `{m.get('command') or 'see the task report'}`.", ""]
         diagnostics = [(p.name, f"{p.name.split('_vs_')[0].replace('_', ' ')} against {m['metric']}")
