@@ -16,11 +16,14 @@ from pathlib import Path
 from .checkpoint import atomic_write_text
 
 
-def git_commit() -> str:
+def git_commit(ignore: tuple[str, ...] = ()) -> str:
+    """Short HEAD commit, "-dirty" if tracked files (outside the ``ignore`` paths, e.g. the results
+    folder a report is writing) have uncommitted changes."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+        spec = ["--", ":/", *[f":(top,exclude){p}" for p in ignore]] if ignore else []
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", *spec], capture_output=True, text=True,
                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
