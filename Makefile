@@ -45,36 +45,27 @@ bench: setup
 clean-venv:
 	rm -rf $(VENV)
 
-# The flagship: optimizer x seed on the LM task, then the report (results/lm/<scale>/).
-# Killed? Run it again: finished runs are skipped, the others resume from their checkpoints.
-reproduce-lm: setup
-	$(PY) -m experiments.train -m task=lm scale=$(SCALE) optimizer=$(LM_OPTIMIZERS) seed=$(SEEDS) $(LAUNCH)
-	$(PY) scripts/report.py --runs runs/lm/$(SCALE) --out results/lm/$(SCALE) --wandb \
-		--command "make reproduce-lm SCALE=$(SCALE) SEEDS=$(SEEDS)"
-	$(MAKE) report
+# make reproduce-<task>: optimizer x seed on that task, then its report (results/<task>/<scale>/) and
+# the cross-task summary. Killed? Run it again: finished runs are skipped, the others resume from
+# their checkpoints. reproduce-lm is the flagship; control is behaviour cloning on Hopper-v5.
+define reproduce
+reproduce-$(1): setup
+	$$(PY) -m experiments.train -m task=$(1) scale=$$(SCALE) optimizer=$$($(2)) seed=$$(SEEDS) $$(LAUNCH)
+	$$(PY) scripts/report.py --runs runs/$(1)/$$(SCALE) --out results/$(1)/$$(SCALE) --wandb \
+		--command "make reproduce-$(1) SCALE=$$(SCALE) SEEDS=$$(SEEDS)"
+	$$(MAKE) report
+endef
 
-# The LR sweep behind task.lr in configs/task/lm.yaml (results/lm/cpu/lr_sweep.md).
-sweep-lm-lr: setup
-	$(PY) -m experiments.train -m +sweep=lm_lr $(LAUNCH)
-	$(PY) scripts/report.py --runs runs/lm/lr_sweep --out results/lm/cpu --lr-sweep --wandb --command "make sweep-lm-lr"
-	$(MAKE) report
+# make sweep-<task>-lr: the LR sweep behind task.lr in configs/task/<task>.yaml (results/<task>/cpu/lr_sweep.md).
+define sweep_lr
+sweep-$(1)-lr: setup
+	$$(PY) -m experiments.train -m +sweep=$(1)_lr $$(LAUNCH)
+	$$(PY) scripts/report.py --runs runs/$(1)/lr_sweep --out results/$(1)/cpu --lr-sweep --wandb --command "make sweep-$(1)-lr"
+	$$(MAKE) report
+endef
 
-# Flow-matching image generation: optimizer x seed, then results/flow/<scale>/.
-reproduce-flow: setup
-	$(PY) -m experiments.train -m task=flow scale=$(SCALE) optimizer=$(FLOW_OPTIMIZERS) seed=$(SEEDS) $(LAUNCH)
-	$(PY) scripts/report.py --runs runs/flow/$(SCALE) --out results/flow/$(SCALE) --wandb \
-		--command "make reproduce-flow SCALE=$(SCALE) SEEDS=$(SEEDS)"
-	$(MAKE) report
-
-# The LR sweep behind task.lr in configs/task/flow.yaml (results/flow/cpu/lr_sweep.md).
-sweep-flow-lr: setup
-	$(PY) -m experiments.train -m +sweep=flow_lr $(LAUNCH)
-	$(PY) scripts/report.py --runs runs/flow/lr_sweep --out results/flow/cpu --lr-sweep --wandb --command "make sweep-flow-lr"
-	$(MAKE) report
-
-# Behaviour cloning (Hopper-v5 from the committed SAC expert): 8 optimizers x seed, then results/control/<scale>/.
-reproduce-control: setup
-	$(PY) -m experiments.train -m task=control scale=$(SCALE) optimizer=$(CONTROL_OPTIMIZERS) seed=$(SEEDS) $(LAUNCH)
-	$(PY) scripts/report.py --runs runs/control/$(SCALE) --out results/control/$(SCALE) --wandb \
-		--command "make reproduce-control SCALE=$(SCALE) SEEDS=$(SEEDS)"
-	$(MAKE) report
+$(eval $(call reproduce,lm,LM_OPTIMIZERS))
+$(eval $(call reproduce,flow,FLOW_OPTIMIZERS))
+$(eval $(call reproduce,control,CONTROL_OPTIMIZERS))
+$(eval $(call sweep_lr,lm))
+$(eval $(call sweep_lr,flow))
