@@ -1,6 +1,5 @@
 """Behaviour over many steps: Prop 4.1 in miniature, exact resume, robustness, bad input."""
 
-import copy
 import io
 import math
 import subprocess
