@@ -5,8 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 CONSTRAINTS ?= constraints.txt
 PY := $(VENV)/bin/python
+# robosuite (robot task) without its dependency list: mink==0.0.5 pins numpy<2 and is not used here;
+# its other dependencies are in pyproject's experiments extra.
+ROBOSUITE ?= robosuite==1.5.2
 
-.PHONY: setup test test-all test-slow bench report clean-venv reproduce-lm sweep-lm-lr reproduce-flow sweep-flow-lr reproduce-control
+.PHONY: setup test test-all test-slow bench report clean-venv reproduce-lm sweep-lm-lr reproduce-flow sweep-flow-lr reproduce-control reproduce-robot
 
 SCALE ?= cpu
 SEEDS ?= 0,1,2
@@ -14,6 +17,7 @@ LAUNCHER ?=
 LM_OPTIMIZERS ?= adamw,dopr_adamw,muon,dopr_muon
 FLOW_OPTIMIZERS ?= adamw,dopr_adamw,muon,dopr_muon
 CONTROL_OPTIMIZERS ?= adamw,dopr_adamw,muon,dopr_muon,signum,dopr_signum,adamuon,dopr_adamuon
+ROBOT_OPTIMIZERS ?= adamw,dopr_adamw,muon,dopr_muon
 LAUNCH := $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER),)
 
 setup: $(VENV)/.installed
@@ -21,6 +25,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(ROBOSUITE)
 	touch $@
 
 # Fast tests (the default, < 10 minutes on 2 cores). `make test-all` adds the ones marked slow.
@@ -47,7 +52,8 @@ clean-venv:
 
 # make reproduce-<task>: optimizer x seed on that task, then its report (results/<task>/<scale>/) and
 # the cross-task summary. Killed? Run it again: finished runs are skipped, the others resume from
-# their checkpoints. reproduce-lm is the flagship; control is behaviour cloning on Hopper-v5.
+# their checkpoints. reproduce-lm is the flagship; control is behaviour cloning on Hopper-v5; robot is a
+# flow-matching policy on robosuite Stack.
 define reproduce
 reproduce-$(1): setup
 	$$(PY) -m experiments.train -m task=$(1) scale=$$(SCALE) optimizer=$$($(2)) seed=$$(SEEDS) $$(LAUNCH)
@@ -67,5 +73,6 @@ endef
 $(eval $(call reproduce,lm,LM_OPTIMIZERS))
 $(eval $(call reproduce,flow,FLOW_OPTIMIZERS))
 $(eval $(call reproduce,control,CONTROL_OPTIMIZERS))
+$(eval $(call reproduce,robot,ROBOT_OPTIMIZERS))
 $(eval $(call sweep_lr,lm))
 $(eval $(call sweep_lr,flow))

@@ -2,7 +2,7 @@
 
 import importlib
 
-TASKS = ("lm", "flow", "control")
+TASKS = ("lm", "flow", "control", "robot")
 
 
 def build_task(task_cfg, seed, device):

@@ -1,0 +1,119 @@
+"""robomimic's hdf5 dataset layout, read and written with h5py (the robomimic package is not a
+dependency: its PyPI release pins torchvision). The layout, as robomimic's datasets have it:
+
+    data                      attrs: total (number of samples), env_args (JSON: env_name, type, env_kwargs)
+    data/demo_<k>             attrs: num_samples
+    data/demo_<k>/obs/<key>   (T, ...) per observation key: low-dim (T, d) float, images (T, H, W, 3) uint8
+    data/demo_<k>/actions     (T, action_dim)
+    data/demo_<k>/rewards     (T,)
+    data/demo_<k>/dones       (T,)
+    data/demo_<k>/states      (T, state_dim)  MuJoCo states, for replay
+    mask/<filter>             demo names (bytes), e.g. mask/train and mask/valid
+
+So the real robomimic datasets (Lift, Can, Square, Transport, Tool-Hang; PH/MH; low-dim and image)
+load unchanged, and the suite's own generated demonstrations are in the same format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIX = "_image"  # robomimic's image observation keys: agentview_image, robot0_eye_in_hand_image, ...
+
+
+def is_image_key(key: str) -> bool:
+    return key.endswith(IMAGE_SUFFIX)
+
+
+def _demo_order(names) -> list[str]:
+    # demo_0, demo_1, ..., demo_10 (numeric order, as robomimic sorts them)
+    return sorted(names, key=lambda n: int(re.sub(r"\D", "", n) or 0))
+
+
+def env_meta(path: str | Path) -> dict:
+    """The dataset's environment metadata: {"env_name", "type", "env_kwargs"}."""
+    import h5py
+
+    with h5py.File(_check(path), "r") as f:
+        return json.loads(f["data"].attrs["env_args"])
+
+
+def _check(path) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no robomimic dataset at {path}: generate the embedded one with `python scripts/robot_demos.py` "
+                                f"or download a robomimic hdf5 (robomimic.github.io) and set task.dataset=<path>")
+    return path
+
+
+def read_demos(path: str | Path, obs_keys: list[str], filter_key: str | None = None) -> list[dict]:
+    """[{"obs": {key: (T, ...) array}, "actions": (T, action_dim) float32}] for the demos of the file,
+    or of one filter (``mask/<filter_key>``). Low-dim observations come back as float32, images as
+    uint8 (T, H, W, 3)."""
+    import h5py
+
+    path = _check(path)
+    with h5py.File(path, "r") as f:
+        if "data" not in f:
+            raise ValueError(f"{path} is not in robomimic's layout (no 'data' group)")
+        names = _demo_order(f["data"].keys())
+        if filter_key is not None:
+            if f"mask/{filter_key}" not in f:
+                have = list(f["mask"].keys()) if "mask" in f else []
+                raise ValueError(f"{path} has no filter mask/{filter_key} (it has {have or 'none'}): set task.train_filter/val_filter")
+            names = _demo_order(n.decode() if isinstance(n, bytes) else str(n) for n in f[f"mask/{filter_key}"][()])
+        if not names:
+            raise ValueError(f"{path} holds no demos{f' in mask/{filter_key}' if filter_key else ''}")
+        demos = []
+        for name in names:
+            group = f[f"data/{name}"]
+            missing = [k for k in obs_keys if k not in group["obs"]]
+            if missing:
+                raise ValueError(f"{path}:{name} has no observation {missing}; it has {sorted(group['obs'].keys())}: "
+                                 f"set task.obs_keys to keys it has")
+            obs = {k: group["obs"][k][()] for k in obs_keys}
+            obs = {k: (v if is_image_key(k) else v.astype(np.float32).reshape(len(v), -1)) for k, v in obs.items()}
+            actions = group["actions"][()].astype(np.float32)
+            if any(len(v) != len(actions) for v in obs.values()):
+                raise ValueError(f"{path}:{name}: observations and actions differ in length")
+            demos.append({"obs": obs, "actions": actions, "name": name})
+    return demos
+
+
+def write_demos(path: str | Path, demos: list[dict], meta: dict, masks: dict[str, list[str]] | None = None) -> None:
+    """Write demos ({"obs": {key: array}, "actions", "rewards", "dones", "states"}) as
+    data/demo_<k> in robomimic's layout, atomically (a temporary file renamed over the target)."""
+    import h5py
+
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            data = f.create_group("data")
+            total = 0
+            for k, demo in enumerate(demos):
+                g = data.create_group(f"demo_{k}")
+                n = len(demo["actions"])
+                g.attrs["num_samples"] = n
+                for key, value in demo["obs"].items():
+                    g.create_dataset(f"obs/{key}", data=value, compression="gzip" if is_image_key(key) else None)
+                for key in ("actions", "rewards", "dones", "states"):
+                    if key in demo:
+                        g.create_dataset(key, data=demo[key])
+                total += n
+            data.attrs["total"] = total
+            data.attrs["env_args"] = json.dumps(meta)
+            for name, members in (masks or {}).items():
+                f.create_dataset(f"mask/{name}", data=np.array(members, dtype="S"))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,308 @@
+"""robosuite for the robot task: environments built from a robomimic dataset's env metadata, the
+scripted expert that makes the embedded demonstrations, and batched rollouts that follow
+robomimic's protocol (fixed seeds, a horizon, an episode ends on the environment's own success check).
+
+robosuite 1.5.2 is installed without its dependency ``mink`` (whole-body IK for humanoids, unused
+here), which pins numpy < 2: see the Makefile's setup target.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+import time
+import warnings
+
+import numpy as np
+
+from .robomimic_data import IMAGE_SUFFIX, is_image_key
+
+# robomimic renames robosuite's observation keys; the datasets use robomimic's names.
+ROBOSUITE_TO_ROBOMIMIC = {"object-state": "object"}
+LOW_DIM_KEYS = ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object"]  # robomimic's low-dim set
+
+
+def _quiet():
+    """Import robosuite without its import-time notices (no private macro file, optional robot models
+    and the mink IK it does not need here) and keep its per-env controller-config warnings quiet."""
+    if "robosuite" not in sys.modules:
+        logging.disable(logging.WARNING)
+        try:
+            import robosuite  # noqa: F401
+        finally:
+            logging.disable(logging.NOTSET)
+    logging.getLogger("robosuite_logs").setLevel(logging.ERROR)
+
+
+def suite_meta(env_name: str, horizon: int) -> dict:
+    """robomimic-style env metadata for a robosuite task with a Panda arm and the OSC_POSE controller
+    (delta end-effector pose; what robomimic's datasets use), 20 Hz control."""
+    _quiet()
+    from robosuite.controllers import load_composite_controller_config
+
+    kwargs = {"robots": "Panda", "controller_configs": load_composite_controller_config(controller="BASIC", robot="Panda"),
+              "control_freq": 20, "reward_shaping": False, "use_object_obs": True, "horizon": horizon}
+    return {"env_name": env_name, "type": 1, "env_kwargs": kwargs}
+
+
+def make_env(meta: dict, image_keys=(), image_size: int = 84, seed: int | None = None):
+    """A robosuite environment from env metadata (ours or a robomimic dataset's). Controller configs
+    in robosuite <= 1.4's format (robomimic's datasets) are converted to 1.5's composite form.
+    Image keys (``<camera>_image``) turn on the offscreen renderer for those cameras."""
+    _quiet()
+    import robosuite as suite
+    from robosuite.controllers.composite.composite_controller_factory import refactor_composite_controller_config
+
+    kwargs = copy.deepcopy(meta["env_kwargs"])
+    robots = kwargs.get("robots", "Panda")
+    robot = robots if isinstance(robots, str) else robots[0]
+    if "controller_configs" in kwargs:
+        kwargs["controller_configs"] = refactor_composite_controller_config(kwargs["controller_configs"], robot, ["right"])
+    cameras = [k[: -len(IMAGE_SUFFIX)] for k in image_keys]
+    kwargs.update(has_renderer=False, has_offscreen_renderer=bool(cameras), use_camera_obs=bool(cameras),
+                  ignore_done=True)  # the rollout loop owns the horizon
+    if cameras:
+        kwargs.update(camera_names=cameras, camera_heights=image_size, camera_widths=image_size)
+    return suite.make(meta["env_name"], seed=seed, **kwargs)
+
+
+def reseed(env, seed: int) -> None:
+    """Make the next reset's initial state a function of ``seed`` alone (robosuite 1.5 draws it from
+    the env's rng, shared with its placement sampler)."""
+    rng = np.random.default_rng(seed)
+    env.rng = rng
+    sampler = getattr(env, "placement_initializer", None)
+    if sampler is not None:
+        for s in [sampler, *getattr(sampler, "samplers", {}).values()]:
+            s.rng = rng
+
+
+def robomimic_obs(obs: dict) -> dict:
+    out = {ROBOSUITE_TO_ROBOMIMIC.get(k, k): v for k, v in obs.items()}
+    for k in list(out):
+        if is_image_key(k):  # robosuite renders upside down (OpenGL); robomimic's datasets store it flipped
+            out[k] = out[k][::-1].copy()
+    return out
+
+
+# ----------------------------------------------------------------------------- scripted expert
+def _yaw(quat) -> float:
+    import robosuite.utils.transform_utils as T
+
+    R = T.quat2mat(quat)  # robosuite quaternions are (x, y, z, w)
+    return float(np.arctan2(R[1, 0], R[0, 0]))
+
+
+def _wrap(angle: float, period: float) -> float:
+    return (angle + period / 2) % period - period / 2
+
+
+class ScriptedExpert:
+    """Waypoints for Lift and Stack, tracked with proportional delta-pose commands to the OSC
+    controller: above the cube with the gripper's yaw aligned to a cube face, down, close, up (Lift
+    ends here), over the other cube, down onto it, open. Gaussian noise on the arm's six action
+    dimensions (``noise``) makes the demonstrations less regular, as human ones are."""
+
+    TASKS = ("Lift", "Stack")
+
+    def __init__(self, env_name: str, noise: float = 0.0, rng: np.random.Generator | None = None):
+        if env_name not in self.TASKS:
+            raise ValueError(f"no scripted expert for {env_name!r}: choose one of {self.TASKS}")
+        self.env_name, self.noise = env_name, noise
+        self.rng = rng if rng is not None else np.random.default_rng(0)
+        self.phase, self.timer = "above", 0
+
+    def act(self, obs: dict) -> np.ndarray:
+        eef = obs["robot0_eef_pos"]
+        cube = "cube" if self.env_name == "Lift" else "cubeA"
+        p = obs[f"{cube}_pos"]
+        # a cube is symmetric under quarter turns: align the fingers with the nearest face
+        yaw_err = _wrap(_yaw(obs[f"{cube}_quat"]) - _yaw(obs["robot0_eef_quat"]), np.pi / 2)
+        grip, phase = -1.0, self.phase
+        if phase == "above":
+            target = p + [0, 0, 0.08]
+            if np.linalg.norm(target - eef) < 0.01 and abs(yaw_err) < 0.05:
+                self.phase = "down"
+        elif phase == "down":
+            target = p.copy()
+            if np.linalg.norm(target - eef) < 0.008:
+                self.phase, self.timer = "close", 0
+        elif phase == "close":
+            target, grip = p.copy(), 1.0
+            self.timer += 1
+            if self.timer > 10:
+                self.phase = "up"
+        elif phase == "up":
+            grip = 1.0
+            if self.env_name == "Lift":
+                target = np.array([eef[0], eef[1], p[2] + 0.2])
+            else:
+                q = obs["cubeB_pos"]
+                target = np.array([eef[0], eef[1], q[2] + 0.12])
+                if eef[2] > q[2] + 0.09:
+                    self.phase = "over"
+        elif phase == "over":  # carry cube A over cube B (move the hand so that A's centre is above B's)
+            grip, yaw_err = 1.0, 0.0
+            q = obs["cubeB_pos"]
+            target = q + [0, 0, 0.10] + (eef - p) * [1, 1, 0]
+            if np.linalg.norm((p - q)[:2]) < 0.008:
+                self.phase = "lower"
+        elif phase == "lower":  # until A (half-size 0.02) rests on B (half-size 0.025)
+            grip, yaw_err = 1.0, 0.0
+            q = obs["cubeB_pos"]
+            target = q + [0, 0, 0.051] + (eef - p)
+            if p[2] - q[2] < 0.05:
+                self.phase, self.timer = "release", 0
+        elif phase == "release":
+            grip, yaw_err, target = -1.0, 0.0, eef.copy()
+            self.timer += 1
+            if self.timer > 8:
+                self.phase = "retreat"
+        else:
+            grip, yaw_err, target = -1.0, 0.0, eef + [0, 0, 0.05]
+        # OSC_POSE input 1 = 5 cm / 0.5 rad per step; gains 2 (position) and 3 (yaw), clipped
+        action = np.concatenate([np.clip((target - eef) / 0.05 * 2.0, -1, 1), [0.0, 0.0, np.clip(yaw_err / 0.5 * 3.0, -1, 1)], [grip]])
+        if self.noise:
+            action[:6] += self.noise * self.rng.standard_normal(6)
+        return np.clip(action, -1, 1)
+
+
+def generate_demos(env_name: str, episodes: int, seed: int, noise: float, horizon: int, obs_keys=None, log=print):
+    """Run the scripted expert from seeds ``seed*100000 + i`` until ``episodes`` successful episodes
+    (robomimic's PH datasets hold successes only). Returns (demos in robomimic's form, env meta,
+    success rate over all attempts). Each demo ends at the first step the env reports success."""
+    meta = suite_meta(env_name, horizon)
+    env = make_env(meta, seed=seed)
+    demos, attempts, t0 = [], 0, time.time()
+    while len(demos) < episodes:
+        if attempts >= 3 * episodes + 10:
+            raise RuntimeError(f"the scripted expert succeeded in only {len(demos)} of {attempts} {env_name} episodes")
+        episode_seed = seed * 100_000 + attempts
+        attempts += 1
+        reseed(env, episode_seed)
+        obs = robomimic_obs(env.reset())
+        expert = ScriptedExpert(env_name, noise, np.random.default_rng(episode_seed))
+        record = {"obs": [], "actions": [], "rewards": [], "dones": [], "states": []}
+        success = False
+        for _ in range(horizon):
+            record["states"].append(np.asarray(env.sim.get_state().flatten()))
+            record["obs"].append({k: v for k, v in obs.items() if obs_keys is None or k in obs_keys})
+            action = expert.act(obs)
+            raw, reward, _, _ = env.step(action)
+            obs = robomimic_obs(raw)
+            success = bool(env._check_success())
+            record["actions"].append(action)
+            record["rewards"].append(float(reward))
+            record["dones"].append(int(success))
+            if success:
+                break
+        if success:
+            keys = record["obs"][0].keys()
+            demos.append({"obs": {k: np.stack([o[k] for o in record["obs"]]) for k in keys},
+                          **{k: np.asarray(record[k]) for k in ("actions", "rewards", "dones", "states")}})
+        if log and attempts % 10 == 0:
+            log(f"  {env_name}: {len(demos)}/{episodes} demos from {attempts} attempts ({time.time() - t0:.0f} s)")
+    env.close()
+    return demos, meta, len(demos) / attempts
+
+
+# ------------------------------------------------------------------------------------ rollouts
+def rollout(policy, meta: dict, obs_keys: list[str], seeds: list[int], horizon: int, obs_horizon: int,
+            image_size: int = 84, num_envs: int | None = None, vectorization: str = "sync") -> dict:
+    """Receding-horizon rollouts, one episode per seed, ``num_envs`` environments at a time
+    (gymnasium's sync or async vector env over robosuite's GymWrapper), one batched policy call per
+    replanning step for all of them. ``policy(obs)`` takes {key: (n, obs_horizon, ...) array} and
+    returns an (n, k, action_dim) array of k actions to execute. An episode ends on success or at
+    ``horizon``. Returns per-episode arrays: success (bool), length (steps)."""
+    import gymnasium as gym
+
+    num_envs = min(num_envs or len(seeds), len(seeds))
+    image_keys = [k for k in obs_keys if is_image_key(k)]
+    envs_fn = [lambda: RobomimicGym(meta, obs_keys, horizon, image_keys, image_size) for _ in range(num_envs)]
+    envs = gym.vector.SyncVectorEnv(envs_fn) if vectorization == "sync" else gym.vector.AsyncVectorEnv(envs_fn, context="spawn")
+    success = np.zeros(len(seeds), dtype=bool)
+    length = np.zeros(len(seeds), dtype=int)
+    try:
+        for start in range(0, len(seeds), num_envs):
+            wave = list(seeds[start : start + num_envs])
+            wave += [wave[-1]] * (num_envs - len(wave))  # pad the last wave; the extra episodes are dropped
+            obs, _ = envs.reset(seed=wave)
+            history = {k: np.repeat(obs[k][:, None], obs_horizon, axis=1) for k in obs_keys}
+            alive = np.ones(num_envs, dtype=bool)
+            steps = np.zeros(num_envs, dtype=int)
+            won = np.zeros(num_envs, dtype=bool)
+            while alive.any():
+                chunk = policy(history)
+                for k in range(chunk.shape[1]):
+                    obs, _, terminated, truncated, info = envs.step(chunk[:, k])
+                    steps += alive
+                    won |= alive & terminated
+                    alive &= ~(terminated | truncated)
+                    for key in obs_keys:
+                        history[key] = np.concatenate([history[key][:, 1:], obs[key][:, None]], axis=1)
+                    if not alive.any():
+                        break
+            n = min(num_envs, len(seeds) - start)
+            success[start : start + n], length[start : start + n] = won[:n], steps[:n]
+    finally:
+        envs.close()
+    return {"success": success, "length": length}
+
+
+def _gym_wrapper():
+    _quiet()
+    import gymnasium as gym
+    from robosuite.wrappers import GymWrapper
+
+    class _RobomimicGym(GymWrapper):
+        """robosuite's GymWrapper with robomimic's observation names and rollout protocol: seeded
+        resets, terminated = the env's own success check, truncated at the horizon."""
+
+        def __init__(self, meta, obs_keys, horizon, image_keys, image_size):
+            self.horizon = horizon
+            env = make_env(meta, image_keys, image_size)
+            inverse = {v: k for k, v in ROBOSUITE_TO_ROBOMIMIC.items()}
+            with warnings.catch_warnings():  # its float64 action Box: gymnasium warns about float32 casting
+                warnings.simplefilter("ignore", UserWarning)
+                super().__init__(env, keys=[inverse.get(k, k) for k in obs_keys], flatten_obs=False)
+            self.action_space = gym.spaces.Box(*env.action_spec, dtype=np.float64)
+            self.metadata, self.render_mode = {}, None
+            sample = robomimic_obs(self._filter_obs(self.env._get_observations(force_update=True)))
+            self.observation_space = gym.spaces.Dict({k: gym.spaces.Box(-np.inf, np.inf, np.shape(v), np.float64) if not is_image_key(k)
+                                                      else gym.spaces.Box(0, 255, np.shape(v), np.uint8) for k, v in sample.items()})
+            self.t = 0
+
+        def reset(self, seed=None, options=None):
+            if seed is not None:
+                reseed(self.env, int(seed))
+            self.t = 0
+            return robomimic_obs(self._filter_obs(self.env.reset())), {}
+
+        def step(self, action):
+            raw, reward, _, info = self.env.step(action)
+            self.t += 1
+            success = bool(self.env._check_success())
+            return robomimic_obs(self._filter_obs(raw)), reward, success, self.t >= self.horizon and not success, {**info, "success": success}
+
+    return _RobomimicGym
+
+
+def RobomimicGym(meta, obs_keys, horizon: int, image_keys=(), image_size: int = 84):
+    return _gym_wrapper()(meta, obs_keys, horizon, image_keys, image_size)
+
+
+def write_expert_dataset(path, env_name: str, demos: int, val_demos: int, seed: int, noise: float, horizon: int, log=print) -> float:
+    """Generate ``demos`` scripted-expert successes and write them in robomimic's layout with the
+    filters mask/valid (the first ``val_demos``) and mask/train (the rest). Returns the expert's
+    success rate over all attempts."""
+    from .robomimic_data import write_demos
+
+    if not 0 < val_demos < demos:
+        raise ValueError(f"val_demos ({val_demos}) must be between 1 and demos - 1 ({demos - 1})")
+    episodes, meta, rate = generate_demos(env_name, demos, seed, noise, horizon, log=log)
+    names = [f"demo_{i}" for i in range(len(episodes))]
+    write_demos(path, episodes, meta, {"train": names[val_demos:], "valid": names[:val_demos]})
+    if log:
+        log(f"scripted expert success rate on {env_name}: {rate:.2f} ({len(episodes)} successes, noise {noise:g}, horizon {horizon}); wrote {path}")
+    return rate

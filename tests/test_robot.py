@@ -1,0 +1,193 @@
+"""The robot task: the scripted expert stacks and lifts, a robomimic-layout file written here with
+plain h5py loads through the task's reader, the sequence windows pad as Diffusion Policy's sampler
+does, AP covers the U-Net's Conv1d layers and both encoders, rollouts follow the seeds and the
+env's own success check, and the real entry point runs with a one-episode rollout."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import dopr
+from experiments import robot_sim
+from experiments.robomimic_data import read_demos
+from experiments.tasks import robot
+from test_experiments import ENV, rows, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("env", ["Lift", "Stack"])
+def test_scripted_expert_succeeds_at_least_90_percent(env):
+    demos, meta, rate = robot_sim.generate_demos(env, 10, seed=7, noise=0.1, horizon=400, log=None)
+    print(f"scripted expert success rate on {env}: {rate:.2f}")
+    assert rate >= 0.9
+    assert len(demos) == 10 and meta["env_name"] == env
+    for d in demos:  # each demo ends at the first success: dones is 0 ... 0 1
+        assert d["dones"][-1] == 1 and d["dones"][:-1].sum() == 0
+        assert len(d["actions"]) == len(d["states"]) == len(d["obs"]["object"]) and np.abs(d["actions"]).max() <= 1
+
+
+def test_demo_script_prints_the_success_rate_and_writes_robomimic_layout(tmp_path):
+    out = tmp_path / "lift.hdf5"
+    res = subprocess.run([sys.executable, "scripts/robot_demos.py", "--env", "Lift", "--demos", "3", "--val-demos", "1", "--out", str(out)],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert float(re.search(r"success rate on Lift: ([\d.]+)", res.stdout)[1]) >= 0.9
+    with h5py.File(out) as f:
+        assert sorted(f["data"].keys()) == ["demo_0", "demo_1", "demo_2"]
+        assert [n.decode() for n in f["mask/valid"][()]] == ["demo_0"]
+        assert json.loads(f["data"].attrs["env_args"])["env_name"] == "Lift"
+        assert f["data"].attrs["total"] == sum(f[f"data/{k}/actions"].shape[0] for k in f["data"])
+
+
+def write_fixture(path: Path, lengths=(5, 7, 4), image: bool = True):
+    """A robomimic-layout file written independently of the suite's writer: what robomimic's own
+    datasets look like (low-dim keys, an 84x84 agentview image, actions, filter masks)."""
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        data.attrs["env_args"] = json.dumps({"env_name": "Lift", "type": 1, "env_kwargs": {"robots": ["Panda"], "control_freq": 20}})
+        data.attrs["total"] = sum(lengths)
+        for i, n in enumerate(lengths):
+            g = data.create_group(f"demo_{i}")
+            g.attrs["num_samples"] = n
+            g["obs/robot0_eef_pos"] = rng.standard_normal((n, 3))
+            g["obs/robot0_gripper_qpos"] = rng.standard_normal((n, 2))
+            g["obs/object"] = rng.standard_normal((n, 10))
+            if image:
+                g["obs/agentview_image"] = rng.integers(0, 256, (n, 84, 84, 3), dtype=np.uint8)
+            g["actions"] = np.clip(rng.standard_normal((n, 7)), -1, 1)
+            g["rewards"], g["dones"], g["states"] = np.zeros(n), np.eye(n)[-1], rng.standard_normal((n, 32))
+        f["mask/train"] = np.array([b"demo_1", b"demo_2"])
+        f["mask/valid"] = np.array([b"demo_0"])
+    return lengths
+
+
+def test_independently_written_robomimic_file_loads_with_documented_shapes(tmp_path):
+    path = tmp_path / "fixture.hdf5"
+    lengths = write_fixture(path)
+    keys = ["robot0_eef_pos", "robot0_gripper_qpos", "object", "agentview_image"]
+    train_demos = read_demos(path, keys, "train")
+    assert [d["name"] for d in train_demos] == ["demo_1", "demo_2"]
+    d = train_demos[0]
+    assert d["obs"]["robot0_eef_pos"].shape == (7, 3) and d["obs"]["robot0_eef_pos"].dtype == np.float32
+    assert d["obs"]["object"].shape == (7, 10)
+    assert d["obs"]["agentview_image"].shape == (7, 84, 84, 3) and d["obs"]["agentview_image"].dtype == np.uint8
+    assert d["actions"].shape == (7, 7)
+    with h5py.File(path) as f:
+        np.testing.assert_array_equal(d["obs"]["agentview_image"], f["data/demo_1/obs/agentview_image"][()])
+    assert len(read_demos(path, keys)) == len(lengths)
+    with pytest.raises(ValueError, match="has no observation .*robot0_eef_quat"):
+        read_demos(path, ["robot0_eef_quat"])
+    with pytest.raises(ValueError, match="no filter mask/test"):
+        read_demos(path, keys, "test")
+    with pytest.raises(FileNotFoundError, match="robot_demos.py"):
+        read_demos(tmp_path / "missing.hdf5", keys)
+
+
+def test_windows_pad_history_with_the_first_observation_and_chunks_with_the_last_action():
+    n = 5
+    demo = {"obs": {"x": np.arange(n, dtype=np.float32)[:, None]}, "actions": np.arange(n, dtype=np.float32)[:, None] * 10}
+    w = robot.DemoWindows([demo, demo], ["x"], [], obs_horizon=2, action_horizon=4)
+    assert len(w) == 2 * n
+    obs, act = w.batch(torch.tensor([0, 3, 9]))
+    assert obs["low_dim"][:, :, 0].tolist() == [[0, 0], [2, 3], [3, 4]]
+    assert act[:, :, 0].tolist() == [[0, 10, 20, 30], [30, 40, 40, 40], [40, 40, 40, 40]]
+
+
+def fixture_task(tmp_path, *overrides):
+    path = tmp_path / "fixture.hdf5"
+    write_fixture(path)
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["task=robot", "scale=smoke", f"task.dataset={path}", *overrides])
+    return robot.build(cfg.task, 0, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("objective", ["flow", "ddpm"])
+def test_ap_covers_the_unet_conv1d_layers_and_both_encoders(tmp_path, objective):
+    task = fixture_task(tmp_path, f"task.objective={objective}",
+                        "task.obs_keys=[robot0_eef_pos,robot0_gripper_qpos,object,agentview_image]")
+    model = task.model
+    opt = dopr.build_optimizer(model, "dopr_adamw", lr=1e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss = task.loss(model, task.train_batch(0))
+    loss.backward()
+    opt.step()
+    coverage = opt.preconditioner.coverage()
+    convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv1d)]
+    assert len(convs) >= 10
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)):
+            assert coverage[name].startswith("covered:") and "no input seen" not in coverage[name], (name, coverage[name])
+    assert any(n.startswith("image_encoders.agentview_image") for n in coverage)
+    assert any(n.startswith("low_dim_encoder") for n in coverage)
+    assert not [n for n, v in coverage.items() if v.startswith("not covered")]
+    assert torch.isfinite(loss) and any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # the validation batches are the same twice (fixed noise), so the validation loss is a function of the weights
+    a, b = list(task.val_batches()), list(task.val_batches())
+    assert all(torch.equal(x[2], y[2]) and torch.equal(x[3], y[3]) for x, y in zip(a, b))
+    # a sampled action chunk lies in the data's action range and has the chunk's shape
+    history = {"robot0_eef_pos": np.zeros((3, 2, 3)), "robot0_gripper_qpos": np.zeros((3, 2, 2)), "object": np.zeros((3, 2, 10)),
+               "agentview_image": np.zeros((3, 2, 84, 84, 3), dtype=np.uint8)}
+    chunk = task.policy(model, torch.Generator().manual_seed(0))(history)
+    assert chunk.shape == (3, task.cfg.action_steps, 7)
+    lo, hi = task.train.actions.min(0).values.numpy(), task.train.actions.max(0).values.numpy()
+    assert (chunk >= lo - 1e-5).all() and (chunk <= hi + 1e-5).all()
+
+
+def test_action_normalisation_round_trips_and_maps_the_data_to_the_unit_box(tmp_path):
+    task = fixture_task(tmp_path, "task.obs_keys=[robot0_eef_pos,object]")
+    a = task.train.actions
+    z = task.model.normalize_actions(a)
+    assert z.min() >= -1 - 1e-6 and z.max() <= 1 + 1e-6 and torch.allclose(z.min(0).values, -torch.ones(7))
+    torch.testing.assert_close(task.model.unnormalize_actions(z), a, atol=1e-5, rtol=1e-5)
+
+
+def test_wilson_interval_matches_published_values():
+    # Wilson 95% intervals (z = 1.96): 0/20 -> [0, 0.1611], 10/20 -> [0.2993, 0.7007], 18/20 -> [0.6990, 0.9721]
+    for (k, n), expected in {(0, 20): (0.0, 0.1611), (10, 20): (0.2993, 0.7007), (18, 20): (0.6990, 0.9721)}.items():
+        np.testing.assert_allclose(robot.wilson_interval(k, n), expected, atol=1e-4)
+
+
+def test_rollouts_follow_the_seeds_and_end_on_the_envs_success_check():
+    """The scripted expert as a (per-env, stateful) policy through the batched rollout: it succeeds,
+    and the same seeds give the same episodes, other seeds other ones."""
+    meta = robot_sim.suite_meta("Lift", horizon=100)
+    keys = ["robot0_eef_pos", "robot0_eef_quat", "cube_pos", "cube_quat"]
+
+    def run(seeds):
+        experts = [robot_sim.ScriptedExpert("Lift") for _ in seeds]
+
+        def policy(history):
+            return np.stack([e.act({k: history[k][i, -1] for k in keys}) for i, e in enumerate(experts)])[:, None]
+        return robot_sim.rollout(policy, meta, keys, seeds, horizon=100, obs_horizon=2)
+
+    first, again, other = run([1, 2, 3]), run([1, 2, 3]), run([4, 5, 6])
+    assert first["success"].all() and (first["length"] < 100).all()
+    np.testing.assert_array_equal(first["length"], again["length"])
+    assert not np.array_equal(first["length"], other["length"])
+    # and a policy that does nothing never succeeds: the episode runs to the horizon
+    idle = robot_sim.rollout(lambda h: np.zeros((len(h["cube_pos"]), 4, 7)), meta, keys, [1, 2], horizon=30, obs_horizon=2)
+    assert not idle["success"].any() and (idle["length"] == 30).all()
+
+
+def test_smoke_run_of_the_entry_point_with_a_one_episode_rollout(tmp_path):
+    run = tmp_path / "run"
+    train("task=robot", "optimizer=dopr_adamw", f"task.data_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}")
+    summary = json.loads((run / "summary.json").read_text())
+    final = summary["final"]
+    assert summary["status"] == "done" and summary["metric_name"] == "success"
+    assert {"success", "success_ci_low", "success_ci_high", "episode_length", "success_h20", "success_h40"} <= set(final)
+    assert final["success"] in (0.0, 1.0) and 0 < final["episode_length"] <= 40  # one episode, horizon 40 at smoke scale
+    coverage = next(r["ap_coverage"] for r in rows(run) if "ap_coverage" in r)
+    assert any(n.startswith("unet.down.0.0.block1") and v.startswith("covered: conv") for n, v in coverage.items())
+    assert not [n for n, v in coverage.items() if v.startswith("not covered")]
+    assert list((tmp_path / "cache").glob("Lift_expert_*.hdf5"))
