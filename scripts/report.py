@@ -123,6 +123,26 @@ def _optimizers(rows: list[dict]) -> list[str]:
     return sorted({r["optimizer"] for r in rows}, key=lambda o: ORDER.index(o) if o in ORDER else 99)
 
 
+def _band(ax, opt: str, xs: list, samples: list[list[float]], **plot_kw) -> None:
+    """One optimizer's line: the mean over seeds at each x, its 95% CI as a band."""
+    stats = [mean_ci(v) for v in samples]
+    means = [m for m, _ in stats]
+    halves = [0.0 if math.isnan(h) else h for _, h in stats]
+    colour = COLOURS.get(opt, "#777777")
+    ax.plot(xs, means, marker="o" if opt.startswith("dopr_") else "s", color=colour, label=opt,
+            linestyle="-" if opt.startswith("dopr_") else "--", **plot_kw)
+    ax.fill_between(xs, [m - h for m, h in zip(means, halves)], [m + h for m, h in zip(means, halves)], color=colour, alpha=0.2, linewidth=0)
+
+
+def _finish(fig, axes, title: str, path: Path) -> None:
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title + "; mean and 95% CI over seeds", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    _save_png(fig, path)
+
+
 def horizon_series(rows: list[dict], metric: str) -> dict[str, list[tuple[int, str]]]:
     """The per-horizon variants of the metric in the run rows, e.g. accuracy_steps3 (series
     "steps") or fd_euler_8 (series "euler"): {series: [(horizon, column), ...]} sorted by horizon."""
@@ -147,28 +167,51 @@ def horizon_figure(rows: list[dict], metric: str, path: Path, title: str, lab: d
     for ax, (name, points) in zip(axes[0], series.items()):
         for opt in _optimizers(rows):
             rs = [r for r in rows if r["optimizer"] == opt]
-            xs, means, lo, hi = [], [], [], []
-            for n, key in points:
-                vals = [r[key] for r in rs if key in r]
-                if not vals:
-                    continue
-                mean, half = mean_ci(vals)
-                half = 0.0 if math.isnan(half) else half
-                xs.append(n), means.append(mean), lo.append(mean - half), hi.append(mean + half)
-            colour = COLOURS.get(opt, "#777777")
-            ax.plot(xs, means, marker="o" if opt.startswith("dopr_") else "s", color=colour, label=opt,
-                    linestyle="-" if opt.startswith("dopr_") else "--")
-            ax.fill_between(xs, lo, hi, color=colour, alpha=0.2, linewidth=0)
+            kept = [(n, [r[key] for r in rs if key in r]) for n, key in points]
+            kept = [(n, vals) for n, vals in kept if vals]
+            _band(ax, opt, [n for n, _ in kept], [vals for _, vals in kept])
         if max(n for n, _ in points) / max(1, min(n for n, _ in points)) >= 8:
             ax.set_xscale("log", base=2)
         ax.set_xticks([n for n, _ in points], [str(n) for n, _ in points])
         ax.set_xlabel(lab["horizon_label"] + ("" if name == "steps" else f" ({name})"))
         ax.set_ylabel(lab["metric_label"] + ", final weights", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title + "; mean and 95% CI over seeds", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
-    _save_png(fig, path)
+    _finish(fig, axes[0], title, path)
+    return True
+
+
+def curves(runs_dir: Path, done: list[dict], key: str) -> dict[str, dict[int, list[float]]]:
+    """{optimizer: {step: [value per seed]}} of one logged number, from each run's metrics.jsonl."""
+    out = defaultdict(lambda: defaultdict(list))
+    for r in done:
+        path = runs_dir / r["dir"] / "metrics.jsonl"
+        if not path.exists():
+            continue
+        seen = {}
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if key in row and isinstance(row[key], (int, float)):
+                seen[row["step"]] = row[key]  # a resumed run may log a step twice: keep the last
+        for step, value in seen.items():
+            out[r["summary"]["optimizer"]][step].append(value)
+    return out
+
+
+def training_figure(runs_dir: Path, done: list[dict], metric: str, path: Path, title: str, lab: dict) -> bool:
+    """Validation loss and the rollout metric against the training step (every evaluation of the
+    weights being evaluated), one line per optimizer: mean over seeds with its 95% CI as a band."""
+    panels = [("val_loss", lab["val_loss_label"]), (metric, lab["metric_label"])]
+    data = [curves(runs_dir, done, key) for key, _ in panels]
+    if not data[0] or max(len(steps) for steps in data[0].values()) < 2:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10.4, 4.0), dpi=120)
+    for ax, (key, label), series in zip(axes, panels, data):
+        for opt in sorted(series, key=lambda o: ORDER.index(o) if o in ORDER else 99):
+            steps = sorted(series[opt])
+            _band(ax, opt, steps, [series[opt][t] for t in steps], markersize=3)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label, fontsize=9)
+    _finish(fig, axes, title, path)
     return True
 
 
@@ -313,6 +356,9 @@ def main(argv=None) -> int:
             parts += ["## Other rollout numbers (final weights)", "", others, ""]
         if horizon_figure(rows, metric, args.out / f"{metric}_vs_horizon.png", f"{task} (scale={scale})", lab):
             parts += [f"## {metric} against the rollout horizon", "", f"![{metric} against horizon]({metric}_vs_horizon.png)", ""]
+        if training_figure(args.runs, done, metric, args.out / "training_curves.png", f"{task} (scale={scale})", lab):
+            parts += ["## Over training", "", f"Validation loss and {lab['metric_label']} at every evaluation during training "
+                      "(from each run's metrics.jsonl).", "", "![over training](training_curves.png)", ""]
         if samples_figure(args.runs, done, args.out / "samples.png", f"{task} (scale={scale}): final-weight samples"):
             parts += ["## Samples", "", "Class-conditional samples of each optimizer's lowest-seed run (rows: classes), "
                       "written by the task at the end of training (samples.npy in the run folder).", "", "![samples](samples.png)", ""]

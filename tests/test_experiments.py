@@ -59,6 +59,7 @@ def test_multirun_of_two_jobs_and_the_report(tmp_path):
     assert "| adamw | 1 |" in table and "| dopr_adamw | 1 |" in table
     assert (out / "val_loss_vs_accuracy.png").stat().st_size > 1000
     assert (out / "accuracy_vs_horizon.png").stat().st_size > 1000
+    assert (out / "training_curves.png").stat().st_size > 1000 and "training_curves.png" in table
     meta = json.loads((out / "results_meta.json").read_text())
     assert meta["metric"] == "accuracy" and meta["higher_is_better"] and meta["horizons"] == {"steps": [1, 4]}
     # the report's W&B run (offline here): a Table with one row per run, beside a scatter plot
@@ -70,7 +71,7 @@ def test_multirun_of_two_jobs_and_the_report(tmp_path):
     again = tmp_path / "again"
     subprocess.run([sys.executable, "scripts/report.py", "--runs", str(sweep), "--out", str(again)], cwd=ROOT, check=True,
                    capture_output=True, env=ENV)
-    for name in ("val_loss_vs_accuracy.png", "accuracy_vs_horizon.png", "results_runs.csv"):
+    for name in ("val_loss_vs_accuracy.png", "accuracy_vs_horizon.png", "training_curves.png", "results_runs.csv"):
         assert (again / name).read_bytes() == (out / name).read_bytes(), name
 
 
