@@ -304,5 +304,7 @@ def write_expert_dataset(path, env_name: str, demos: int, val_demos: int, seed: 
     names = [f"demo_{i}" for i in range(len(episodes))]
     write_demos(path, episodes, meta, {"train": names[val_demos:], "valid": names[:val_demos]})
     if log:
-        log(f"scripted expert success rate on {env_name}: {rate:.2f} ({len(episodes)} successes, noise {noise:g}, horizon {horizon}); wrote {path}")
+        lengths = [len(e["actions"]) for e in episodes]
+        log(f"scripted expert success rate on {env_name}: {rate:.2f} ({len(episodes)} successes, noise {noise:g}, horizon {horizon}; "
+            f"demo length {min(lengths)}-{max(lengths)} steps, median {int(np.median(lengths))}); wrote {path}")
     return rate

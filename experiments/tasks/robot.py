@@ -192,12 +192,12 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 def embedded_dataset(cfg) -> Path:
     """The scripted expert's demonstrations for ``cfg.env`` (generated on first use, then cached)."""
-    path = Path(cfg.data_dir).expanduser() / f"{cfg.env}_expert_n{cfg.demos}_s{cfg.demo_seed}_noise{cfg.demo_noise:g}.hdf5"
+    path = Path(cfg.data_dir).expanduser() / f"{cfg.env}_expert_n{cfg.demos}_s{cfg.demo_seed}_noise{cfg.demo_noise:g}_h{cfg.demo_horizon}.hdf5"
     if not path.exists():
         from ..robot_sim import write_expert_dataset
 
         print(f"generating {cfg.demos} scripted-expert demos of {cfg.env} (robosuite) into {path}", flush=True)
-        write_expert_dataset(path, cfg.env, cfg.demos, cfg.val_demos, cfg.demo_seed, cfg.demo_noise, cfg.horizon)
+        write_expert_dataset(path, cfg.env, cfg.demos, cfg.val_demos, cfg.demo_seed, cfg.demo_noise, cfg.demo_horizon)
     return path
 
 
