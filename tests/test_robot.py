@@ -191,3 +191,23 @@ def test_smoke_run_of_the_entry_point_with_a_one_episode_rollout(tmp_path):
     assert any(n.startswith("unet.down.0.0.block1") and v.startswith("covered: conv") for n, v in coverage.items())
     assert not [n for n, v in coverage.items() if v.startswith("not covered")]
     assert list((tmp_path / "cache").glob("Lift_expert_*.hdf5"))
+
+
+def test_image_observations_render_in_batched_rollouts():
+    """The pixel path of a rollout (offscreen rendering, EGL here): agentview and wrist frames
+    arrive as uint8 (n, obs_horizon, 84, 84, 3) histories, and they change as the arm moves."""
+    meta = robot_sim.suite_meta("Lift", horizon=400)
+    keys = ["robot0_eef_pos", "agentview_image", "robot0_eye_in_hand_image"]
+    seen = []
+
+    def policy(history):
+        seen.append({k: v.copy() for k, v in history.items()})
+        return np.tile([0.0, 0.0, -1.0, 0, 0, 0, -1], (len(history["robot0_eef_pos"]), 4, 1))  # move down
+
+    out = robot_sim.rollout(policy, meta, keys, [1, 2], horizon=8, obs_horizon=2)
+    assert (out["length"] == 8).all()
+    first, second = seen
+    for key in ("agentview_image", "robot0_eye_in_hand_image"):
+        assert first[key].shape == (2, 2, 84, 84, 3) and first[key].dtype == np.uint8
+        assert first[key].std() > 5  # a rendered scene, not a blank frame
+        assert not np.array_equal(first[key][:, -1], second[key][:, -1])  # the wrist camera moved down
