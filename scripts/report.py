@@ -70,7 +70,9 @@ def summary_table(rows: list[dict], metric: str, by_lr: bool) -> str:
     for row in rows:
         groups[(row["optimizer"], row["lr"]) if by_lr else (row["optimizer"],)].append(row)
     extra = [key for points in horizon_series(rows, metric).values() for _, key in points]
-    extra += sorted({k for row in rows for k in row if k.startswith(f"final_{metric}_") and k not in extra})
+    # per-run interval bounds (e.g. success_ci_low) stay in the CSV: averaged over seeds they mean nothing
+    extra += sorted({k for row in rows for k in row if k.startswith(f"final_{metric}_") and k not in extra
+                     and not re.search(r"_ci_(low|high)$", k)})
     head = ["optimizer"] + (["lr"] if by_lr else []) + ["seeds", "final val loss", "best val loss",
             f"final {metric}", f"best {metric}"] + [k.replace(f"final_{metric}_", f"final {metric}, ") for k in extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -194,6 +196,16 @@ def curves(runs_dir: Path, done: list[dict], key: str) -> dict[str, dict[int, li
         for step, value in seen.items():
             out[r["summary"]["optimizer"]][step].append(value)
     return out
+
+
+def curve_table(series: dict[str, dict[int, list[float]]], key: str) -> str:
+    """Mean over seeds of one logged number at each evaluated step, one row per optimizer."""
+    steps = sorted({t for per_step in series.values() for t in per_step})
+    lines = [f"| {key} at step | " + " | ".join(str(t) for t in steps) + " |", "|" + "---|" * (len(steps) + 1)]
+    for opt in sorted(series, key=lambda o: ORDER.index(o) if o in ORDER else 99):
+        lines.append(f"| {opt} | " + " | ".join(f"{sum(series[opt][t]) / len(series[opt][t]):.3f}" if t in series[opt] else ""
+                                                for t in steps) + " |")
+    return "\n".join(lines)
 
 
 def training_figure(runs_dir: Path, done: list[dict], metric: str, path: Path, title: str, lab: dict) -> bool:
@@ -358,7 +370,9 @@ def main(argv=None) -> int:
             parts += [f"## {metric} against the rollout horizon", "", f"![{metric} against horizon]({metric}_vs_horizon.png)", ""]
         if training_figure(args.runs, done, metric, args.out / "training_curves.png", f"{task} (scale={scale})", lab):
             parts += ["## Over training", "", f"Validation loss and {lab['metric_label']} at every evaluation during training "
-                      "(from each run's metrics.jsonl).", "", "![over training](training_curves.png)", ""]
+                      "(from each run's metrics.jsonl); the tables give the means over seeds.", "", "![over training](training_curves.png)", ""]
+            for key in ("val_loss", metric):
+                parts += [curve_table(curves(args.runs, done, key), key), ""]
         if samples_figure(args.runs, done, args.out / "samples.png", f"{task} (scale={scale}): final-weight samples"):
             parts += ["## Samples", "", "Class-conditional samples of each optimizer's lowest-seed run (rows: classes), "
                       "written by the task at the end of training (samples.npy in the run folder).", "", "![samples](samples.png)", ""]

@@ -170,7 +170,7 @@ def main(argv=None) -> int:
                        for p in sorted(e["folder"].glob(f"*_vs_{m['metric']}.png")) if not p.name.startswith("val_loss_vs_")]
         for name, caption in ((f"val_loss_vs_{m['metric']}.png", f"validation loss against {m['metric']}"), *diagnostics,
                               (f"{m['metric']}_vs_horizon.png", f"{m['metric']} against the rollout horizon ({m.get('horizon_label')})"),
-                              ("samples.png", "samples")):
+                              ("training_curves.png", "validation loss and metric over training"), ("samples.png", "samples")):
             if (e["folder"] / name).exists():
                 parts += [f"![{caption}]({rel}/{name})", ""]
     atomic_write_text(out, "\n".join(parts))
