@@ -17,12 +17,12 @@ load unchanged, and the suite's own generated demonstrations are in the same for
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .checkpoint import atomic_path
 
 IMAGE_SUFFIX = "_image"  # robomimic's image observation keys: agentview_image, robot0_eye_in_hand_image, ...
 
@@ -91,29 +91,20 @@ def write_demos(path: str | Path, demos: list[dict], meta: dict, masks: dict[str
     data/demo_<k> in robomimic's layout, atomically (a temporary file renamed over the target)."""
     import h5py
 
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            data = f.create_group("data")
-            total = 0
-            for k, demo in enumerate(demos):
-                g = data.create_group(f"demo_{k}")
-                n = len(demo["actions"])
-                g.attrs["num_samples"] = n
-                for key, value in demo["obs"].items():
-                    g.create_dataset(f"obs/{key}", data=value, compression="gzip" if is_image_key(key) else None)
-                for key in ("actions", "rewards", "dones", "states"):
-                    if key in demo:
-                        g.create_dataset(key, data=demo[key])
-                total += n
-            data.attrs["total"] = total
-            data.attrs["env_args"] = json.dumps(meta)
-            for name, members in (masks or {}).items():
-                f.create_dataset(f"mask/{name}", data=np.array(members, dtype="S"))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(Path(path).expanduser()) as tmp, h5py.File(tmp, "w") as f:
+        data = f.create_group("data")
+        total = 0
+        for k, demo in enumerate(demos):
+            g = data.create_group(f"demo_{k}")
+            n = len(demo["actions"])
+            g.attrs["num_samples"] = n
+            for key, value in demo["obs"].items():
+                g.create_dataset(f"obs/{key}", data=value, compression="gzip" if is_image_key(key) else None)
+            for key in ("actions", "rewards", "dones", "states"):
+                if key in demo:
+                    g.create_dataset(key, data=demo[key])
+            total += n
+        data.attrs["total"] = total
+        data.attrs["env_args"] = json.dumps(meta)
+        for name, members in (masks or {}).items():
+            f.create_dataset(f"mask/{name}", data=np.array(members, dtype="S"))

@@ -9,6 +9,7 @@ here), which pins numpy < 2: see the Makefile's setup target.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import sys
 import time
@@ -168,7 +169,7 @@ class ScriptedExpert:
         return np.clip(action, -1, 1)
 
 
-def generate_demos(env_name: str, episodes: int, seed: int, noise: float, horizon: int, obs_keys=None, log=print):
+def generate_demos(env_name: str, episodes: int, seed: int, noise: float, horizon: int, log=print):
     """Run the scripted expert from seeds ``seed*100000 + i`` until ``episodes`` successful episodes
     (robomimic's PH datasets hold successes only). Returns (demos in robomimic's form, env meta,
     success rate over all attempts). Each demo ends at the first step the env reports success."""
@@ -187,7 +188,7 @@ def generate_demos(env_name: str, episodes: int, seed: int, noise: float, horizo
         success = False
         for _ in range(horizon):
             record["states"].append(np.asarray(env.sim.get_state().flatten()))
-            record["obs"].append({k: v for k, v in obs.items() if obs_keys is None or k in obs_keys})
+            record["obs"].append(obs)
             action = expert.act(obs)
             raw, reward, _, _ = env.step(action)
             obs = robomimic_obs(raw)
@@ -250,6 +251,7 @@ def rollout(policy, meta: dict, obs_keys: list[str], seeds: list[int], horizon: 
     return {"success": success, "length": length}
 
 
+@functools.cache
 def _gym_wrapper():
     _quiet()
     import gymnasium as gym

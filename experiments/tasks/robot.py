@@ -228,7 +228,6 @@ class RobotPolicy:
             train = train[: cfg.max_train_demos]
         self.train = DemoWindows(train, self.low_dim_keys, self.image_keys, cfg.obs_horizon, cfg.action_horizon)
         self.val = DemoWindows(val, self.low_dim_keys, self.image_keys, cfg.obs_horizon, cfg.action_horizon)
-        self.val_demo_states = self.val.low_dim
         low_dim = self.train.low_dim.shape[1] if self.train.low_dim is not None else 0
         stats = {"act_min": self.train.actions.min(0).values, "act_max": self.train.actions.max(0).values}
         if low_dim:
