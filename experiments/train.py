@@ -163,9 +163,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     def evaluate(step: int, rollout: bool) -> dict:
         row = {"step": step, "val_loss": validation_loss(task, eval_model)}
+        if ema is not None:  # the raw weights too, under raw_*: the EMA and the raw weights can disagree
+            row["raw_val_loss"] = validation_loss(task, model)
         if rollout:
             t0 = time.time()
             row.update(task.evaluate(eval_model))
+            if ema is not None:
+                row.update({f"raw_{k}": v for k, v in task.evaluate(model).items()})
             row["rollout_seconds"] = time.time() - t0
             metric = row[task.metric]
             better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
@@ -226,6 +230,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if hasattr(task, "save_artifacts"):  # e.g. a grid of samples for the report
         task.save_artifacts(eval_model, run_dir)
     summary = {"task": cfg.task.name, "optimizer": cfg.optimizer.name, "lr": cfg.lr, "seed": cfg.seed,
+               "damping": ap.damping if ap is not None else None, "ema_decay": tr.ema_decay,
                "scale": cfg.scale.name, "steps": tr.steps, "world_size": world, "metric_name": task.metric, "git_commit": commit,
                "higher_is_better": task.higher_is_better, "val_loss_label": getattr(task, "val_loss_label", None),
                "metric_label": getattr(task, "metric_label", None), "horizon_label": getattr(task, "horizon_label", None),
