@@ -387,6 +387,19 @@ class ActivationPreconditioner:
         return report
 
     @torch.no_grad()
+    def second_moments(self) -> dict[str, torch.Tensor]:
+        """Each covered layer's Sigma (float32; (groups, d, d), or the (d,) diagonal for embeddings)
+        from the inputs collected since the last ``step``, which stay collected. For diagnostics:
+        run training-mode forwards (autograd enabled), read this, then ``reset_stats()``."""
+        out = {}
+        for layer in self.layers:
+            if layer.parts:
+                total = sum(p[0] for p in layer.parts)
+                sigma = total / float(sum(p[1] for p in layer.parts))
+                out[layer.name] = sigma if layer.kind == "embedding" or sigma.ndim == 3 else sigma.unsqueeze(0)
+        return out
+
+    @torch.no_grad()
     def condition_numbers(self) -> dict[str, float]:
         """Condition number of each covered layer's (undamped) Sigma at its last refresh, recovered
         from the stored inverse: eig(Sigma) = 1 / eig(inverse) - lam. ``inf`` where Sigma is singular."""

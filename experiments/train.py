@@ -46,7 +46,7 @@ def resolve(cfg: DictConfig) -> DictConfig:
         if cfg.optimizer.name not in chosen:
             raise ValueError(f"no learning rate for optimizer {cfg.optimizer.name!r} on task {cfg.task.name!r}: pass lr=... or add it to task.lr in configs/task/{cfg.task.name}.yaml")
         cfg.lr = float(chosen[cfg.optimizer.name])
-    missing = [k for k, v in cfg.trainer.items() if v is None and k not in ("ema_decay", "grad_clip")]  # null: off
+    missing = [k for k, v in cfg.trainer.items() if v is None and k not in ("ema_decay", "grad_clip", "snapshot_every")]  # null: off
     if missing:
         raise ValueError(f"trainer settings {missing} are not set for task={cfg.task.name} scale={cfg.scale.name}: "
                          f"add configs/task_scale/{cfg.task.name}_{cfg.scale.name}.yaml or pass trainer.<name>=...")
@@ -182,7 +182,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         print("  eval " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         return row
 
+    def snapshot(step: int) -> None:
+        if lead and tr.get("snapshot_every") and step % tr.snapshot_every == 0:
+            save_checkpoint(run_dir / "weights" / f"step{step}.pt", {"model": model.state_dict(), "step": step})
+
     model.train()
+    if start == 0:
+        snapshot(0)
     t_start = time.time()
     for step in range(start, tr.steps):
         loss = task.loss(train_model, shard(task.train_batch(step), rank, world))
@@ -201,6 +207,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if ema is not None:
             ema.update_parameters(model)
         done = step + 1
+        snapshot(done)
         if lead and (done % tr.log_every == 0 or done == tr.steps):
             rate = (done - start) / (time.time() - t_start)
             row = {"step": done, "train_loss": seen.item(), "lr": sched.get_last_lr()[0], "steps_per_s": rate}
