@@ -32,16 +32,38 @@ FALLBACK_KINDS = ("float64", "eigh", "previous", "skipped", "nonfinite_stats")
 
 
 @dataclass
+class _Part:
+    """One input tensor's contribution to a statistic: the sum of z z^T over its (kept) rows, or,
+    while there are fewer rows than input dimensions, the rows themselves (for a Woodbury solve)."""
+
+    count: int
+    sum: torch.Tensor | None = None  # (groups, d, d); (d,) token counts for embeddings
+    rows: torch.Tensor | None = None  # (groups, n, d) float32
+
+
+@dataclass
+class _Solver:
+    """What ``step`` applies to the gradients of every layer of one shared statistic."""
+
+    kind: str  # "cholesky" (factor of Sigma + lam I) | "inverse" | "woodbury" | "diagonal"
+    a: torch.Tensor  # factor or inverse (groups, d, d) | the rows Z (groups, n, d) | 1 / (sigma + lam) (d,)
+    b: torch.Tensor | None = None  # woodbury: Cholesky factor of Z Z^T + n lam I, (groups, n, n)
+    lam: torch.Tensor | None = None  # woodbury: lam per group, (groups,)
+
+
+@dataclass
 class _Layer:
     name: str
     module: nn.Module
     kind: str  # "linear" | "conv" | "embedding"
     d_in: int  # per group for grouped convs; vocabulary size for embeddings
     groups: int = 1
-    parts: list = field(default_factory=list)  # [(sum, count)] collected since the last step
-    inverse: torch.Tensor | None = None  # (groups, d, d); (d,) diagonal for embeddings
+    parts: list = field(default_factory=list)  # [_Part] collected since the last step
+    solver: _Solver | None = None  # shared by the layers of one statistic; dropped after use when update_every=1
     ema: torch.Tensor | None = None  # running second moment when stats="ema"
-    damping: float = 0.0  # absolute damping lam used for the current inverse
+    damping: torch.Tensor | float = 0.0  # absolute damping lam of the current solver (a tensor until read)
+    refreshed: bool = False  # a solver was built for this layer at least once
+    condition: torch.Tensor | None = None  # cond(Sigma) at the last refresh with track_conditioning on
 
     @property
     def weight(self) -> torch.Tensor:
@@ -49,7 +71,8 @@ class _Layer:
 
 
 def _conv_rows(module: nn.Module, x: torch.Tensor):
-    """Yield chunks of unfolded patches (rows, C_in * prod(kernel)) in the weight's column order."""
+    """(rows per sample, an iterator of chunks of unfolded patches (rows, C_in * prod(kernel)) in the
+    weight's column order, whole samples per chunk)."""
     if isinstance(module, nn.Conv1d):
         x = x.unsqueeze(-2)  # (B, C, 1, L): a Conv1d is a Conv2d of height 1
         kernel, stride = (1, module.kernel_size[0]), (1, module.stride[0])
@@ -67,11 +90,15 @@ def _conv_rows(module: nn.Module, x: torch.Tensor):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = F.pad(x, pad, mode=mode)
         padding = (0, 0)
-    per_sample = x[0:1].numel() * math.prod(kernel)
-    step = max(1, _UNFOLD_CHUNK_ELEMENTS // max(per_sample, 1))
-    for start in range(0, x.shape[0], step):
-        cols = F.unfold(x[start : start + step], kernel, dilation=dilation, padding=padding, stride=stride)
-        yield cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    per_sample = math.prod((x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2))
+    chunk = max(1, _UNFOLD_CHUNK_ELEMENTS // max(x[0:1].numel() * math.prod(kernel), 1))
+
+    def chunks():
+        for start in range(0, x.shape[0], chunk):
+            cols = F.unfold(x[start : start + chunk], kernel, dilation=dilation, padding=padding, stride=stride)
+            yield cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+    return per_sample, chunks()
 
 
 class ActivationPreconditioner:
@@ -91,12 +118,22 @@ class ActivationPreconditioner:
             layers). Frozen weights, weights shared between modules (tied embeddings) and
             ``exclude``-d names are left to the GP alone; see :meth:`coverage`.
         damping: gamma; the absolute damping is ``gamma * trace(Sigma) / d_in`` (relative to the
-            mean eigenvalue, so it does not depend on the width).
+            mean eigenvalue, so it does not depend on the width). In the convention where gamma
+            multiplies trace(Sigma) itself, the same lam is ``gamma_trace = damping / d_in``.
         stats: "batch" (the paper's form: the second moment of the current batch) or "ema"
             (exponential moving average over refresh steps, decay ``ema_decay``).
-        update_every: recompute statistics and inverse every k steps and reuse the inverse in
+        update_every: recompute statistics and solver every k steps and reuse the solver in
             between (inputs are collected only on refresh steps, so the other steps cost one
             matmul per layer).
+        max_rows: at most this many rows per input and refresh enter Sigma, drawn uniformly
+            without replacement (conv patches and long sequences have far more rows than d_in);
+            ``None``: every row (the exact statistic).
+        max_rows_per_dim: the same cap relative to the width, ``ceil(max_rows_per_dim * d_in)``
+            rows; with both caps the smaller one holds.
+        solver: "auto" (the Woodbury identity when a statistic has fewer rows than d_in, which
+            needs ``damping > 0``, ``stats="batch"`` and no all-reduce; the d x d Cholesky
+            otherwise) or "dense" (always the d x d Cholesky).
+        seed: seed of the row-subsampling generator (its state is in ``state_dict``).
         embeddings: cover ``nn.Embedding`` layers.
         exclude: module names (exact, or a prefix followed by ".") to leave uncovered.
         distributed: "auto" (all-reduce the statistics when ``torch.distributed`` is initialised
@@ -106,7 +143,8 @@ class ActivationPreconditioner:
     Statistics and solves run in float32 whatever the model's dtype. Inputs are collected only
     while a module is in training mode with autograd enabled (never in eval or ``no_grad``
     rollouts). Several forward passes before one ``step`` (gradient accumulation, activation
-    checkpointing) pool their rows.
+    checkpointing) pool their rows. With ``update_every=1`` nothing of size d x d is kept between
+    steps: the Cholesky factor solves against the gradients and is dropped.
     """
 
     def __init__(
@@ -116,6 +154,10 @@ class ActivationPreconditioner:
         stats: str = "batch",
         ema_decay: float = 0.95,
         update_every: int = 1,
+        max_rows: int | None = None,
+        max_rows_per_dim: float | None = None,
+        solver: str = "auto",
+        seed: int = 0,
         embeddings: bool = True,
         exclude: tuple[str, ...] | list[str] = (),
         distributed: bool | str = "auto",
@@ -131,18 +173,31 @@ class ActivationPreconditioner:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
         if not (isinstance(update_every, int) and update_every >= 1):
             raise ValueError(f"update_every must be an integer >= 1, got {update_every!r}")
+        if max_rows is not None and not (isinstance(max_rows, int) and max_rows >= 1):
+            raise ValueError(f"max_rows must be None (every row) or an integer >= 1, got {max_rows!r}")
+        if max_rows_per_dim is not None and not (isinstance(max_rows_per_dim, (int, float)) and max_rows_per_dim > 0):
+            raise ValueError(f"max_rows_per_dim must be None (every row) or a number > 0, got {max_rows_per_dim!r}")
+        if solver not in ("auto", "dense"):
+            raise ValueError(f"solver must be 'auto' (Woodbury when rows < d_in) or 'dense', got {solver!r}")
         if distributed not in ("auto", True, False):
             raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
         self.damping = float(damping)
         self.stats = stats
         self.ema_decay = float(ema_decay)
         self.update_every = update_every
+        self.max_rows = max_rows
+        self.max_rows_per_dim = max_rows_per_dim
+        self.solver = solver
         self.distributed = distributed
         self.process_group = process_group
         self.steps = 0
         self.fallbacks = {k: 0 for k in FALLBACK_KINDS}
+        # Compute cond(Sigma) per statistic at refreshes while True (one eigvalsh per statistic);
+        # the training loop turns it on for the steps it logs, not every step.
+        self.track_conditioning = False
         self.layers: list[_Layer] = []
         self.uncovered: dict[str, str] = {}
+        self._generator = torch.Generator().manual_seed(seed)
         self._cache: dict = {}  # per step: statistics of input tensors already seen (shared inputs)
         self._handles = []
         self._discover(model, embeddings, tuple(exclude))
@@ -205,9 +260,20 @@ class ActivationPreconditioner:
 
         return hook
 
-    def _input_stats(self, layer: _Layer, x: torch.Tensor):
-        """(sum of z z^T over rows, number of rows) for this input, computed once per input tensor:
-        q/k/v projections (or gate/up) that read the same tensor share one statistic and one solve."""
+    def _row_cap(self, d: int) -> int | None:
+        caps = [c for c in (self.max_rows, None if self.max_rows_per_dim is None else math.ceil(self.max_rows_per_dim * d)) if c]
+        return min(caps) if caps else None
+
+    def _draw(self, n: int, cap: int) -> torch.Tensor:
+        """``cap`` of the row indices 0..n-1, uniformly without replacement, sorted (CPU)."""
+        return torch.randperm(n, generator=self._generator)[:cap].sort().values
+
+    def _woodbury_possible(self) -> bool:
+        return self.solver == "auto" and self.damping > 0 and self.stats == "batch" and not self._use_distributed()
+
+    def _input_stats(self, layer: _Layer, x: torch.Tensor) -> _Part:
+        """The statistic of this input, computed once per input tensor: q/k/v projections (or
+        gate/up) that read the same tensor share one statistic and one solve."""
         module = layer.module
         if layer.kind == "conv":
             signature = ("conv", type(module), module.kernel_size, module.stride, module.padding,
@@ -219,23 +285,58 @@ class ActivationPreconditioner:
         if hit is not None and hit[0]() is x:
             return hit[1]
         ref, x = weakref.ref(x), x.detach()
+        g, d = layer.groups, layer.d_in
         with torch.autocast(x.device.type, enabled=False):
             if layer.kind == "embedding":
                 flat = x.reshape(-1)
-                stat = (torch.bincount(flat, minlength=layer.d_in).float(), flat.numel())
-            elif layer.kind == "linear":
-                rows = x.reshape(-1, x.shape[-1]).float()
-                stat = (rows.T @ rows, rows.shape[0])
+                part = _Part(count=flat.numel(), sum=torch.bincount(flat, minlength=d).float())
             else:
-                total, count, g, d = None, 0, layer.groups, layer.d_in
-                for rows in _conv_rows(module, x.float()):
-                    blocks = rows.view(rows.shape[0], g, d).transpose(0, 1)  # (g, n, d)
-                    s = blocks.transpose(1, 2) @ blocks
-                    total = s if total is None else total + s
-                    count += rows.shape[0]
-                stat = (total, count)
-        self._cache[key] = (ref, stat)
-        return stat
+                if layer.kind == "linear":
+                    rows = x.reshape(-1, x.shape[-1])
+                    cap = self._row_cap(d)
+                    if cap is not None and rows.shape[0] > cap:
+                        rows = rows.index_select(0, self._draw(rows.shape[0], cap).to(rows.device))
+                    chunks = [rows]
+                else:
+                    per_sample, chunks = _conv_rows(module, x)
+                    total_rows = x.shape[0] * per_sample
+                    cap = self._row_cap(d)
+                    if cap is not None and total_rows > cap:
+                        chunks = self._select(chunks, self._draw(total_rows, cap))
+                part = self._accumulate(chunks, g, d)
+        self._cache[key] = (ref, part)
+        return part
+
+    @staticmethod
+    def _select(chunks, index: torch.Tensor):
+        """The rows of ``index`` (sorted global row numbers) out of a stream of row chunks."""
+        start = 0
+        for rows in chunks:
+            lo, hi = torch.searchsorted(index, torch.tensor([start, start + rows.shape[0]])).tolist()  # CPU: no device sync
+            if hi > lo:
+                yield rows.index_select(0, (index[lo:hi] - start).to(rows.device))
+            start += rows.shape[0]
+
+    def _accumulate(self, chunks, g: int, d: int) -> _Part:
+        total, kept, count = None, [], 0
+        woodbury = self._woodbury_possible()
+        for rows in chunks:
+            blocks = rows.float().view(rows.shape[0], g, d).transpose(0, 1)  # (g, n, d)
+            count += rows.shape[0]
+            if woodbury and count < d:
+                kept.append(blocks)
+                continue
+            if kept:  # more rows than d_in after all: fold the kept rows into the sum
+                blocks = torch.cat(kept + [blocks], dim=1)
+                kept = []
+            s = blocks.transpose(1, 2) @ blocks
+            total = s if total is None else total + s
+        if kept:
+            rows = kept[0] if len(kept) == 1 else torch.cat(kept, dim=1)
+            if total is None:
+                return _Part(count=count, rows=rows)
+            total = total + rows.transpose(1, 2) @ rows
+        return _Part(count=count, sum=total)
 
     # ------------------------------------------------------------------ the update
     @torch.no_grad()
@@ -243,23 +344,45 @@ class ActivationPreconditioner:
         """Rewrite each covered layer's ``weight.grad`` in place to ``G (Sigma + lam I)^-1``."""
         if self.steps % self.update_every == 0:
             self._refresh()
+        by_solver: dict[int, list[_Layer]] = {}
         for layer in self.layers:
             grad = layer.weight.grad
-            if grad is None or layer.inverse is None:
+            if grad is None or layer.solver is None:
                 continue
             if grad.is_sparse:
                 raise RuntimeError(f"{layer.name}: sparse gradients are not supported by AP")
-            inv = layer.inverse
-            if layer.kind == "embedding":
-                grad.copy_(grad.float() * inv[:, None])
-            elif layer.kind == "linear":
-                grad.copy_(grad.float() @ inv[0])
-            else:
-                g = layer.groups
-                blocks = grad.float().reshape(g, grad.shape[0] // g, layer.d_in)
-                grad.copy_((blocks @ inv).reshape(grad.shape))
+            by_solver.setdefault(id(layer.solver), []).append(layer)
+        for members in by_solver.values():
+            self._apply(members[0].solver, members)
+        if self.update_every == 1:  # nothing of size d x d stays between steps
+            for layer in self.layers:
+                layer.solver = None
         self.steps += 1
         self.reset_stats()
+
+    @staticmethod
+    def _apply(solver: _Solver, members: list[_Layer]) -> None:
+        """Precondition the gradients of every layer of one statistic in one batched solve."""
+        if solver.kind == "diagonal":
+            for layer in members:
+                grad = layer.weight.grad
+                grad.copy_(grad.float() * solver.a[:, None])
+            return
+        g, d = members[0].groups, members[0].d_in
+        blocks = [layer.weight.grad.float().reshape(g, -1, d) for layer in members]  # (g, out_i, d)
+        grad = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+        if solver.kind == "cholesky":
+            out = torch.cholesky_solve(grad.transpose(1, 2), solver.a).transpose(1, 2)
+        elif solver.kind == "inverse":
+            out = grad @ solver.a
+        else:  # woodbury: (Z^T Z / n + lam I)^-1 = (I - Z^T (Z Z^T + n lam I)^-1 Z) / lam
+            z = solver.a
+            y = torch.cholesky_solve((grad @ z.transpose(1, 2)).transpose(1, 2), solver.b)  # (g, n, out)
+            out = (grad - y.transpose(1, 2) @ z) / solver.lam[:, None, None]
+        start = 0
+        for layer, block in zip(members, blocks):
+            layer.weight.grad.copy_(out[:, start : start + block.shape[1]].reshape(layer.weight.grad.shape))
+            start += block.shape[1]
 
     def reset_stats(self) -> None:
         """Drop the inputs collected since the last step (e.g. after skipping a non-finite step)."""
@@ -268,31 +391,147 @@ class ActivationPreconditioner:
         self._cache.clear()
 
     def _refresh(self) -> None:
-        # Group layers that saw exactly the same inputs: one statistic, one inverse.
+        # Group layers that saw exactly the same inputs: one statistic, one solver.
         groups: dict[tuple, list[_Layer]] = {}
         for layer in self.layers:
             if layer.parts:
                 groups.setdefault(tuple(id(p) for p in layer.parts), []).append(layer)
-        stats = []
+        entries = []
         for members in groups.values():
-            parts = members[0].parts
-            total = parts[0][0] if len(parts) == 1 else sum(p[0] for p in parts)
-            stats.append([total, float(sum(p[1] for p in parts))])
-        if self._use_distributed():
-            self._all_reduce(stats)
-        for (total, count), members in zip(stats, groups.values()):
-            if count <= 0:
+            parts, lead = members[0].parts, members[0]
+            count = sum(p.count for p in parts)
+            if all(p.rows is not None for p in parts) and count < lead.d_in and self._woodbury_possible():
+                rows = parts[0].rows if len(parts) == 1 else torch.cat([p.rows for p in parts], dim=1)
+                entries.append({"members": members, "rows": rows, "count": float(count)})
                 continue
-            sigma = total / count
-            lead = members[0]
-            if self.stats == "ema" and lead.ema is not None:
-                sigma = self.ema_decay * lead.ema + (1.0 - self.ema_decay) * sigma
-            inverse, lam = self._invert(sigma, lead)
-            for layer in members:
+            total = None
+            for p in parts:
+                s = p.sum if p.sum is not None else p.rows.transpose(1, 2) @ p.rows
+                total = s if total is None else total + s
+            entries.append({"members": members, "sum": total, "count": float(count)})
+        if self._use_distributed():
+            self._all_reduce(entries)
+        for e in entries:
+            if "sum" in e:
+                sigma = e["sum"] / e["count"]
+                lead = e["members"][0]
                 if self.stats == "ema":
-                    layer.ema = sigma
-                if inverse is not None:
-                    layer.inverse, layer.damping = inverse, lam
+                    if lead.ema is not None:
+                        sigma = self.ema_decay * lead.ema + (1.0 - self.ema_decay) * sigma
+                    for layer in e["members"]:
+                        layer.ema = sigma
+                e["sigma"] = sigma
+        self._solve(entries)
+
+    def _solve(self, entries: list[dict]) -> None:
+        """Factor every statistic (batched over statistics of one width), check them all with one
+        host-device sync, and hand the few that fail to the float64/eigh fallbacks."""
+        checks = []  # (entry, ok flag tensor (scalar bool), builder)
+        dense: dict[int, list[dict]] = {}
+        for e in entries:
+            lead = e["members"][0]
+            if lead.kind == "embedding":
+                sigma = e["sigma"]
+                mean = sigma.sum() / sigma.shape[0]
+                lam = self.damping * mean
+                floor = torch.maximum(lam, MIN_RELATIVE_EIGENVALUE * mean)
+                e["solver"] = _Solver("diagonal", 1.0 / (sigma + lam).clamp(min=floor))
+                e["lam"] = lam
+                checks.append((e, torch.isfinite(mean) & (mean > 0)))
+            elif "rows" in e:
+                z, n = e["rows"], e["count"]
+                mean = z.square().sum((1, 2)) / (n * lead.d_in)  # trace(Sigma) / d per group
+                lam = self.damping * mean
+                k = z @ z.transpose(1, 2) + (n * lam)[:, None, None] * torch.eye(z.shape[1], device=z.device)
+                chol, info = torch.linalg.cholesky_ex(k)
+                pivots = torch.diagonal(chol, dim1=-2, dim2=-1).square()
+                ok = (info == 0).all() & (mean > 0).all() & torch.isfinite(chol).all() & (pivots >= 0.5 * (n * lam)[:, None]).all()
+                e["solver"], e["lam"] = _Solver("woodbury", z, chol, lam), lam
+                checks.append((e, ok))
+            else:
+                dense.setdefault(e["sigma"].shape[-1], []).append(e)
+        for d, group in dense.items():  # one batched Cholesky per width
+            sigma = torch.cat([e["sigma"] for e in group])  # (sum of groups, d, d)
+            mean = torch.diagonal(sigma, dim1=-2, dim2=-1).sum(-1) / d
+            lam = self.damping * mean
+            floor = torch.maximum(lam, MIN_RELATIVE_EIGENVALUE * mean)
+            a = sigma + lam[:, None, None] * torch.eye(d, device=sigma.device, dtype=sigma.dtype)
+            chol, info = torch.linalg.cholesky_ex(a)
+            # A pivot of an exact Cholesky is at least the smallest eigenvalue (>= lam); a smaller
+            # computed pivot means rounding has taken over, so the result is not trusted.
+            pivots = torch.diagonal(chol, dim1=-2, dim2=-1).square()
+            good = (info == 0) & (mean > 0) & torch.isfinite(chol).flatten(1).all(1) & (pivots >= 0.5 * floor[:, None]).all(1)
+            start = 0
+            for e in group:
+                size = e["sigma"].shape[0]
+                part = slice(start, start + size)
+                factor = chol[part]
+                e["lam"] = lam[part]
+                e["solver"] = (_Solver("cholesky", factor) if self.update_every == 1
+                               else _Solver("inverse", torch.cholesky_inverse(factor)))
+                checks.append((e, good[part].all()))
+                start += size
+        if not checks:
+            return
+        oks = torch.stack([ok for _, ok in checks]).tolist()  # the one host-device sync of a refresh
+        for (e, _), ok in zip(checks, oks):
+            solver, lam = (e["solver"], e["lam"]) if ok else self._fallback(e)
+            if solver is None:
+                continue
+            if self.track_conditioning:
+                cond = self._condition(e)
+            for layer in e["members"]:
+                layer.solver, layer.damping, layer.refreshed = solver, lam, True
+                if self.track_conditioning:
+                    layer.condition = cond
+
+    def _condition(self, e: dict) -> torch.Tensor:
+        """cond(Sigma) of one statistic (undamped), inf where it is singular."""
+        if "rows" in e:  # fewer rows than d_in: singular
+            return torch.tensor(math.inf)
+        sigma = e["sigma"].double()
+        evals = sigma if e["members"][0].kind == "embedding" else torch.linalg.eigvalsh(sigma).flatten()
+        floor = MIN_RELATIVE_EIGENVALUE * evals.clamp(min=0).mean()
+        return torch.where(evals.min() > floor, evals.max() / evals.min(), torch.tensor(math.inf, dtype=evals.dtype))
+
+    def _fallback(self, e: dict):
+        """The slow path for a statistic whose float32 factorisation failed: float64 Cholesky, then
+        eigh with eigenvalues clamped, then the previous solver (update_every > 1) or none."""
+        lead = e["members"][0]
+        if "rows" in e:  # a Woodbury system that failed: go through the d x d matrix instead
+            e["sigma"] = e["rows"].transpose(1, 2) @ e["rows"] / e["count"]
+        sigma = e["sigma"]
+        if not torch.isfinite(sigma.sum()):  # a NaN or inf anywhere makes the sum non-finite
+            self.fallbacks["nonfinite_stats"] += 1
+            return self._keep_previous(lead)
+        d = sigma.shape[-1]
+        if lead.kind == "embedding":
+            return self._keep_previous(lead)  # mean <= 0: no token seen
+        mean = torch.diagonal(sigma, dim1=-2, dim2=-1).sum(-1) / d  # (groups,)
+        if not (mean > 0).all():
+            return self._keep_previous(lead)
+        lam = self.damping * mean
+        floor = torch.maximum(lam, MIN_RELATIVE_EIGENVALUE * mean)
+        a = (sigma + lam[:, None, None] * torch.eye(d, device=sigma.device, dtype=torch.float32)).double()
+        chol, info = torch.linalg.cholesky_ex(a)
+        pivots = torch.diagonal(chol, dim1=-2, dim2=-1).square()
+        if (info == 0).all() and (pivots >= 0.5 * floor.double()[:, None]).all():
+            inverse = torch.cholesky_inverse(chol).float()
+            if torch.isfinite(inverse.sum()):
+                self.fallbacks["float64"] += 1
+                return _Solver("inverse", inverse), lam
+        evals, evecs = torch.linalg.eigh(a)
+        if torch.isfinite(evals).all() and (evals.amax(-1) > 0).all():
+            evals = evals.clamp(min=floor.double()[:, None])
+            inverse = ((evecs / evals[:, None, :]) @ evecs.transpose(-1, -2)).float()
+            if torch.isfinite(inverse).all():
+                self.fallbacks["eigh"] += 1
+                return _Solver("inverse", inverse), lam
+        return self._keep_previous(lead)
+
+    def _keep_previous(self, layer: _Layer):
+        self.fallbacks["previous" if layer.solver is not None else "skipped"] += 1
+        return layer.solver, layer.damping
 
     def _use_distributed(self) -> bool:
         if self.distributed is False:
@@ -302,76 +541,25 @@ class ActivationPreconditioner:
             raise RuntimeError("distributed=True but torch.distributed is not initialised: call init_process_group first")
         return ready and dist.get_world_size(self.process_group) > 1
 
-    def _all_reduce(self, stats: list) -> None:
+    def _all_reduce(self, entries: list[dict]) -> None:
         # Sums and row counts are added over ranks, so Sigma is the second moment of the global
         # batch and every rank solves the same system. One flat buffer, one collective.
-        if not stats:
+        if not entries:
             raise RuntimeError("AP refresh step with no collected inputs on this rank; under DDP every rank must run the covered layers")
-        check = torch.tensor([len(stats), -len(stats)], dtype=torch.float32, device=stats[0][0].device)
+        device = entries[0]["sum"].device
+        check = torch.tensor([len(entries), -len(entries)], dtype=torch.float32, device=device)
         dist.all_reduce(check, op=dist.ReduceOp.MAX, group=self.process_group)
         if check[0] != -check[1]:
             raise RuntimeError("AP statistics differ in layout across ranks: every rank must run the same covered layers before step()")
-        flat = torch.cat([s[0].reshape(-1) for s in stats] + [torch.tensor([s[1] for s in stats], device=check.device)])
+        flat = torch.cat([e["sum"].reshape(-1) for e in entries] + [torch.tensor([e["count"] for e in entries], device=device)])
         dist.all_reduce(flat, group=self.process_group)
         offset = 0
-        for s in stats:
-            n = s[0].numel()
-            s[0] = flat[offset : offset + n].view_as(s[0])
+        for e in entries:
+            n = e["sum"].numel()
+            e["sum"] = flat[offset : offset + n].view_as(e["sum"])
             offset += n
-        for i, s in enumerate(stats):
-            s[1] = float(flat[offset + i])
-
-    def _invert(self, sigma: torch.Tensor, layer: _Layer):
-        """Return ((groups, d, d) inverse of sigma + lam I, lam), or (None, lam) to keep the previous
-        inverse. Cholesky in float32; float64, then eigh with eigenvalues clamped, then the
-        previous inverse as fallbacks, each counted in ``self.fallbacks``."""
-        if not torch.isfinite(sigma.sum()):  # a NaN or inf anywhere makes the sum non-finite
-            self.fallbacks["nonfinite_stats"] += 1
-            return self._keep_previous(layer)
-        d = sigma.shape[-1]
-        if layer.kind == "embedding":  # diagonal: an elementwise reciprocal, no solve
-            mean = float(sigma.sum()) / d
-            lam = self.damping * mean
-            floor = max(lam, MIN_RELATIVE_EIGENVALUE * mean)
-            if mean <= 0:
-                return self._keep_previous(layer)
-            return 1.0 / (sigma + lam).clamp(min=floor), lam
-        if sigma.ndim == 2:
-            sigma = sigma.unsqueeze(0)
-        mean = torch.diagonal(sigma, dim1=-2, dim2=-1).sum(-1) / d  # (groups,)
-        if not (mean > 0).all():
-            return self._keep_previous(layer)
-        lam = self.damping * mean
-        floor = torch.maximum(lam, MIN_RELATIVE_EIGENVALUE * mean)
-        eye = torch.eye(d, device=sigma.device, dtype=torch.float32)
-        a = sigma + lam[:, None, None] * eye
-        for dtype, fallback in ((torch.float32, None), (torch.float64, "float64")):
-            chol, info = torch.linalg.cholesky_ex(a.to(dtype))
-            # A pivot of an exact Cholesky is at least the smallest eigenvalue (>= lam); a smaller
-            # computed pivot means rounding has taken over, so the result is not trusted.
-            pivots = torch.diagonal(chol, dim1=-2, dim2=-1).square()
-            if (info == 0).all() and (pivots >= 0.5 * floor.to(dtype)[:, None]).all():
-                inverse = torch.cholesky_inverse(chol).float()
-                if torch.isfinite(inverse.sum()):
-                    if fallback:
-                        self.fallbacks[fallback] += 1
-                    return inverse, self._scalar(lam)
-        evals, evecs = torch.linalg.eigh(a.double())
-        if torch.isfinite(evals).all() and (evals.amax(-1) > 0).all():
-            evals = evals.clamp(min=floor.double()[:, None])
-            inverse = ((evecs / evals[:, None, :]) @ evecs.transpose(-1, -2)).float()
-            if torch.isfinite(inverse).all():
-                self.fallbacks["eigh"] += 1
-                return inverse, self._scalar(lam)
-        return self._keep_previous(layer)
-
-    @staticmethod
-    def _scalar(lam: torch.Tensor) -> float:
-        return float(lam.mean())
-
-    def _keep_previous(self, layer: _Layer):
-        self.fallbacks["previous" if layer.inverse is not None else "skipped"] += 1
-        return None, layer.damping
+        for i, e in enumerate(entries):
+            e["count"] = float(flat[offset + i])
 
     # ------------------------------------------------------------------ reporting
     def coverage(self) -> dict[str, str]:
@@ -380,7 +568,7 @@ class ActivationPreconditioner:
         report = {}
         for layer in self.layers:
             text = f"covered: {layer.kind}, d_in={layer.d_in}" + (f", groups={layer.groups}" if layer.groups > 1 else "")
-            if self.steps > 0 and layer.inverse is None:
+            if self.steps > 0 and not layer.refreshed:
                 text += " (but no input seen yet: the module was not called in training mode, so its gradient is left as is)"
             report[layer.name] = text
         report.update({name: "not covered: " + why for name, why in self.uncovered.items()})
@@ -394,27 +582,26 @@ class ActivationPreconditioner:
         out = {}
         for layer in self.layers:
             if layer.parts:
-                total = sum(p[0] for p in layer.parts)
-                sigma = total / float(sum(p[1] for p in layer.parts))
-                out[layer.name] = sigma if layer.kind == "embedding" or sigma.ndim == 3 else sigma.unsqueeze(0)
+                total = sum(p.sum if p.sum is not None else p.rows.transpose(1, 2) @ p.rows for p in layer.parts)
+                out[layer.name] = total / float(sum(p.count for p in layer.parts))
         return out
 
-    @torch.no_grad()
     def condition_numbers(self) -> dict[str, float]:
-        """Condition number of each covered layer's (undamped) Sigma at its last refresh, recovered
-        from the stored inverse: eig(Sigma) = 1 / eig(inverse) - lam. ``inf`` where Sigma is singular."""
-        out = {}
+        """cond(Sigma) (undamped) of each covered layer at the last refresh made while
+        ``track_conditioning`` was True (one eigvalsh per shared statistic); ``inf`` where Sigma is
+        singular (fewer rows than d_in included)."""
+        return {layer.name: float(layer.condition) for layer in self.layers if layer.condition is not None}
+
+    def state_bytes(self) -> int:
+        """Bytes of the tensors AP keeps between steps (solvers and EMA statistics, each counted once)."""
+        seen, total = set(), 0
         for layer in self.layers:
-            if layer.inverse is None:
-                continue
-            if layer.kind == "embedding":
-                evals = 1.0 / layer.inverse.double() - layer.damping
-            else:
-                evals = 1.0 / torch.linalg.eigvalsh(layer.inverse.double()).flatten() - layer.damping
-            top, bottom = float(evals.max()), float(evals.min())
-            floor = MIN_RELATIVE_EIGENVALUE * float(evals.clamp(min=0).mean())
-            out[layer.name] = top / bottom if bottom > floor else math.inf
-        return out
+            tensors = [layer.ema] + ([layer.solver.a, layer.solver.b, layer.solver.lam] if layer.solver is not None else [])
+            for t in tensors:
+                if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    total += t.numel() * t.element_size()
+        return total
 
     def remove(self) -> None:
         """Remove the forward hooks (the preconditioner stops collecting)."""
@@ -424,11 +611,15 @@ class ActivationPreconditioner:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
+        def solver(s):
+            return None if s is None else {"kind": s.kind, "a": s.a, "b": s.b, "lam": s.lam}
+
         return {
             "steps": self.steps,
             "fallbacks": dict(self.fallbacks),
+            "generator": self._generator.get_state(),
             "layers": {
-                layer.name: {"inverse": layer.inverse, "ema": layer.ema, "damping": layer.damping}
+                layer.name: {"solver": solver(layer.solver), "ema": layer.ema, "damping": layer.damping, "refreshed": layer.refreshed}
                 for layer in self.layers
             },
         }
@@ -443,10 +634,27 @@ class ActivationPreconditioner:
             )
         self.steps = int(state["steps"])
         self.fallbacks = {k: int(state["fallbacks"].get(k, 0)) for k in FALLBACK_KINDS}
+        if "generator" in state:
+            self._generator.set_state(state["generator"])
+        shared: dict[int, _Solver] = {}  # layers that shared one solver share it again
         for layer in self.layers:
             entry = state["layers"][layer.name]
             device = layer.weight.device
-            layer.inverse = None if entry["inverse"] is None else entry["inverse"].to(device)
+            saved_solver = entry.get("solver")
+            if saved_solver is None and entry.get("inverse") is not None:  # checkpoints of dopr 0.1
+                inv = entry["inverse"]
+                saved_solver = {"kind": "diagonal" if layer.kind == "embedding" else "inverse", "a": inv, "b": None, "lam": None}
+            if saved_solver is None:
+                layer.solver = None
+            else:
+                key = id(saved_solver["a"])
+                if key not in shared:
+                    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+                    shared[key] = _Solver(saved_solver["kind"], move(saved_solver["a"]), move(saved_solver["b"]), move(saved_solver["lam"]))
+                layer.solver = shared[key]
             layer.ema = None if entry["ema"] is None else entry["ema"].to(device)
-            layer.damping = float(entry["damping"])
+            damping = entry["damping"]
+            layer.damping = damping.to(device) if isinstance(damping, torch.Tensor) else float(damping)
+            layer.refreshed = bool(entry.get("refreshed", layer.solver is not None))
+            layer.condition = None
         self.reset_stats()

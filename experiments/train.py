@@ -200,6 +200,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             raise NonFiniteLoss(f"step {step}: the training loss is {seen.item()}; lower the learning rate (lr={cfg.lr}) "
                                 f"or raise the AP damping (optimizer.kwargs.damping) and rerun: the run resumes from its last checkpoint")
         loss.backward()
+        if ap is not None:  # cond(Sigma) costs an eigvalsh per statistic: only on the steps that log it
+            ap.track_conditioning = (step + 1) % tr.eval_every == 0 or (step + 1) % tr.rollout_every == 0 or step + 1 == tr.steps
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip) if tr.grad_clip else None
         opt.step()
         sched.step()
@@ -215,17 +217,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 row["grad_norm"] = float(grad_norm)
             if ap is not None:
                 row.update({f"ap_fallback_{k}": v for k, v in ap.fallbacks.items()})
-                conds = [c for c in ap.condition_numbers().values() if math.isfinite(c)]
-                if conds:
-                    row.update({"ap_cond_max": max(conds), "ap_cond_median": sorted(conds)[len(conds) // 2]})
             logger.log(row)
             eta = (tr.steps - done) / max(rate, 1e-9)
             print(f"step {done}/{tr.steps} loss {seen.item():.4f} lr {row['lr']:.2e} {rate:.2f} it/s eta {eta / 60:.1f} min", flush=True)
         rollout = done % tr.rollout_every == 0 or done == tr.steps
         if lead and (done % tr.eval_every == 0 or rollout):
             final_row = evaluate(done, rollout)
-            if ap is not None:  # per-layer anisotropy of the inputs: cond(Sigma) at the last refresh
-                logger.log({"step": done, **{f"ap_cond/{k}": v for k, v in ap.condition_numbers().items()}})
+            if ap is not None:  # per-layer anisotropy of the inputs: cond(Sigma) at this step's refresh
+                conds = ap.condition_numbers()
+                finite = sorted(c for c in conds.values() if math.isfinite(c))
+                summary_row = {"ap_cond_max": finite[-1], "ap_cond_median": finite[len(finite) // 2]} if finite else {}
+                logger.log({"step": done, **summary_row, **{f"ap_cond/{k}": v for k, v in conds.items()}})
         if lead and (done % tr.checkpoint_every == 0 or done == tr.steps):
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                         "scheduler": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,

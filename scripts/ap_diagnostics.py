@@ -45,6 +45,10 @@ def snapshots(run: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def key(layer: str) -> str:
+    return f"{layer}.weight" if layer else "weight"  # a model that is itself the layer has the name ""
+
+
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
@@ -83,7 +87,7 @@ def low_eigen_share(task, start: dict, end: dict, batches: int, threshold: float
     out = {}
     for name, sigma in sigmas.items():
         kind, groups, d_in = kinds[name]
-        dw = (end[f"{name}.weight"] - start[f"{name}.weight"]).double()
+        dw = (end[key(name)] - start[key(name)]).double()
         total = float(dw.square().sum())
         if total == 0:
             continue
@@ -121,7 +125,7 @@ def weight_norms(task, snaps: dict[int, Path]) -> dict[int, dict[str, float]]:
     out = {}
     for step, path in snaps.items():
         w = load_weights(path)
-        out[step] = {n: float(w[f"{n}.weight"].norm()) for n in names}
+        out[step] = {n: float(w[key(n)].norm()) for n in names}
     return out
 
 

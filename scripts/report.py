@@ -4,6 +4,7 @@ per-run CSV and a figure of validation loss against the rollout metric.
 
     python scripts/report.py --runs runs/lm/cpu --out results/lm
     python scripts/report.py --runs runs/lm/lr_sweep --out results/lm --lr-sweep
+    python scripts/report.py --runs runs/lm/damping_sweep --out results/lm/cpu --damping-sweep
 
 Reads only the files the training loop wrote (config.json, summary.json, metrics.jsonl) in each
 run folder; no number is typed in. Failed runs are listed with their reason, never dropped.
@@ -53,34 +54,53 @@ def fmt(mean: float, half: float, digits: int) -> str:
     return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
+def run_damping(run: dict):
+    """The AP damping (gamma) of a DoPr run, None (an empty CSV cell) for a run without AP. Runs
+    written before summary.json recorded it: from config.json, else the library default they ran with."""
+    s = run["summary"]
+    if not s["optimizer"].startswith("dopr_"):
+        return None
+    if s.get("damping") is not None:
+        return s["damping"]
+    return ((run["config"].get("optimizer") or {}).get("kwargs") or {}).get("damping", OLD_DEFAULT_DAMPING)
+
+
+# The library's damping default until it was chosen by the damping sweeps (results/<task>/cpu/damping.md).
+OLD_DEFAULT_DAMPING = 1e-3
+
+
 def per_run_rows(done: list[dict]) -> list[dict]:
     rows = []
     for r in done:
         s = r["summary"]
-        row = {"optimizer": s["optimizer"], "lr": s["lr"], "seed": s["seed"], "final_val_loss": s["final"]["val_loss"],
+        row = {"optimizer": s["optimizer"], "lr": s["lr"], "damping": run_damping(r), "seed": s["seed"], "final_val_loss": s["final"]["val_loss"],
                "min_val_loss": s["best"]["min_val_loss"], f"final_{s['metric_name']}": s["final"][s["metric_name"]],
                f"best_{s['metric_name']}": s["best"]["metric"], "best_step": s["best"]["step"], "run": r["dir"]}
         row.update({f"final_{k}": v for k, v in s["final"].items() if k not in ("step", "val_loss", s["metric_name"])})
         rows.append(row)
-    return sorted(rows, key=lambda r: (ORDER.index(r["optimizer"]) if r["optimizer"] in ORDER else 99, r["lr"], r["seed"]))
+    return sorted(rows, key=lambda r: (ORDER.index(r["optimizer"]) if r["optimizer"] in ORDER else 99, r["lr"],
+                                       -1 if r["damping"] is None else r["damping"], r["seed"]))
 
 
-def summary_table(rows: list[dict], metric: str, by_lr: bool) -> str:
+def summary_table(rows: list[dict], metric: str, by: tuple = ("optimizer",)) -> str:
+    """Mean and CI over seeds, one line per value of the ``by`` columns (optimizer, lr, damping)."""
     groups = defaultdict(list)
     for row in rows:
-        groups[(row["optimizer"], row["lr"]) if by_lr else (row["optimizer"],)].append(row)
-    extra = [key for points in horizon_series(rows, metric).values() for _, key in points]
+        groups[tuple(row[k] for k in by)].append(row)
+    extra = [k for k in ("final_raw_val_loss", f"final_raw_{metric}") if any(k in row for row in rows)]  # EMA runs: the raw weights too
+    extra += [key for points in horizon_series(rows, metric).values() for _, key in points]
     # per-run interval bounds (e.g. success_ci_low) stay in the CSV: averaged over seeds they mean nothing
     extra += sorted({k for row in rows for k in row if k.startswith(f"final_{metric}_") and k not in extra
                      and not re.search(r"_ci_(low|high)$", k)})
-    head = ["optimizer"] + (["lr"] if by_lr else []) + ["seeds", "final val loss", "best val loss",
-            f"final {metric}", f"best {metric}"] + [k.replace(f"final_{metric}_", f"final {metric}, ") for k in extra]
+    head = list(by) + ["seeds", "final val loss", "best val loss",
+            f"final {metric}", f"best {metric}"] + [k.replace(f"final_{metric}_", f"final {metric}, ").replace("final_raw_", "raw: final ").replace("_", " ")
+                                                   for k in extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, rs in groups.items():
-        cells = [key[0]] + ([f"{key[1]:g}"] if by_lr else []) + [str(len(rs))]
+        cells = [key[0]] + ["" if v is None else f"{v:g}" for v in key[1:]] + [str(len(rs))]
         cells += [fmt(*mean_ci([r["final_val_loss"] for r in rs]), 4), fmt(*mean_ci([r["min_val_loss"] for r in rs]), 4),
                   fmt(*mean_ci([r[f"final_{metric}"] for r in rs]), 3), fmt(*mean_ci([r[f"best_{metric}"] for r in rs]), 3)]
-        cells += [fmt(*mean_ci([r[k] for r in rs if k in r]), 3) if any(k in r for r in rs) else "" for k in extra]
+        cells += [fmt(*mean_ci([r[k] for r in rs if k in r]), 4 if "val_loss" in k else 3) if any(k in r for r in rs) else "" for k in extra]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -290,6 +310,70 @@ def figure(rows: list[dict], metric: str, path: Path, title: str, lab: dict, x_k
     _save_png(fig, path)
 
 
+def damping_section(rows: list[dict], metric: str, higher: bool, out: Path, title: str, lab: dict) -> list[str]:
+    """The damping sweep: the rollout metric and the validation loss against the AP damping, one
+    line per LR (DoPr runs), the base GP at the same LR as a dashed horizontal line; with EMA runs,
+    the raw weights' numbers in their own panels. Then the best damping per LR by each criterion."""
+    quantities = [(f"final_{metric}", lab["metric_label"]), ("final_val_loss", lab["val_loss_label"])]
+    if any(f"final_raw_{metric}" in r for r in rows):
+        quantities += [(f"final_raw_{metric}", lab["metric_label"] + ", raw weights"), ("final_raw_val_loss", lab["val_loss_label"] + ", raw weights")]
+        quantities[0] = (quantities[0][0], lab["metric_label"] + ", EMA weights")
+        quantities[1] = (quantities[1][0], lab["val_loss_label"] + ", EMA weights")
+    dopr_rows = [r for r in rows if r["damping"] is not None]
+    base_rows = [r for r in rows if r["damping"] is None]
+    lrs = sorted({r["lr"] for r in dopr_rows})
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(quantities), figsize=(4.6 * len(quantities), 3.9), dpi=120, squeeze=False)
+    palette = ["#08519c", "#a63603", "#006d2c", "#54278f"]
+    for ax, (key, label) in zip(axes[0], quantities):
+        for i, lr in enumerate(lrs):
+            colour = palette[i % len(palette)]
+            for opt in sorted({r["optimizer"] for r in dopr_rows}):
+                pts = sorted((r["damping"], r[key]) for r in dopr_rows if r["lr"] == lr and r["optimizer"] == opt and key in r)
+                if pts:
+                    ax.plot([d for d, _ in pts], [v for _, v in pts], marker="o", color=colour, label=f"{opt}, lr {lr:g}")
+            for opt in sorted({r["optimizer"] for r in base_rows}):
+                vals = [r[key] for r in base_rows if r["lr"] == lr and r["optimizer"] == opt and key in r]
+                if vals:
+                    ax.axhline(sum(vals) / len(vals), color=colour, linestyle="--", linewidth=1, label=f"{opt}, lr {lr:g}")
+        ax.set_xscale("log")
+        if "val_loss" in key:
+            ax.set_yscale("log")
+        ax.set_xlabel("AP damping gamma (x mean eigenvalue of Sigma)")
+        ax.set_ylabel(label, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title + ": final weights, one run per point", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    _save_png(fig, out / "damping.png")
+    sign = 1 if higher else -1
+    lines = ["## Best damping per learning rate", "",
+             f"Per LR, the damping with the {'highest' if higher else 'lowest'} final {metric} and the one with the lowest final "
+             "validation loss (one seed per point: a difference of one grid step is within noise); the base GP at the same LR beside it.", "",
+             "| optimizer | lr | " + " | ".join(f"damping by {k.removeprefix('final_')}" + (" (min)" if "val_loss" in k else "") for k, _ in quantities)
+             + " | " + " | ".join(f"best {k.removeprefix('final_')}" for k, _ in quantities) + " | base GP: " + ", ".join(k.removeprefix("final_") for k, _ in quantities) + " |",
+             "|---|---|" + "---|" * (2 * len(quantities) + 1)]
+    for opt in sorted({r["optimizer"] for r in dopr_rows}):
+        for lr in lrs:
+            rs = [r for r in dopr_rows if r["lr"] == lr and r["optimizer"] == opt]
+            if not rs:
+                continue
+            picks, bests = [], []
+            for key, _ in quantities:
+                have = [r for r in rs if key in r]
+                if not have:
+                    picks.append(""), bests.append("")
+                    continue
+                s_ = -1 if "val_loss" in key else sign
+                best = max(have, key=lambda r: s_ * r[key])
+                picks.append(f"{best['damping']:g}")
+                bests.append(f"{best[key]:.4g}")
+            base = [r for r in base_rows if r["lr"] == lr and r["optimizer"] == opt.removeprefix("dopr_")]
+            base_cells = ", ".join(f"{sum(r[k] for r in base if k in r) / len(base):.4g}" for k, _ in quantities) if base else "n/a"
+            lines.append(f"| {opt} | {lr:g} | " + " | ".join(picks) + " | " + " | ".join(bests) + f" | {base_cells} |")
+    return lines + ["", "![metric and validation loss against damping](damping.png)", ""]
+
+
 def log_to_wandb(rows: list[dict], metric: str, task: str, runs_dir: Path, project: str, lab: dict) -> str:
     """One W&B run per report (job_type "report", in the sweep's group): a Table of every run and a
     scatter plot of final validation loss against the final rollout metric, so the dashboard shows
@@ -315,6 +399,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", required=True, type=Path, help="a sweep folder (runs/<task>/<scale>)")
     parser.add_argument("--out", required=True, type=Path, help="results folder (results/<task>)")
     parser.add_argument("--lr-sweep", action="store_true", help="group by (optimizer, lr) and write lr_sweep.md")
+    parser.add_argument("--damping-sweep", action="store_true", help="group by (optimizer, lr, damping) and write damping.md with its figure")
     parser.add_argument("--command", default=None, help="the command that made the runs (written into the report)")
     parser.add_argument("--wandb", action="store_true", help="also log a W&B run with a Table of the runs and a val-loss-vs-metric scatter")
     parser.add_argument("--wandb-project", default="dopr")
@@ -331,10 +416,15 @@ def main(argv=None) -> int:
     task = done[0]["summary"]["task"]
     scale = done[0]["summary"]["scale"]
     commits = sorted({r["summary"]["git_commit"] for r in done})
-    stem = "lr_sweep" if args.lr_sweep else "results"
-    table = summary_table(rows, metric, by_lr=args.lr_sweep)
-    parts = [f"# {task}: {'learning-rate sweep' if args.lr_sweep else 'results'} (scale={scale})", "",
-             f"Generated by `python scripts/report.py --runs {args.runs} --out {args.out}{' --lr-sweep' if args.lr_sweep else ''}` "
+    if args.lr_sweep and args.damping_sweep:
+        parser.error("--lr-sweep and --damping-sweep are two reports: pass one")
+    stem = "damping" if args.damping_sweep else "lr_sweep" if args.lr_sweep else "results"
+    by = {"damping": ("optimizer", "lr", "damping"), "lr_sweep": ("optimizer", "lr"), "results": ("optimizer",)}[stem]
+    flag = {"damping": " --damping-sweep", "lr_sweep": " --lr-sweep", "results": ""}[stem]
+    table = summary_table(rows, metric, by)
+    what = {"damping": "damping sweep", "lr_sweep": "learning-rate sweep", "results": "results"}[stem]
+    parts = [f"# {task}: {what} (scale={scale})", "",
+             f"Generated by `python scripts/report.py --runs {args.runs} --out {args.out}{flag}` "
              f"(report at commit {git_commit(ignore=('results',))}); runs trained at commit(s) {', '.join(commits)}.",
              *([f"The runs were made by `{args.command}`."] if args.command else []), "",
              "Mean ± half-width of the 95% Student-t confidence interval over seeds. `final` is the last step's "
@@ -354,6 +444,9 @@ def main(argv=None) -> int:
             best_loss = min(lrs, key=lambda lr: sum(r["final_val_loss"] for r in lrs[lr]) / len(lrs[lr]))
             parts.append(f"| {opt} | {best_metric:g} | {best_loss:g} |")
         parts.append("")
+    elif args.damping_sweep:
+        args.out.mkdir(parents=True, exist_ok=True)
+        parts += damping_section(rows, metric, higher, args.out, f"{task} (scale={scale})", lab)
     else:
         fig_name = "val_loss_vs_" + metric + ".png"
         figure(rows, metric, args.out / fig_name, f"{task} (scale={scale}): one point per run", lab)
@@ -389,7 +482,7 @@ def main(argv=None) -> int:
     writer.writerows(rows)
     atomic_write_text(args.out / f"{stem}_runs.csv", buf.getvalue())
     # What the cross-task summary (scripts/summary.py) needs to read the CSV without the run folders.
-    meta = {"task": task, "scale": scale, "metric": metric, "higher_is_better": higher, **lab, "lr_sweep": args.lr_sweep,
+    meta = {"task": task, "scale": scale, "metric": metric, "higher_is_better": higher, **lab, "lr_sweep": args.lr_sweep, "damping_sweep": args.damping_sweep,
             "runs": len(done), "failed": [{"run": f["dir"], "status": f["summary"].get("status"), "error": f["summary"].get("error", "")} for f in failed],
             "training_commits": commits, "command": args.command,
             "horizons": {name: [n for n, _ in pts] for name, pts in horizon_series(rows, metric).items()}}

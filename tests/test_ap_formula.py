@@ -184,13 +184,13 @@ def test_layers_reading_one_tensor_share_one_statistic_and_inverse():
             return self.q(x) * self.k(x) + self.other(x.clone())
 
     net = TwoHeads()
-    ap = dopr.ActivationPreconditioner(net, damping=GAMMA)
+    ap = dopr.ActivationPreconditioner(net, damping=GAMMA, update_every=2)  # keeps its solvers for a look
     x = torch.randn(30, 6)
     net(x).pow(2).sum().backward()
     grads = {n: getattr(net, n).weight.grad.clone() for n in ("q", "k", "other")}
     ap.step()
     q, k, other = ap.layers
-    assert q.inverse is k.inverse  # one solve for q and k
-    assert other.inverse is not q.inverse  # a copy is another tensor: its own statistic
+    assert q.solver is k.solver  # one solve for q and k
+    assert other.solver is not q.solver  # a copy is another tensor: its own statistic
     for n in ("q", "k", "other"):
         assert rel_err(getattr(net, n).weight.grad, expected_ap(grads[n], x, GAMMA)) < TOL
