@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # its other dependencies are in pyproject's experiments extra.
 ROBOSUITE ?= robosuite==1.5.2
 
-.PHONY: setup test test-all test-slow bench report clean-venv reproduce-lm sweep-lm-lr reproduce-flow sweep-flow-lr reproduce-control reproduce-robot
+.PHONY: setup test test-all test-slow bench report clean-venv reproduce-lm sweep-lm-lr reproduce-flow sweep-flow-lr reproduce-control reproduce-robot sweep-lm-damping sweep-flow-damping sweep-control-damping sweep-robot-damping
 
 SCALE ?= cpu
 SEEDS ?= 0,1,2
@@ -74,5 +74,16 @@ $(eval $(call reproduce,lm,LM_OPTIMIZERS))
 $(eval $(call reproduce,flow,FLOW_OPTIMIZERS))
 $(eval $(call reproduce,control,CONTROL_OPTIMIZERS))
 $(eval $(call reproduce,robot,ROBOT_OPTIMIZERS))
+# make sweep-<task>-damping: DoPr-AdamW over damping 1e-3..10 at two LRs plus AdamW at both, seed 100
+# (results/<task>/cpu/damping.md; the small files of its runs are committed in results/<task>/cpu/damping_runs/).
+define sweep_damping
+sweep-$(1)-damping: setup
+	$$(PY) -m experiments.train -m +sweep=$(1)_damping $$(LAUNCH)
+	$$(PY) -m experiments.train -m +sweep=$(1)_damping_base $$(LAUNCH)
+	$$(PY) scripts/report.py --runs runs/$(1)/damping_sweep --out results/$(1)/cpu --damping-sweep --command "make sweep-$(1)-damping"
+	$$(MAKE) report
+endef
+
 $(eval $(call sweep_lr,lm))
 $(eval $(call sweep_lr,flow))
+$(foreach t,lm flow control robot,$(eval $(call sweep_damping,$(t))))

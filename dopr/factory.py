@@ -82,13 +82,13 @@ def build_base(model: nn.Module, base, lr: float = 1e-3, weight_decay: float = 0
 class DoPr(Chain):
     """Double preconditioning: activation preconditioning (AP), then a gradient preconditioner.
 
-    ``DoPr(model, base="adamw", lr=1e-3, weight_decay=0.0, damping=1e-3, stats="batch",
+    ``DoPr(model, base="adamw", lr=1e-3, weight_decay=0.0, damping=1.0, stats="batch",
     update_every=1)``: the AP options (see :class:`ActivationPreconditioner`) by their names,
     everything else to the base (see :func:`build_base`). One ``step()``, one ``state_dict()``.
     """
 
     def __init__(self, model: nn.Module, base="adamw", lr: float = 1e-3, weight_decay: float = 0.0, *,
-                 damping: float = 1e-3, stats: str = "batch", ema_decay: float = 0.95, update_every: int = 1,
+                 damping: float = 1.0, stats: str = "batch", ema_decay: float = 0.95, update_every: int = 1,
                  embeddings: bool = True, exclude=(), distributed="auto", process_group=None, **base_kwargs):
         self.base = build_base(model, base, lr, weight_decay, **base_kwargs)
         self.preconditioner = ActivationPreconditioner(

@@ -150,7 +150,7 @@ class ActivationPreconditioner:
     def __init__(
         self,
         model: nn.Module,
-        damping: float = 1e-3,
+        damping: float = 1.0,
         stats: str = "batch",
         ema_decay: float = 0.95,
         update_every: int = 1,

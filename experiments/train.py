@@ -145,10 +145,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         start, best = state["step"], state["best"]
         print(f"resuming {run_dir} from step {start}", flush=True)
 
-    if start >= tr.steps:  # already finished: re-evaluate nothing, report what is on disk
+    if start >= tr.steps:  # already finished: train and evaluate nothing, return the summary the run wrote
         print(f"{run_dir} already finished ({tr.steps} steps)", flush=True)
-        done_summary = run_dir / "summary.json"
-        return json.loads(done_summary.read_text()) if done_summary.exists() else {"best": best, "status": "done"}
+        summary_path = run_dir / "summary.json"
+        if summary_path.exists():
+            return json.loads(summary_path.read_text())
+        # Stopped after its last checkpoint but before writing summary.json: only the checkpoint's best is known.
+        return {"best": best, "status": "done"}
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     commit = git_commit()

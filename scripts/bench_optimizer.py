@@ -2,7 +2,7 @@
 """Per-step time (forward + backward + optimizer step) of every GP with and without AP, and the
 ratio DoPr-X / X measured in the same run, on a small Llama-style transformer and an MLP.
 
-    python scripts/bench_optimizer.py                 # the README's table (about 5 minutes on 2 cores)
+    python scripts/bench_optimizer.py                 # the table in docs/benchmark.md (about 5 minutes on 2 cores)
     python scripts/bench_optimizer.py --lm-batch 16   # fewer tokens per step: AP's share grows
     python scripts/bench_optimizer.py --quick    # tiny sizes, a few seconds (used by the tests)
 

@@ -1,7 +1,7 @@
 """The control (behaviour-cloning) task: the expert network is SB3's SAC actor, rollouts count
 rewards as a plain single-environment loop does, the covariance diagnostic is the Frechet formula,
-the Minari path reads a locally written dataset, the committed expert's return is what the README
-says, and the real entry point runs with a short rollout."""
+the Minari path reads a locally written dataset, the committed expert's return is what
+docs/tasks/control.md says, and the real entry point runs with a short rollout."""
 
 import json
 import re
@@ -91,14 +91,14 @@ def test_minari_dataset_loads_from_a_local_fixture(tmp_path, monkeypatch):
         control.minari_demonstrations("test/hopper/missing-v0")
 
 
-def test_committed_expert_return_is_printed_and_matches_the_readme():
+def test_committed_expert_return_is_printed_and_matches_the_task_doc():
     out = subprocess.run([sys.executable, "scripts/expert.py", "return", "--env", "Hopper-v5"], cwd=ROOT, env=ENV,
                          capture_output=True, text=True, timeout=300, check=True).stdout
     printed = float(re.search(r"mean return (-?[\d.]+)", out)[1])
     stored = json.loads((ROOT / "experiments/assets/experts/Hopper-v5_sac.json").read_text())["mean_return"]
     assert printed == stored, out
-    readme = (ROOT / "README.md").read_text()
-    assert f"mean return {stored}" in readme, "README must quote the committed expert's return"
+    doc = (ROOT / "docs" / "tasks" / "control.md").read_text()
+    assert f"mean return {stored}" in doc, "docs/tasks/control.md must quote the committed expert's return"
     assert stored > 500, "the committed expert should hop (a Hopper that falls at once scores < 200)"
 
 

@@ -63,3 +63,16 @@ def test_diagnostics_on_a_tiny_run(tmp_path):
     assert abs(result["line"][-1][1] - summary["final"]["raw_val_loss"]) < 1e-6  # a=1 is the final raw weights
     assert sorted(result["norms"], key=int) == ["0", "3", "6"]
     assert (out / "ap_diagnostics.png").stat().st_size > 0 and "## 2." in (out / "ap_diagnostics.md").read_text()
+
+
+def test_every_dopr_config_uses_the_library_damping_default():
+    import inspect
+
+    import yaml
+
+    import dopr
+
+    default = inspect.signature(dopr.ActivationPreconditioner).parameters["damping"].default
+    assert default == inspect.signature(dopr.DoPr).parameters["damping"].default
+    for path in sorted((ROOT / "configs" / "optimizer").glob("dopr_*.yaml")):
+        assert yaml.safe_load(path.read_text())["kwargs"]["damping"] == default, path

@@ -8,23 +8,23 @@ tokens conditioned on the model's own earlier output: that is where test-time fe
 
 Paper scale (``task.pretrained=<model path or hub id>``): LoRA SFT of a causal LM on
 OpenMathInstruct-2-style data (problem, generated_solution, expected_answer), evaluated on
-GSM8K-style data (question, answer ending "#### N"). See ``PretrainedLM``.
+GSM8K-style data (question, answer ending "#### N"). See ``lm_pretrained.PretrainedLM``.
 """
 
 from __future__ import annotations
 
 import random
-import re
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from .lm_common import TokenBatches, extract_answer
+
 NAMES = ["Ann", "Bob", "Cal", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kim", "Lu", "Max", "Ned", "Oli", "Pam"]
 ITEMS = ["pens", "cards", "eggs", "coins", "books", "cups", "nuts", "shells", "stamps", "marbles"]
 ADD = ["Buys {n} more", "Finds {n} more", "Gets {n} more", "Is given {n}"]
 SUB = ["Loses {n}", "Gives away {n}", "Sells {n}", "Uses {n}"]
-ANSWER = re.compile(r"####\s*(-?[\d,\.]+)")
 
 
 def make_problem(rng: random.Random, n_steps: int) -> dict:
@@ -46,11 +46,6 @@ def make_problem(rng: random.Random, n_steps: int) -> dict:
     sentences.append("How many now?")
     return {"question": " ".join(sentences), "solution": " ".join(lines) + f" #### {total}",
             "answer": str(total), "steps": n_steps}
-
-
-def extract_answer(text: str) -> str | None:
-    match = ANSWER.search(text)
-    return match.group(1).replace(",", "").rstrip(".") if match else None
 
 
 class CharTokenizer:
@@ -105,26 +100,6 @@ def encode_examples(tok: CharTokenizer, examples, max_len: int):
         ids[i, : len(seq)] = torch.tensor(seq)
         labels[i, len(prompt) : len(seq)] = torch.tensor(target)
     return ids, labels, ids.ne(tok.PAD)
-
-
-class TokenBatches:
-    """Batching and the token loss shared by both LM variants: ``self.train``/``self.val`` are
-    (input_ids, labels, attention_mask) tensors; the step's batch is a function of (seed, step)."""
-
-    def train_batch(self, step: int):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        idx = torch.randint(0, self.train[0].shape[0], (self.cfg.batch_size,), generator=g)
-        return tuple(t[idx].to(self.device) for t in self.train)
-
-    def val_batches(self):
-        n = self.val[0].shape[0]
-        for start in range(0, n, self.cfg.eval_batch_size):
-            yield tuple(t[start : start + self.cfg.eval_batch_size].to(self.device) for t in self.val)
-
-    def loss(self, model: nn.Module, batch) -> torch.Tensor:
-        ids, labels, mask = batch
-        width = int(mask.sum(1).max())  # drop all-padding columns
-        return model(input_ids=ids[:, :width], attention_mask=mask[:, :width], labels=labels[:, :width]).loss
 
 
 class ArithmeticLM(TokenBatches):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .lm import TokenBatches, extract_answer
+from .lm_common import TokenBatches, extract_answer
 
 BOXED = re.compile(r"\\boxed\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}")
 NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")

@@ -1,0 +1,39 @@
+"""What both LM variants share: the "#### N" answer format and the token batching and loss.
+
+``lm.py`` (the embedded arithmetic task, which dispatches to ``lm_pretrained.py`` when
+``task.pretrained`` is set) and ``lm_pretrained.py`` (the paper-scale LoRA path) both import this
+module and not each other."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+
+ANSWER = re.compile(r"####\s*(-?[\d,\.]+)")
+
+
+def extract_answer(text: str) -> str | None:
+    match = ANSWER.search(text)
+    return match.group(1).replace(",", "").rstrip(".") if match else None
+
+
+class TokenBatches:
+    """Batching and the token loss shared by both LM variants: ``self.train``/``self.val`` are
+    (input_ids, labels, attention_mask) tensors; the step's batch is a function of (seed, step)."""
+
+    def train_batch(self, step: int):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        idx = torch.randint(0, self.train[0].shape[0], (self.cfg.batch_size,), generator=g)
+        return tuple(t[idx].to(self.device) for t in self.train)
+
+    def val_batches(self):
+        n = self.val[0].shape[0]
+        for start in range(0, n, self.cfg.eval_batch_size):
+            yield tuple(t[start : start + self.cfg.eval_batch_size].to(self.device) for t in self.val)
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        ids, labels, mask = batch
+        width = int(mask.sum(1).max())  # drop all-padding columns
+        return model(input_ids=ids[:, :width], attention_mask=mask[:, :width], labels=labels[:, :width]).loss
