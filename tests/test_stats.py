@@ -57,7 +57,7 @@ def test_selection_regret_by_hand():
 def _write_report(folder: Path, metric: str, higher: bool, runs: list[dict], stem="results"):
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f"{stem}_runs.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(runs[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in runs for k in r)))
         writer.writeheader()
         writer.writerows(runs)
     meta = {"task": folder.parent.name, "scale": folder.name, "metric": metric, "higher_is_better": higher, "runs": len(runs),
@@ -82,7 +82,8 @@ def test_summary_on_synthetic_reports_is_right_and_deterministic(tmp_path):
     runs = []
     for seed in range(3):
         runs.append({"optimizer": "muon", "lr": 0.01, "seed": seed, "final_val_loss": 0.3, "final_fd": 2.0 + seed})
-        runs.append({"optimizer": "dopr_muon", "lr": 0.01, "seed": seed, "final_val_loss": 0.3, "final_fd": 3.0 + seed})
+        runs.append({"optimizer": "dopr_muon", "lr": 0.01, "seed": seed, "final_val_loss": 0.3, "final_fd": 3.0 + seed,
+                     "damping": 1.0})
     _write_report(results / "beta" / "cpu", "fd", False, runs)
 
     def make():
@@ -101,6 +102,11 @@ def test_summary_on_synthetic_reports_is_right_and_deterministic(tmp_path):
     sweep_line = next(line for line in text.splitlines() if line.startswith("| alpha | adamw |"))
     cells = [c.strip() for c in sweep_line.strip("|").split("|")]
     assert cells[2:8] == ["3", "0.1", "0.01", "0.2", "0.5", "0.3"]
+    # the damping guard: alpha's CSV has no damping column (made at the old default 1e-3) and is flagged;
+    # beta's DoPr runs say damping 1.0, the library default, and are not
+    guard = text.split("## Warning: DoPr runs made at another damping")[1].split("## Did AP help")[0]
+    assert "alpha/cpu" in guard and "damping 0.001" in guard and "beta/cpu" not in guard
+    assert "DoPr was better in 1, worse in 1 and not distinguishable in 0" in text
     assert cells[8] == "+0.50"  # Spearman over the 3 sweep runs: loss ranks 3,2,1 vs accuracy ranks 2,3,1: 1 - 6*2/(3*8)
 
 
