@@ -194,3 +194,115 @@ def test_layers_reading_one_tensor_share_one_statistic_and_inverse():
     assert other.solver is not q.solver  # a copy is another tensor: its own statistic
     for n in ("q", "k", "other"):
         assert rel_err(getattr(net, n).weight.grad, expected_ap(grads[n], x, GAMMA)) < TOL
+
+
+def test_woodbury_when_rows_are_fewer_than_inputs():
+    # 12 rows of a 40-wide input: Sigma is singular, the damping makes the system solvable; the
+    # solve goes through the 12 x 12 Woodbury system, never a 40 x 40 matrix.
+    layer = nn.Linear(40, 7, bias=False)
+    ap = dopr.ActivationPreconditioner(layer, damping=0.1, update_every=2)
+    x = torch.randn(3, 4, 40)
+    layer(x).pow(2).sum().backward()
+    g = layer.weight.grad.clone()
+    ap.step()
+    assert ap.layers[0].solver.kind == "woodbury" and ap.layers[0].solver.a.shape == (1, 12, 40)
+    assert rel_err(layer.weight.grad, expected_ap(g, x.reshape(-1, 40), 0.1)) < TOL
+    dense = nn.Linear(40, 7, bias=False)
+    dense.weight.data.copy_(layer.weight.data)
+    ap_dense = dopr.ActivationPreconditioner(dense, damping=0.1, solver="dense")
+    dense(x).pow(2).sum().backward()
+    ap_dense.step()
+    layer.weight.grad = None
+    layer(x).pow(2).sum().backward()
+    ap.step()  # the second step of the period reuses the Woodbury solver on the new gradient
+    assert rel_err(layer.weight.grad, dense.weight.grad) < TOL
+
+
+def test_subsampled_rows_are_the_formula_on_the_drawn_rows():
+    # max_rows draws rows uniformly without replacement from the seeded generator: the result is the
+    # exact formula on exactly those rows (Linear over tokens, and Conv2d patches).
+    layer = nn.Linear(6, 3, bias=False)
+    ap = dopr.ActivationPreconditioner(layer, damping=GAMMA, max_rows=50, seed=7)
+    x = torch.randn(10, 30, 6)
+    layer(x).pow(2).sum().backward()
+    g = layer.weight.grad.clone()
+    ap.step()
+    idx = torch.randperm(300, generator=torch.Generator().manual_seed(7))[:50].sort().values
+    assert rel_err(layer.weight.grad, expected_ap(g, x.reshape(-1, 6)[idx], GAMMA)) < TOL
+
+    conv = nn.Conv2d(2, 4, kernel_size=3, padding=1)
+    ap = dopr.ActivationPreconditioner(conv, damping=GAMMA, max_rows_per_dim=4, seed=3)  # 4 x 18 = 72 of 128 rows
+    x = torch.randn(2, 2, 8, 8)
+    conv(x).pow(2).sum().backward()
+    g = conv.weight.grad.clone().reshape(4, -1)
+    ap.step()
+    rows = conv2d_patches(x, 3, 1, 1)
+    idx = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(3))[:72].sort().values
+    assert rel_err(conv.weight.grad.reshape(4, -1), expected_ap(g, rows[idx], GAMMA)) < TOL
+
+
+def test_layers_of_one_width_are_factored_together_and_each_is_right():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    seen = [capture_inputs(model[i]) for i in (0, 2, 4)]
+    ap = dopr.ActivationPreconditioner(model, damping=GAMMA)
+    model(torch.randn(64, 8)).pow(2).sum().backward()
+    grads = [model[i].weight.grad.clone() for i in (0, 2, 4)]
+    ap.step()
+    for i, g, inputs in zip((0, 2, 4), grads, seen):
+        assert rel_err(model[i].weight.grad, expected_ap(g, inputs[0], GAMMA)) < TOL
+    assert all(layer.solver is None for layer in ap.layers) and ap.state_bytes() == 0  # nothing kept at update_every=1
+
+
+def test_lora_llama_keeps_no_d_by_d_tensor_between_steps():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=32)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    opt = dopr.DoPr(model, base="adamw", lr=1e-3)
+    ids = torch.randint(0, 64, (4, 16))
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    ap = opt.preconditioner
+    assert ap.layers and all(".lora_A." in l.name or ".lora_B." in l.name for l in ap.layers)
+    assert ap.state_bytes() == 0
+
+    def tensors(obj):
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                yield from tensors(v)
+
+    assert not [t for t in tensors(ap.state_dict()["layers"]) if t.ndim >= 2]
+
+
+def test_subsampling_generator_resumes_from_the_state_dict():
+    xs = [torch.randn(200, 5) for _ in range(3)]
+
+    def run(layer, ap, batches):
+        out = []
+        for x in batches:
+            layer.weight.grad = None
+            layer(x).pow(2).sum().backward()
+            ap.step()
+            out.append(layer.weight.grad.clone())
+        return out
+
+    a = nn.Linear(5, 2, bias=False)
+    ap_a = dopr.ActivationPreconditioner(a, max_rows=20)
+    straight = run(a, ap_a, xs)
+    b = nn.Linear(5, 2, bias=False)
+    b.weight.data.copy_(a.weight.data)
+    ap_b = dopr.ActivationPreconditioner(b, max_rows=20)
+    run(b, ap_b, xs[:1])
+    c = nn.Linear(5, 2, bias=False)
+    c.weight.data.copy_(a.weight.data)
+    ap_c = dopr.ActivationPreconditioner(c, max_rows=20, seed=99)  # another seed, overwritten by the state
+    ap_c.load_state_dict(ap_b.state_dict())
+    resumed = run(c, ap_c, xs[1:])
+    assert all(torch.equal(s, r) for s, r in zip(straight[1:], resumed))
