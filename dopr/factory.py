@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn as nn
 from torch.optim import Optimizer
@@ -12,7 +14,8 @@ from .optimizers import AdaMuon, Muon, Signum
 from .preconditioner import ActivationPreconditioner
 
 BASES = ("adamw", "muon", "signum", "adamuon", "sgd")
-AP_OPTIONS = ("damping", "stats", "ema_decay", "update_every", "embeddings", "exclude", "distributed", "process_group")
+# The keyword arguments of ActivationPreconditioner (after the model), routed to AP by DoPr.
+AP_OPTIONS = tuple(inspect.signature(ActivationPreconditioner).parameters)[1:]
 
 
 def parameter_groups(params, weight_decay: float) -> list[dict]:
@@ -83,17 +86,15 @@ class DoPr(Chain):
     """Double preconditioning: activation preconditioning (AP), then a gradient preconditioner.
 
     ``DoPr(model, base="adamw", lr=1e-3, weight_decay=0.0, damping=1.0, stats="batch",
-    update_every=1)``: the AP options (see :class:`ActivationPreconditioner`) by their names,
-    everything else to the base (see :func:`build_base`). One ``step()``, one ``state_dict()``.
+    update_every=1, ...)``: the AP options (every keyword of :class:`ActivationPreconditioner`,
+    listed in ``AP_OPTIONS``) by their names, everything else to the base (see :func:`build_base`).
+    One ``step()``, one ``state_dict()``.
     """
 
-    def __init__(self, model: nn.Module, base="adamw", lr: float = 1e-3, weight_decay: float = 0.0, *,
-                 damping: float = 1.0, stats: str = "batch", ema_decay: float = 0.95, update_every: int = 1,
-                 embeddings: bool = True, exclude=(), distributed="auto", process_group=None, **base_kwargs):
-        self.base = build_base(model, base, lr, weight_decay, **base_kwargs)
-        self.preconditioner = ActivationPreconditioner(
-            model, damping=damping, stats=stats, ema_decay=ema_decay, update_every=update_every,
-            embeddings=embeddings, exclude=exclude, distributed=distributed, process_group=process_group)
+    def __init__(self, model: nn.Module, base="adamw", lr: float = 1e-3, weight_decay: float = 0.0, **kwargs):
+        ap_kwargs = {k: kwargs.pop(k) for k in AP_OPTIONS if k in kwargs}
+        self.base = build_base(model, base, lr, weight_decay, **kwargs)
+        self.preconditioner = ActivationPreconditioner(model, **ap_kwargs)
         super().__init__([self.base], transforms=[self.preconditioner])
 
     @property

@@ -64,15 +64,18 @@ class _Layer:
     damping: torch.Tensor | float = 0.0  # absolute damping lam of the current solver (a tensor until read)
     refreshed: bool = False  # a solver was built for this layer at least once
     condition: torch.Tensor | None = None  # cond(Sigma) at the last refresh with track_conditioning on
+    source: object = None  # LoRA A (dropout 0): weakref to the adapter's parent input, of which x is a cast
 
     @property
     def weight(self) -> torch.Tensor:
         return self.module.weight
 
 
-def _conv_rows(module: nn.Module, x: torch.Tensor):
-    """(rows per sample, an iterator of chunks of unfolded patches (rows, C_in * prod(kernel)) in the
-    weight's column order, whole samples per chunk)."""
+def _conv_rows(module: nn.Module, x: torch.Tensor, index: torch.Tensor | None = None):
+    """(rows per sample, an iterator of chunks of patches (rows, C_in * prod(kernel)) in the
+    weight's column order). ``index=None``: every patch, unfolded whole samples per chunk;
+    otherwise only the patches of these (sorted) global row numbers, gathered straight from the
+    padded input without unfolding the rest (so a subsampled statistic costs what its rows cost)."""
     if isinstance(module, nn.Conv1d):
         x = x.unsqueeze(-2)  # (B, C, 1, L): a Conv1d is a Conv2d of height 1
         kernel, stride = (1, module.kernel_size[0]), (1, module.stride[0])
@@ -81,7 +84,7 @@ def _conv_rows(module: nn.Module, x: torch.Tensor):
     else:
         kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
         padding = module.padding if not isinstance(module.padding, str) else None
-    if padding is None or module.padding_mode != "zeros":
+    if padding is None or module.padding_mode != "zeros" or (index is not None and any(padding)):
         # 'same' padding (possibly asymmetric) and reflect/replicate/circular modes: pad exactly as
         # the module's own forward does, then unfold without padding.
         pad = module._reversed_padding_repeated_twice
@@ -90,13 +93,28 @@ def _conv_rows(module: nn.Module, x: torch.Tensor):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = F.pad(x, pad, mode=mode)
         padding = (0, 0)
-    per_sample = math.prod((x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2))
+    out = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)]
+    per_sample = out[0] * out[1]
+    if index is not None:
+        index = index.to(x.device)
+        b, pos = index // per_sample, index % per_sample
+        h = (pos // out[1] * stride[0])[:, None] + torch.arange(kernel[0], device=x.device) * dilation[0]  # (n, kh)
+        w = (pos % out[1] * stride[1])[:, None] + torch.arange(kernel[1], device=x.device) * dilation[1]  # (n, kw)
+        patches = x.permute(0, 2, 3, 1)[b[:, None, None], h[:, :, None], w[:, None, :]]  # (n, kh, kw, C)
+        return per_sample, iter([patches.permute(0, 3, 1, 2).reshape(len(index), -1)])
+    if any(padding):
+        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
     chunk = max(1, _UNFOLD_CHUNK_ELEMENTS // max(x[0:1].numel() * math.prod(kernel), 1))
 
     def chunks():
+        # The patches as kh * kw strided slices of the padded input (F.unfold's im2col is several
+        # times slower on CPU for these shapes); the same values in the same (C, kh, kw) order.
         for start in range(0, x.shape[0], chunk):
-            cols = F.unfold(x[start : start + chunk], kernel, dilation=dilation, padding=padding, stride=stride)
-            yield cols.transpose(1, 2).reshape(-1, cols.shape[1])
+            xs = x[start : start + chunk].permute(0, 2, 3, 1)  # (b, H, W, C) view
+            cols = torch.stack([xs[:, i * dilation[0] : i * dilation[0] + (out[0] - 1) * stride[0] + 1 : stride[0],
+                                   j * dilation[1] : j * dilation[1] + (out[1] - 1) * stride[1] + 1 : stride[1]]
+                                for i in range(kernel[0]) for j in range(kernel[1])], dim=-1)  # (b, oh, ow, C, kh*kw)
+            yield cols.view(-1, cols.shape[3] * cols.shape[4])
 
     return per_sample, chunks()
 
@@ -129,11 +147,18 @@ class ActivationPreconditioner:
             without replacement (conv patches and long sequences have far more rows than d_in);
             ``None``: every row (the exact statistic).
         max_rows_per_dim: the same cap relative to the width, ``ceil(max_rows_per_dim * d_in)``
-            rows; with both caps the smaller one holds.
+            rows; with both caps the smaller one holds. Default 8: the cheapest value whose median
+            relative error of the preconditioned gradient over the layers stays within 10% of every
+            row's on the suite's conv U-Nets (docs/benchmark.md, "Row subsampling"); ``None``
+            together with ``max_rows=None`` is the exact statistic.
         solver: "auto" (the Woodbury identity when a statistic has fewer rows than d_in, which
             needs ``damping > 0``, ``stats="batch"`` and no all-reduce; the d x d Cholesky
             otherwise) or "dense" (always the d x d Cholesky).
         seed: seed of the row-subsampling generator (its state is in ``state_dict``).
+        stats_precision: "float32" (default) or "bfloat16": the rows are rounded to bfloat16 before
+            their products are summed in float32 (on CUDA one bf16 tensor-core matmul with a
+            float32 output; elsewhere the same arithmetic emulated in float32). TF32 for the
+            float32 matmuls follows torch's own switch (``torch.backends.cuda.matmul.allow_tf32``).
         embeddings: cover ``nn.Embedding`` layers.
         exclude: module names (exact, or a prefix followed by ".") to leave uncovered.
         distributed: "auto" (all-reduce the statistics when ``torch.distributed`` is initialised
@@ -144,7 +169,10 @@ class ActivationPreconditioner:
     while a module is in training mode with autograd enabled (never in eval or ``no_grad``
     rollouts). Several forward passes before one ``step`` (gradient accumulation, activation
     checkpointing) pool their rows. With ``update_every=1`` nothing of size d x d is kept between
-    steps: the Cholesky factor solves against the gradients and is dropped.
+    steps: the Cholesky factor solves against the gradients and is dropped. Layers that read the
+    same tensor share one statistic and one solve (q/k/v, gate/up), and so do peft LoRA A matrices
+    whose adapters read the same hidden state with dropout 0, even when peft casts that state to
+    the adapters' dtype separately for each (a bf16 base with float32 adapters).
     """
 
     def __init__(
@@ -155,9 +183,10 @@ class ActivationPreconditioner:
         ema_decay: float = 0.95,
         update_every: int = 1,
         max_rows: int | None = None,
-        max_rows_per_dim: float | None = None,
+        max_rows_per_dim: float | None = 8.0,
         solver: str = "auto",
         seed: int = 0,
+        stats_precision: str = "float32",
         embeddings: bool = True,
         exclude: tuple[str, ...] | list[str] = (),
         distributed: bool | str = "auto",
@@ -179,6 +208,8 @@ class ActivationPreconditioner:
             raise ValueError(f"max_rows_per_dim must be None (every row) or a number > 0, got {max_rows_per_dim!r}")
         if solver not in ("auto", "dense"):
             raise ValueError(f"solver must be 'auto' (Woodbury when rows < d_in) or 'dense', got {solver!r}")
+        if stats_precision not in ("float32", "bfloat16"):
+            raise ValueError(f"stats_precision must be 'float32' or 'bfloat16', got {stats_precision!r}")
         if distributed not in ("auto", True, False):
             raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
         self.damping = float(damping)
@@ -188,6 +219,7 @@ class ActivationPreconditioner:
         self.max_rows = max_rows
         self.max_rows_per_dim = max_rows_per_dim
         self.solver = solver
+        self.stats_precision = stats_precision
         self.distributed = distributed
         self.process_group = process_group
         self.steps = 0
@@ -243,11 +275,34 @@ class ActivationPreconditioner:
             layer = _Layer(name=name, module=module, kind=kind, d_in=d_in, groups=groups)
             self.layers.append(layer)
             self._handles.append(module.register_forward_pre_hook(self._make_hook(layer)))
+            parent = self._lora_parent(model, name)
+            if parent is not None:
+                self._handles.append(parent.register_forward_pre_hook(self._make_source_hook(layer)))
         if not self.layers:
             raise ValueError(
                 "ActivationPreconditioner found no layer to cover (Linear, Conv1d, Conv2d, Embedding with a "
                 "trainable, untied weight); uncovered: " + (", ".join(f"{k}: {v}" for k, v in self.uncovered.items()) or "none")
             )
+
+    @staticmethod
+    def _lora_parent(model: nn.Module, name: str):
+        """The peft LoRA layer whose ``lora_A[adapter]`` this is, when that adapter's dropout is the
+        identity (its input is then exactly the parent's input, possibly cast to another dtype)."""
+        parts = name.rsplit(".", 2)
+        if len(parts) != 3 or parts[1] != "lora_A":
+            return None
+        parent = model.get_submodule(parts[0])
+        dropout = getattr(parent, "lora_dropout", None)
+        if isinstance(dropout, nn.ModuleDict) and isinstance(dropout[parts[2]] if parts[2] in dropout else None, nn.Identity):
+            return parent
+        return None
+
+    def _make_source_hook(self, layer: _Layer):
+        def hook(module, args):
+            x = args[0] if args else None
+            layer.source = weakref.ref(x) if isinstance(x, torch.Tensor) else None
+
+        return hook
 
     def _make_hook(self, layer: _Layer):
         def hook(module, args):
@@ -280,11 +335,15 @@ class ActivationPreconditioner:
                          module.dilation, module.groups, module.padding_mode)
         else:
             signature = (layer.kind, layer.d_in)
-        key = (id(x), x._version, signature)
+        # A LoRA A matrix's input is a cast of its parent's input: key it by that tensor, so the
+        # adapters of q/k/v (gate/up) share one statistic whatever dtype peft casts to.
+        source = layer.source() if layer.source is not None else None
+        anchor = source if source is not None and source.shape == x.shape else x
+        key = (id(anchor), anchor._version, signature, x.dtype)
         hit = self._cache.get(key)
-        if hit is not None and hit[0]() is x:
+        if hit is not None and hit[0]() is anchor:
             return hit[1]
-        ref, x = weakref.ref(x), x.detach()
+        ref, x = weakref.ref(anchor), x.detach()
         g, d = layer.groups, layer.d_in
         with torch.autocast(x.device.type, enabled=False):
             if layer.kind == "embedding":
@@ -302,25 +361,25 @@ class ActivationPreconditioner:
                     total_rows = x.shape[0] * per_sample
                     cap = self._row_cap(d)
                     if cap is not None and total_rows > cap:
-                        chunks = self._select(chunks, self._draw(total_rows, cap))
+                        _, chunks = _conv_rows(module, x, self._draw(total_rows, cap))
                 part = self._accumulate(chunks, g, d)
         self._cache[key] = (ref, part)
         return part
 
-    @staticmethod
-    def _select(chunks, index: torch.Tensor):
-        """The rows of ``index`` (sorted global row numbers) out of a stream of row chunks."""
-        start = 0
-        for rows in chunks:
-            lo, hi = torch.searchsorted(index, torch.tensor([start, start + rows.shape[0]])).tolist()  # CPU: no device sync
-            if hi > lo:
-                yield rows.index_select(0, (index[lo:hi] - start).to(rows.device))
-            start += rows.shape[0]
+    def _gram(self, blocks: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Z^T Z per group, float32. With bfloat16 statistics on CUDA: one bf16 matmul with a float32
+        output (``blocks`` holds the same bf16-rounded values in float32 for the other paths)."""
+        if self.stats_precision == "bfloat16" and rows.is_cuda:
+            z = rows.view(rows.shape[0], -1, blocks.shape[-1]).transpose(0, 1)
+            return torch.bmm(z.transpose(1, 2), z, out_dtype=torch.float32)
+        return blocks.transpose(1, 2) @ blocks
 
     def _accumulate(self, chunks, g: int, d: int) -> _Part:
         total, kept, count = None, [], 0
         woodbury = self._woodbury_possible()
         for rows in chunks:
+            if self.stats_precision == "bfloat16":
+                rows = rows.to(torch.bfloat16)
             blocks = rows.float().view(rows.shape[0], g, d).transpose(0, 1)  # (g, n, d)
             count += rows.shape[0]
             if woodbury and count < d:
@@ -329,7 +388,7 @@ class ActivationPreconditioner:
             if kept:  # more rows than d_in after all: fold the kept rows into the sum
                 blocks = torch.cat(kept + [blocks], dim=1)
                 kept = []
-            s = blocks.transpose(1, 2) @ blocks
+            s = self._gram(blocks, rows)
             total = s if total is None else total + s
         if kept:
             rows = kept[0] if len(kept) == 1 else torch.cat(kept, dim=1)
@@ -388,6 +447,7 @@ class ActivationPreconditioner:
         """Drop the inputs collected since the last step (e.g. after skipping a non-finite step)."""
         for layer in self.layers:
             layer.parts.clear()
+            layer.source = None
         self._cache.clear()
 
     def _refresh(self) -> None:

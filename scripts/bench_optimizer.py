@@ -1,20 +1,27 @@
 #!/usr/bin/env python
-"""Per-step time (forward + backward + optimizer step) of every GP with and without AP, and the
-ratio DoPr-X / X measured in the same run, on a small Llama-style transformer and an MLP.
+"""Per-step time (forward + backward + optimizer step) of a GP with and without AP, and the ratio
+DoPr-X / X measured in the same run, on the suite's models: the flow UNet and the robot U-Net at
+scale=cpu widths, a diffusers UNet2DModel (32, 64, 64) at 16x16, a Llama (4 layers x 256), the same
+Llama with LoRA adapters, and a residual MLP (batch 1024, widest input 1024).
 
-    python scripts/bench_optimizer.py                 # the table in docs/benchmark.md (about 5 minutes on 2 cores)
-    python scripts/bench_optimizer.py --lm-batch 16   # fewer tokens per step: AP's share grows
-    python scripts/bench_optimizer.py --quick    # tiny sizes, a few seconds (used by the tests)
+    python scripts/bench_optimizer.py                     # the tables in docs/benchmark.md (AdamW; ~10 minutes on 2 cores)
+    python scripts/bench_optimizer.py --bases adamw,muon  # more GPs
+    python scripts/bench_optimizer.py --workloads flow,robot --rounds 30
+    python scripts/bench_optimizer.py --quick             # tiny sizes, a few seconds (used by the tests)
 
-Every variant trains its own copy of the model on the same batches; variants run interleaved, one
-step each per round, so drift of the machine hits all of them alike. The time per step is the mean
-over a multiple of 10 steps, so the refreshes of update_every=10 are counted, not hidden.
+DoPr-X runs in three settings: "exact" (every row of every batch enters Sigma: ``max_rows_per_dim
+=None``), the library defaults, and the defaults with ``update_every=10``. Every variant trains its
+own copy of the model on the same batches; variants run interleaved, one step each per round, so
+drift of the machine hits all of them alike. The time per step is the mean over a multiple of 10
+steps, so the refreshes of update_every=10 are counted, not hidden. "AP state" is
+``ActivationPreconditioner.state_bytes()`` after the last step (what AP keeps between steps).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import statistics
 import sys
 import time
@@ -52,49 +59,120 @@ class ResidualMLP(nn.Module):
         return self.out(h)
 
 
-def workloads(quick: bool, device: str, lm_batch: int):
+def flow_unet():
+    """The flow task's UNet at scale=cpu (configs/task/flow.yaml): 8x8 digits, batch 128."""
+    from diffusers import UNet2DModel
+
+    model = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32, 32),
+                        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                        norm_num_groups=8, attention_head_dim=8, num_class_embeds=11)
+    return model, (torch.randn(128, 1, 8, 8), torch.rand(128) * 1000, torch.randint(0, 11, (128,)))
+
+
+def unet2d_workload(quick: bool):
+    """A diffusers UNet2DModel with its default blocks, (32, 64, 64) channels, 16x16 RGB, batch 64."""
+    from diffusers import UNet2DModel
+
+    size, batch, widths = (8, 4, (8, 16)) if quick else (16, 64, (32, 64, 64))
+    model = UNet2DModel(sample_size=size, in_channels=3, out_channels=3, block_out_channels=widths,
+                        down_block_types=("DownBlock2D",) * len(widths), up_block_types=("UpBlock2D",) * len(widths),
+                        norm_num_groups=8)
     g = torch.Generator().manual_seed(0)
-    if quick:
-        lm_seq, lm = 16, llama(128, 32, 1, 16)
-        mlp_batch, mlp = 64, ResidualMLP(16, 32, 1, 4)
-    else:
-        # The suite's reference LM: 4 layers, width 256, vocabulary 4096, 128-token sequences.
-        lm_seq, lm = 128, llama(4096, 256, 4, 128)
-        mlp_batch, mlp = 1024, ResidualMLP(64, 256, 3, 16)
-    vocab = lm.config.vocab_size
-    tokens = [torch.randint(0, vocab, (lm_batch, lm_seq), generator=g).to(device) for _ in range(4)]
-    xs = [torch.randn(mlp_batch, mlp.inp.in_features, generator=g).to(device) for _ in range(4)]
-    ys = [torch.randn(mlp_batch, mlp.out.out_features, generator=g).to(device) for _ in range(4)]
+    x, t = torch.randn(batch, 3, size, size, generator=g), torch.rand(batch, generator=g) * 1000
+    return model, lambda m: nn.functional.mse_loss(m(x, t).sample, x)
 
-    def lm_loss(model, i):
-        ids = tokens[i % 4]
-        return model(input_ids=ids, labels=ids).loss
 
-    def mlp_loss(model, i):
-        return nn.functional.mse_loss(model(xs[i % 4]), ys[i % 4])
+def robot_unet(quick: bool):
+    """The robot task's ConditionalUnet1D at scale=cpu widths (configs/task_scale/robot_cpu.yaml):
+    Stack's 7-d actions, 16-step chunks, 2 x 64 conditioning features, batch 128."""
+    from experiments.tasks.robot import ConditionalUnet1D
 
-    yield f"Llama {sum(p.numel() for p in lm.parameters()) / 1e6:.1f}M params, batch {lm_batch}x{lm_seq} tokens", lm.to(device), lm_loss
-    yield f"residual MLP {sum(p.numel() for p in mlp.parameters()) / 1e6:.1f}M params, batch {mlp_batch}", mlp.to(device), mlp_loss
+    dims, batch = ((8, 16), 8) if quick else ((32, 64, 128), 128)
+    model = ConditionalUnet1D(7, 128, dims, kernel=3, groups=8 if not quick else 4)
+    g = torch.Generator().manual_seed(0)
+    x, t, c = torch.randn(batch, 16, 7, generator=g), torch.rand(batch, generator=g) * 1000, torch.randn(batch, 128, generator=g)
+    return model, lambda m: nn.functional.mse_loss(m(x, t, c), x)
+
+
+def mlp_workload(quick: bool):
+    batch, model = (64, ResidualMLP(16, 32, 1, 4)) if quick else (1024, ResidualMLP(64, 256, 3, 16))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, model.inp.in_features, generator=g), torch.randn(batch, model.out.out_features, generator=g)
+    return model, lambda m: nn.functional.mse_loss(m(x), y)
+
+
+def lora_llama(base: nn.Module) -> nn.Module:
+    """LoRA adapters (r=16, dropout 0: q/k/v and gate/up then share one statistic) on every
+    projection of a frozen Llama, as the paper's LM experiments fine-tune."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+
+
+def workloads(chosen: list[str], quick: bool, lm_batch: int):
+    """(key, title, model, loss closure) for each chosen workload."""
+    g = torch.Generator().manual_seed(0)
+    if "flow" in chosen:
+        if quick:
+            model, loss = unet2d_workload(True)
+            yield "flow", "flow UNet (tiny)", model, loss
+        else:
+            model, (x, t, y) = flow_unet()
+            yield "flow", "flow task UNet (scale=cpu), 8x8, batch 128", model, lambda m: nn.functional.mse_loss(m(x, t, class_labels=y).sample, x)
+    if "robot" in chosen:
+        model, loss = robot_unet(quick)
+        yield "robot", "robot task U-Net (scale=cpu widths 32/64/128, kernel 3), batch 128" if not quick else "robot U-Net (tiny)", model, loss
+    if "unet2d" in chosen:
+        model, loss = unet2d_workload(quick)
+        yield "unet2d", "diffusers UNet2DModel (32, 64, 64), 16x16, batch 64" if not quick else "UNet2DModel (tiny)", model, loss
+    seq = 16 if quick else 128
+    for key in ("llama", "lora"):
+        if key not in chosen:
+            continue
+        model = llama(128, 32, 1, 16) if quick else llama(4096, 256, 4, 128)
+        if key == "lora":
+            model = lora_llama(model)
+        vocab = model.config.vocab_size
+        tokens = [torch.randint(0, vocab, (lm_batch, seq), generator=g) for _ in range(4)]
+        title = "Llama 4 layers x 256" if not quick else "Llama (tiny)"
+        title += " + LoRA r=16 on every projection (base frozen)" if key == "lora" else ""
+        yield key, f"{title}, batch {lm_batch}x{seq} tokens", model, (lambda toks: lambda m: m(input_ids=toks[0], labels=toks[0]).loss)(tokens)
+    if "mlp" in chosen:
+        model, loss = mlp_workload(quick)
+        yield "mlp", "residual MLP (width 256, hidden 1024), batch 1024" if not quick else "residual MLP (tiny)", model, loss
+
+
+VARIANTS = (("exact", {"max_rows": None, "max_rows_per_dim": None}), ("default", {}), ("default@10", {"update_every": 10}))
 
 
 def bench(model: nn.Module, loss_fn, bases, rounds: int, warmup: int, device: str):
     variants = {}
     for base in bases:
-        for name, kw in ((base, {}), (f"dopr_{base}", {"update_every": 1}), (f"dopr_{base}@10", {"update_every": 10})):
-            m = copy.deepcopy(model)
-            variants[(base, name)] = [m, dopr.build_optimizer(m, name.split("@")[0], lr=1e-4, **kw), []]
+        m = copy.deepcopy(model).to(device)
+        variants[(base, "")] = [m, dopr.build_optimizer(m, base, lr=1e-4), []]
+        for name, kw in VARIANTS:
+            m = copy.deepcopy(model).to(device)
+            variants[(base, name)] = [m, dopr.build_optimizer(m, f"dopr_{base}", lr=1e-4, **kw), []]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for r in range(warmup + rounds):
         for m, opt, times in variants.values():
             sync()
             t0 = time.perf_counter()
-            loss_fn(m, r).backward()
+            loss_fn(m).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             sync()
             if r >= warmup:
                 times.append(time.perf_counter() - t0)
-    return {key: statistics.fmean(v[2]) for key, v in variants.items()}
+    seconds = {key: statistics.fmean(v[2]) for key, v in variants.items()}
+    state = {key: v[1].preconditioner.state_bytes() for key, v in variants.items() if key[1]}
+    return seconds, state
+
+
+def megabytes(n: int) -> str:
+    return f"{n / 2**20:.2f}"
 
 
 def main(argv=None):
@@ -102,8 +180,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny models and few steps (a smoke run)")
     parser.add_argument("--rounds", type=int, default=None, help="timed steps per variant (default 20; 10 with --quick)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--lm-batch", type=int, default=32, help="sequences of 128 tokens per LM step (default 32)")
-    parser.add_argument("--bases", default=",".join(dopr.BASES), help="comma-separated GPs")
+    parser.add_argument("--lm-batch", type=int, default=16, help="sequences of 128 tokens per LM step (default 16)")
+    parser.add_argument("--bases", default="adamw", help="comma-separated GPs (default adamw; all: " + ",".join(dopr.BASES) + ")")
+    parser.add_argument("--workloads", default="flow,robot,unet2d,llama,lora,mlp", help="comma-separated subset of the default")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     rounds = args.rounds or (10 if args.quick else 20)
@@ -113,18 +192,26 @@ def main(argv=None):
     for b in bases:
         if b not in dopr.BASES:
             parser.error(f"unknown GP {b!r}; choose from {', '.join(dopr.BASES)}")
+    chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    known = ("flow", "robot", "unet2d", "llama", "lora", "mlp")
+    if set(chosen) - set(known):
+        parser.error(f"unknown workloads {sorted(set(chosen) - set(known))}; choose from {', '.join(known)}")
     torch.manual_seed(0)
+    defaults = {k: v.default for k, v in inspect.signature(dopr.ActivationPreconditioner).parameters.items() if k in ("max_rows", "max_rows_per_dim", "solver")}
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads; "
-          f"mean seconds per step over {rounds} steps after {args.warmup} warm-up steps", flush=True)
-    for title, model, loss_fn in workloads(args.quick, args.device, 2 if args.quick else args.lm_batch):
+          f"mean seconds per step over {rounds} steps after {args.warmup} warm-up steps; AP defaults {defaults}", flush=True)
+    for _, title, model, loss_fn in workloads(chosen, args.quick, 2 if args.quick else args.lm_batch):
         print(f"\n### {title}\n", flush=True)
         t0 = time.perf_counter()
-        times = bench(model, loss_fn, bases, rounds, args.warmup, args.device)
-        print("| GP | X (ms/step) | DoPr-X, update_every=1 (ms) | ratio | DoPr-X, update_every=10 (ms) | ratio |")
-        print("|---|---:|---:|---:|---:|---:|")
+        times, state = bench(model, loss_fn, bases, rounds, args.warmup, args.device)
+        print("| GP | X (ms/step) | DoPr-X exact (ms) | ratio | DoPr-X default (ms) | ratio | DoPr-X default, update_every=10 (ms) | ratio "
+              "| AP state exact / default / @10 (MiB) |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
         for base in bases:
-            x, d1, d10 = times[(base, base)], times[(base, f"dopr_{base}")], times[(base, f"dopr_{base}@10")]
-            print(f"| {base} | {1e3 * x:.2f} | {1e3 * d1:.2f} | {d1 / x:.3f} | {1e3 * d10:.2f} | {d10 / x:.3f} |")
+            x = times[(base, "")]
+            cells = [f"{1e3 * times[(base, name)]:.2f} | {times[(base, name)] / x:.3f}" for name, _ in VARIANTS]
+            mem = " / ".join(megabytes(state[(base, name)]) for name, _ in VARIANTS)
+            print(f"| {base} | {1e3 * x:.2f} | " + " | ".join(cells) + f" | {mem} |")
         print(f"\n({time.perf_counter() - t0:.0f} s)", flush=True)
 
 

@@ -33,7 +33,9 @@ def train(rank: int, world: int, init_file: str, out_file: str, all_reduce: bool
     torch.manual_seed(0)
     net = Net()
     model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
-    opt = dopr.DoPr(model, base="adamw", lr=1e-2, distributed="auto" if all_reduce else False)
+    # every row (max_rows_per_dim=None): with subsampling each rank draws its own rows, so two ranks
+    # would match one rank only in distribution
+    opt = dopr.DoPr(model, base="adamw", lr=1e-2, max_rows_per_dim=None, distributed="auto" if all_reduce else False)
     share = GLOBAL_BATCH // world
     for step in range(STEPS):
         batch = torch.randint(0, 17, (GLOBAL_BATCH, 12), generator=torch.Generator().manual_seed(step))

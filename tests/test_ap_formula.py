@@ -85,7 +85,7 @@ def test_conv2d_same_padding_reflect_mode():
 
 def test_grouped_conv_gets_one_block_per_group():
     conv = nn.Conv2d(4, 6, kernel_size=3, padding=1, groups=2)
-    ap = dopr.ActivationPreconditioner(conv, damping=GAMMA)
+    ap = dopr.ActivationPreconditioner(conv, damping=GAMMA, max_rows_per_dim=None)  # 147 rows > 8 x 18: exact here
     x = torch.randn(3, 4, 7, 7)
     conv(x).pow(2).sum().backward()
     g = conv.weight.grad.clone()
@@ -222,7 +222,7 @@ def test_subsampled_rows_are_the_formula_on_the_drawn_rows():
     # max_rows draws rows uniformly without replacement from the seeded generator: the result is the
     # exact formula on exactly those rows (Linear over tokens, and Conv2d patches).
     layer = nn.Linear(6, 3, bias=False)
-    ap = dopr.ActivationPreconditioner(layer, damping=GAMMA, max_rows=50, seed=7)
+    ap = dopr.ActivationPreconditioner(layer, damping=GAMMA, max_rows=50, max_rows_per_dim=None, seed=7)
     x = torch.randn(10, 30, 6)
     layer(x).pow(2).sum().backward()
     g = layer.weight.grad.clone()
@@ -306,3 +306,105 @@ def test_subsampling_generator_resumes_from_the_state_dict():
     ap_c.load_state_dict(ap_b.state_dict())
     resumed = run(c, ap_c, xs[1:])
     assert all(torch.equal(s, r) for s, r in zip(straight[1:], resumed))
+
+
+def test_subsampled_conv_patches_are_the_unfolded_rows():
+    # With a row cap, conv patches are gathered straight from the padded input; the exact path
+    # builds them from strided slices. Both must be F.unfold's rows, in its order, for every
+    # stride/dilation/padding mode, Conv1d included.
+    from dopr.preconditioner import _conv_rows
+
+    convs = [nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2),
+             nn.Conv2d(3, 4, (3, 5), padding="same"), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect", groups=2),
+             nn.Conv1d(3, 5, 5, padding=2), nn.Conv1d(3, 5, 3, stride=2, padding=1, padding_mode="circular"),
+             nn.Conv2d(3, 4, (2, 3), stride=(1, 2), padding=(1, 0), dilation=(2, 1))]
+    for conv in convs:
+        one_d = isinstance(conv, nn.Conv1d)
+        x = torch.randn(5, conv.in_channels, *((9,) if one_d else (9, 8)))
+        xx = x.unsqueeze(-2) if one_d else x
+        pad = list(conv._reversed_padding_repeated_twice) + ([0, 0] if one_d else [])
+        xx = F.pad(xx, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+        kernel, stride, dilation = ((1, conv.kernel_size[0]), (1, conv.stride[0]), (1, conv.dilation[0])) if one_d else (
+            conv.kernel_size, conv.stride, conv.dilation)
+        reference = F.unfold(xx, kernel, dilation=dilation, stride=stride)
+        reference = reference.transpose(1, 2).reshape(-1, reference.shape[1])
+        per_sample, chunks = _conv_rows(conv, x)
+        assert per_sample * 5 == reference.shape[0]
+        assert torch.equal(torch.cat(list(chunks)), reference), conv
+        index = torch.randperm(reference.shape[0])[:17].sort().values
+        _, chunks = _conv_rows(conv, x, index)
+        assert torch.equal(torch.cat(list(chunks)), reference[index]), conv
+
+
+def test_default_row_cap_is_eight_rows_per_input_dimension():
+    layer = nn.Linear(4, 2, bias=False)
+    ap = dopr.ActivationPreconditioner(layer, damping=GAMMA, seed=5)
+    x = torch.randn(100, 4)  # 100 rows > 8 x 4: 32 of them are drawn
+    layer(x).pow(2).sum().backward()
+    g = layer.weight.grad.clone()
+    ap.step()
+    idx = torch.randperm(100, generator=torch.Generator().manual_seed(5))[:32].sort().values
+    assert rel_err(layer.weight.grad, expected_ap(g, x[idx], GAMMA)) < TOL
+    small = nn.Linear(4, 2, bias=False)
+    ap = dopr.ActivationPreconditioner(small, damping=GAMMA)
+    x = torch.randn(32, 4)  # 32 rows = 8 x 4: every row
+    small(x).pow(2).sum().backward()
+    g = small.weight.grad.clone()
+    ap.step()
+    assert rel_err(small.weight.grad, expected_ap(g, x, GAMMA)) < TOL
+
+
+def test_bfloat16_statistics_are_the_formula_on_bf16_rounded_rows():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 3))
+    x = torch.randn(200, 16)
+    hidden = capture_inputs(model[2])
+    grads = {}
+    for precision in ("float32", "bfloat16"):
+        model.zero_grad()
+        ap = dopr.ActivationPreconditioner(model, damping=GAMMA, stats_precision=precision, max_rows_per_dim=None)
+        model(x).pow(2).sum().backward()
+        g0, g2 = model[0].weight.grad.clone(), model[2].weight.grad.clone()
+        ap.step()
+        ap.remove()
+        grads[precision] = (model[0].weight.grad.clone(), model[2].weight.grad.clone())
+    rounded = lambda t: t.bfloat16().double()  # noqa: E731
+    # exactly the formula on bf16-rounded inputs (float32 accumulation) ...
+    assert rel_err(grads["bfloat16"][0], expected_ap(g0, rounded(x), GAMMA)) < TOL
+    assert rel_err(grads["bfloat16"][1], expected_ap(g2, rounded(hidden[-1]), GAMMA)) < TOL
+    # ... and close to the float32 statistic (bf16 keeps 8 bits of mantissa)
+    assert rel_err(grads["bfloat16"][0], grads["float32"][0]) < 2e-2
+    assert rel_err(grads["bfloat16"][1], grads["float32"][1]) < 2e-2
+    assert rel_err(grads["bfloat16"][0], grads["float32"][0]) > 0  # it did round
+
+
+def test_lora_adapters_share_one_statistic_under_a_bf16_base_model():
+    # peft casts the bf16 hidden state to each float32 adapter's dtype separately; q/k/v (and
+    # gate/up) adapters with dropout 0 must still share one statistic, and it must be the formula
+    # on the cast input. With dropout > 0 each adapter sees its own dropped-out input: no sharing.
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=32)
+    for dropout, shared in ((0.0, True), (0.1, False)):
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False,
+                                                target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]))
+        attn = model.base_model.model.model.layers[0].self_attn
+        q_a, k_a, v_a = (getattr(attn, p).lora_A["default"] for p in ("q_proj", "k_proj", "v_proj"))
+        assert q_a.weight.dtype == torch.float32  # peft keeps adapters in float32 over a bf16 base
+        q_in = capture_inputs(q_a)
+        ap = dopr.ActivationPreconditioner(model, damping=GAMMA, max_rows_per_dim=None)
+        ids = torch.randint(0, 64, (4, 16))  # 64 rows > d_in = 32: the dense solve
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        parts = {name: ap_layer.parts[0] for ap_layer in ap.layers for name in [ap_layer.name] if ap_layer.parts}
+        q, k, v = (next(p for n, p in parts.items() if f"{proj}.lora_A" in n) for proj in ("q_proj", "k_proj", "v_proj"))
+        assert (q is k is v) == shared
+        g = q_a.weight.grad.clone()
+        ap.step()
+        if shared:
+            assert q_in[0].dtype == torch.float32
+            assert rel_err(q_a.weight.grad, expected_ap(g, q_in[0].reshape(-1, 32), GAMMA)) < TOL

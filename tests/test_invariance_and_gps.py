@@ -50,7 +50,7 @@ def test_dopr_adamw_equals_adamw_on_the_formula_gradient():
     gamma = 1e-2
     net = mlp(2, dtype=torch.float32)
     ref = copy.deepcopy(net)
-    opt = dopr.DoPr(net, base="adamw", lr=1e-2, weight_decay=0.1, damping=gamma)
+    opt = dopr.DoPr(net, base="adamw", lr=1e-2, weight_decay=0.1, damping=gamma, max_rows_per_dim=None)
     ref_opt = torch.optim.AdamW(dopr.parameter_groups(ref.parameters(), 0.1), lr=1e-2)
     inputs = {}
     for i in (0, 2):

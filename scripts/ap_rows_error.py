@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""How far a row-subsampled AP statistic moves the preconditioned gradient: for each covered layer,
+the relative error ||M_sub - M_exact||_F / ||M_exact||_F of M = G (Sigma + lam I)^-1, where M_exact
+uses every row (conv patch, token) of the batch and M_sub at most ``max_rows_per_dim * d_in`` of
+them, as a function of that ratio. This is the measurement behind the library's default
+``max_rows_per_dim`` (docs/benchmark.md, "Row subsampling").
+
+    python scripts/ap_rows_error.py                       # flow and robot U-Nets (real task batches), UNet2DModel, MLP
+    python scripts/ap_rows_error.py --workloads flow --ratios 0.5,1,2 --draws 2
+    python scripts/ap_rows_error.py --quick               # tiny synthetic models (used by the tests)
+
+The flow and robot U-Nets are the tasks' own models at scale=cpu on the tasks' own training batches,
+after ``--train-steps`` AdamW steps (statistics of a freshly initialised network are not the ones
+training sees). Every layer's error is averaged over ``--draws`` subsampling seeds. Columns: the
+median over all covered matrix layers (layers with no more rows than the cap are exact: error 0);
+the whole model's error (all layers' preconditioned gradients as one vector); and the median, 90th
+percentile and maximum over the subsampled layers only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dopr.preconditioner import ActivationPreconditioner  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def task_workload(task: str, train_steps: int):
+    """(model, loss closure over one fixed training batch) of a suite task at scale=cpu."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments.tasks import build_task
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"task={task}", "scale=cpu"])
+    t = build_task(cfg.task, 0, torch.device("cpu"))
+    model = t.model
+    model.train()
+    if train_steps:
+        opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.task.lr.adamw))
+        for step in range(train_steps):
+            t.loss(model, t.train_batch(step)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    batch = t.train_batch(train_steps)
+    return model, (lambda m: t.loss(m, batch))
+
+
+def synthetic_workloads(quick: bool):
+    from bench_optimizer import mlp_workload, unet2d_workload
+
+    yield "UNet2DModel (32, 64, 64), 16x16, batch 64" if not quick else "UNet2DModel (tiny)", *unet2d_workload(quick)
+    yield "residual MLP, batch 1024" if not quick else "residual MLP (tiny)", *mlp_workload(quick)
+
+
+def preconditioned(model, loss_fn, **options) -> dict[str, torch.Tensor]:
+    """Each covered layer's preconditioned gradient (float64 copies) for one batch."""
+    model.zero_grad(set_to_none=True)
+    ap = ActivationPreconditioner(model, **options)
+    try:
+        loss_fn(model).backward()
+        ap.step()
+        return {layer.name: layer.weight.grad.detach().double().clone() for layer in ap.layers if layer.weight.grad is not None}
+    finally:
+        ap.remove()
+        model.zero_grad(set_to_none=True)
+
+
+def row_counts(model, loss_fn) -> dict[str, tuple[int, int]]:
+    """(rows, d_in) of each covered layer's statistic on this batch."""
+    ap = ActivationPreconditioner(model)
+    try:
+        loss_fn(model).backward()
+        out = {layer.name: (sum(p.count for p in layer.parts), layer.d_in) for layer in ap.layers if layer.kind != "embedding"}
+        ap.reset_stats()
+        return out
+    finally:
+        ap.remove()
+        model.zero_grad(set_to_none=True)
+
+
+def measure(title, model, loss_fn, ratios, draws, damping):
+    counts = row_counts(model, loss_fn)
+    exact = preconditioned(model, loss_fn, damping=damping)
+    print(f"\n### {title}\n", flush=True)
+    print(f"{len(counts)} matrix layers; rows/d_in of the exact statistic: median "
+          f"{statistics.median(n / d for n, d in counts.values()):.1f}, min {min(n / d for n, d in counts.values()):.1f}; damping {damping}\n")
+    print("| max_rows_per_dim | layers subsampled | median over all layers | whole model | median over subsampled layers | 90th pct | max |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    exact_norm = math.sqrt(sum(float(m.square().sum()) for m in exact.values()))
+    for ratio in ratios:
+        errors: dict[str, list[float]] = {}
+        whole = []
+        for seed in range(draws):
+            sub = preconditioned(model, loss_fn, damping=damping, max_rows_per_dim=ratio, seed=seed)
+            whole.append(math.sqrt(sum(float((m - exact[name]).square().sum()) for name, m in sub.items())) / exact_norm)
+            for name, m in sub.items():
+                errors.setdefault(name, []).append(float((m - exact[name]).norm() / exact[name].norm().clamp(min=1e-30)))
+        per_layer = {name: statistics.fmean(v) for name, v in errors.items() if name in counts}  # embeddings are never subsampled
+        sampled = sorted(e for name, e in per_layer.items() if counts[name][0] > math.ceil(ratio * counts[name][1]))
+        if sampled:
+            q90 = sampled[min(len(sampled) - 1, int(0.9 * len(sampled)))]
+            tail = f"{statistics.median(sampled):.3f} | {q90:.3f} | {sampled[-1]:.3f}"
+        else:
+            tail = "- | - | -"
+        overall = statistics.median(per_layer.values())
+        print(f"| {ratio:g} | {len(sampled)}/{len(counts)} | {overall:.3f} | {statistics.fmean(whole):.3f} | {tail} |", flush=True)
+        rows.append((ratio, overall))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default="flow,robot,unet2d,mlp", help="comma-separated: flow, robot, unet2d, mlp")
+    parser.add_argument("--ratios", default="0.25,0.5,1,2,4,8", help="max_rows_per_dim values to measure")
+    parser.add_argument("--draws", type=int, default=3, help="subsampling seeds per ratio (errors averaged per layer)")
+    parser.add_argument("--damping", type=float, default=1.0)
+    parser.add_argument("--train-steps", type=int, default=200, help="AdamW steps on the task before measuring (flow, robot)")
+    parser.add_argument("--quick", action="store_true", help="tiny synthetic models only")
+    args = parser.parse_args(argv)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    torch.manual_seed(0)
+    chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = set(chosen) - {"flow", "robot", "unet2d", "mlp"}
+    if unknown:
+        parser.error(f"unknown workloads {sorted(unknown)}: choose from flow, robot, unet2d, mlp")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; relative Frobenius error of the preconditioned "
+          f"gradient, subsampled vs every row, averaged over {args.draws} draws per layer", flush=True)
+    if args.quick:
+        for title, model, loss_fn in synthetic_workloads(True):
+            measure(title, model, loss_fn, ratios, args.draws, args.damping)
+        return
+    for task in ("flow", "robot"):
+        if task in chosen:
+            model, loss_fn = task_workload(task, args.train_steps)
+            measure(f"{task} task model (scale=cpu), one training batch after {args.train_steps} AdamW steps", model, loss_fn,
+                    ratios, args.draws, args.damping)
+    for title, model, loss_fn in synthetic_workloads(False):
+        if ("unet2d" if title.startswith("UNet2D") else "mlp") in chosen:
+            measure(title, model, loss_fn, ratios, args.draws, args.damping)
+
+
+if __name__ == "__main__":
+    main()
