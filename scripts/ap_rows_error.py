@@ -9,6 +9,9 @@ them, as a function of that ratio. This is the measurement behind the library's 
     python scripts/ap_rows_error.py --workloads flow --ratios 0.5,1,2 --draws 2
     python scripts/ap_rows_error.py --quick               # tiny synthetic models (used by the tests)
 
+Beside each error, the per-step time of DoPr-AdamW at that setting over AdamW's, measured in the
+same process, interleaved (as scripts/bench_optimizer.py does; ``--rounds 0`` skips the timing).
+
 The flow and robot U-Nets are the tasks' own models at scale=cpu on the tasks' own training batches,
 after ``--train-steps`` AdamW steps (statistics of a freshly initialised network are not the ones
 training sees). Every layer's error is averaged over ``--draws`` subsampling seeds. Columns: the
@@ -87,14 +90,22 @@ def row_counts(model, loss_fn) -> dict[str, tuple[int, int]]:
         model.zero_grad(set_to_none=True)
 
 
-def measure(title, model, loss_fn, ratios, draws, damping):
+def measure(title, model, loss_fn, ratios, draws, damping, rounds):
     counts = row_counts(model, loss_fn)
     exact = preconditioned(model, loss_fn, damping=damping)
     print(f"\n### {title}\n", flush=True)
     print(f"{len(counts)} matrix layers; rows/d_in of the exact statistic: median "
           f"{statistics.median(n / d for n, d in counts.values()):.1f}, min {min(n / d for n, d in counts.values()):.1f}; damping {damping}\n")
-    print("| max_rows_per_dim | layers subsampled | median over all layers | whole model | median over subsampled layers | 90th pct | max |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    times = {}
+    if rounds:
+        from bench_optimizer import bench
+
+        settings = [("exact", {"max_rows_per_dim": None})] + [(f"{r:g}", {"max_rows_per_dim": r}) for r in ratios]
+        times, _ = bench(model, loss_fn, ["adamw"], rounds, 2, "cpu", settings)
+        print(f"per-step time, DoPr-AdamW exact / AdamW: {times[('adamw', 'exact')] / times[('adamw', '')]:.2f} "
+              f"(AdamW {1e3 * times[('adamw', '')]:.1f} ms/step, {rounds} interleaved steps)\n")
+    print("| max_rows_per_dim | DoPr-AdamW / AdamW per step | layers subsampled | median over all layers | whole model | median over subsampled layers | 90th pct | max |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     exact_norm = math.sqrt(sum(float(m.square().sum()) for m in exact.values()))
     for ratio in ratios:
@@ -113,7 +124,8 @@ def measure(title, model, loss_fn, ratios, draws, damping):
         else:
             tail = "- | - | -"
         overall = statistics.median(per_layer.values())
-        print(f"| {ratio:g} | {len(sampled)}/{len(counts)} | {overall:.3f} | {statistics.fmean(whole):.3f} | {tail} |", flush=True)
+        ratio_time = f"{times[('adamw', f'{ratio:g}')] / times[('adamw', '')]:.2f}" if times else "-"
+        print(f"| {ratio:g} | {ratio_time} | {len(sampled)}/{len(counts)} | {overall:.3f} | {statistics.fmean(whole):.3f} | {tail} |", flush=True)
         rows.append((ratio, overall))
     return rows
 
@@ -125,6 +137,7 @@ def main(argv=None):
     parser.add_argument("--draws", type=int, default=3, help="subsampling seeds per ratio (errors averaged per layer)")
     parser.add_argument("--damping", type=float, default=1.0)
     parser.add_argument("--train-steps", type=int, default=200, help="AdamW steps on the task before measuring (flow, robot)")
+    parser.add_argument("--rounds", type=int, default=20, help="timed steps per setting (0: no timing)")
     parser.add_argument("--quick", action="store_true", help="tiny synthetic models only")
     args = parser.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -137,16 +150,16 @@ def main(argv=None):
           f"gradient, subsampled vs every row, averaged over {args.draws} draws per layer", flush=True)
     if args.quick:
         for title, model, loss_fn in synthetic_workloads(True):
-            measure(title, model, loss_fn, ratios, args.draws, args.damping)
+            measure(title, model, loss_fn, ratios, args.draws, args.damping, args.rounds)
         return
     for task in ("flow", "robot"):
         if task in chosen:
             model, loss_fn = task_workload(task, args.train_steps)
             measure(f"{task} task model (scale=cpu), one training batch after {args.train_steps} AdamW steps", model, loss_fn,
-                    ratios, args.draws, args.damping)
+                    ratios, args.draws, args.damping, args.rounds)
     for title, model, loss_fn in synthetic_workloads(False):
         if ("unet2d" if title.startswith("UNet2D") else "mlp") in chosen:
-            measure(title, model, loss_fn, ratios, args.draws, args.damping)
+            measure(title, model, loss_fn, ratios, args.draws, args.damping, args.rounds)
 
 
 if __name__ == "__main__":

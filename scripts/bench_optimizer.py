@@ -147,12 +147,14 @@ def workloads(chosen: list[str], quick: bool, lm_batch: int):
 VARIANTS = (("exact", {"max_rows": None, "max_rows_per_dim": None}), ("default", {}), ("default@10", {"update_every": 10}))
 
 
-def bench(model: nn.Module, loss_fn, bases, rounds: int, warmup: int, device: str):
+def bench(model: nn.Module, loss_fn, bases, rounds: int, warmup: int, device: str, settings=VARIANTS):
+    """Mean seconds per step of each GP ((base, "")) and of DoPr-GP in each of ``settings``
+    ((base, name)), interleaved; and the AP state's bytes of each DoPr variant."""
     variants = {}
     for base in bases:
         m = copy.deepcopy(model).to(device)
         variants[(base, "")] = [m, dopr.build_optimizer(m, base, lr=1e-4), []]
-        for name, kw in VARIANTS:
+        for name, kw in settings:
             m = copy.deepcopy(model).to(device)
             variants[(base, name)] = [m, dopr.build_optimizer(m, f"dopr_{base}", lr=1e-4, **kw), []]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
