@@ -79,7 +79,7 @@ def preconditioned(model, loss_fn, **options) -> dict[str, torch.Tensor]:
 
 def row_counts(model, loss_fn) -> dict[str, tuple[int, int]]:
     """(rows, d_in) of each covered layer's statistic on this batch."""
-    ap = ActivationPreconditioner(model)
+    ap = ActivationPreconditioner(model, max_rows_per_dim=None)
     try:
         loss_fn(model).backward()
         out = {layer.name: (sum(p.count for p in layer.parts), layer.d_in) for layer in ap.layers if layer.kind != "embedding"}
@@ -92,7 +92,7 @@ def row_counts(model, loss_fn) -> dict[str, tuple[int, int]]:
 
 def measure(title, model, loss_fn, ratios, draws, damping, rounds):
     counts = row_counts(model, loss_fn)
-    exact = preconditioned(model, loss_fn, damping=damping)
+    exact = preconditioned(model, loss_fn, damping=damping, max_rows_per_dim=None)
     print(f"\n### {title}\n", flush=True)
     print(f"{len(counts)} matrix layers; rows/d_in of the exact statistic: median "
           f"{statistics.median(n / d for n, d in counts.values()):.1f}, min {min(n / d for n, d in counts.values()):.1f}; damping {damping}\n")
