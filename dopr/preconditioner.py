@@ -319,9 +319,14 @@ class ActivationPreconditioner:
         caps = [c for c in (self.max_rows, None if self.max_rows_per_dim is None else math.ceil(self.max_rows_per_dim * d)) if c]
         return min(caps) if caps else None
 
-    def _draw(self, n: int, cap: int) -> torch.Tensor:
-        """``cap`` of the row indices 0..n-1, uniformly without replacement, sorted (CPU)."""
-        return torch.randperm(n, generator=self._generator)[:cap].sort().values
+    def _draw(self, n: int, cap: int, device: torch.device) -> torch.Tensor:
+        """``cap`` of the row indices 0..n-1, uniformly without replacement, sorted, on ``device``.
+        Drawn on the CPU generator (its state is in ``state_dict``) and copied from pinned memory
+        without blocking, so subsampling adds no host-device sync."""
+        index = torch.randperm(n, generator=self._generator)[:cap].sort().values
+        if device.type == "cuda":
+            return index.pin_memory().to(device, non_blocking=True)
+        return index.to(device)
 
     def _woodbury_possible(self) -> bool:
         return self.solver == "auto" and self.damping > 0 and self.stats == "batch" and not self._use_distributed()
@@ -348,20 +353,22 @@ class ActivationPreconditioner:
         with torch.autocast(x.device.type, enabled=False):
             if layer.kind == "embedding":
                 flat = x.reshape(-1)
-                part = _Part(count=flat.numel(), sum=torch.bincount(flat, minlength=d).float())
+                # scatter_add, not bincount: CUDA's bincount reads the largest index back (a sync)
+                counts = torch.zeros(d, dtype=torch.float32, device=flat.device)
+                part = _Part(count=flat.numel(), sum=counts.scatter_add_(0, flat, torch.ones(flat.shape, device=flat.device)))
             else:
                 if layer.kind == "linear":
                     rows = x.reshape(-1, x.shape[-1])
                     cap = self._row_cap(d)
                     if cap is not None and rows.shape[0] > cap:
-                        rows = rows.index_select(0, self._draw(rows.shape[0], cap).to(rows.device))
+                        rows = rows.index_select(0, self._draw(rows.shape[0], cap, rows.device))
                     chunks = [rows]
                 else:
                     per_sample, chunks = _conv_rows(module, x)
                     total_rows = x.shape[0] * per_sample
                     cap = self._row_cap(d)
                     if cap is not None and total_rows > cap:
-                        _, chunks = _conv_rows(module, x, self._draw(total_rows, cap))
+                        _, chunks = _conv_rows(module, x, self._draw(total_rows, cap, x.device))
                 part = self._accumulate(chunks, g, d)
         self._cache[key] = (ref, part)
         return part
@@ -626,7 +633,7 @@ class ActivationPreconditioner:
             e["sum"] = flat[offset : offset + n].view_as(e["sum"])
             offset += n
         for i, e in enumerate(entries):
-            e["count"] = float(flat[offset + i])
+            e["count"] = flat[offset + i]  # a 0-d tensor: reading it here would cost a sync per statistic
 
     # ------------------------------------------------------------------ reporting
     def coverage(self) -> dict[str, str]:

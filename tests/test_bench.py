@@ -3,18 +3,33 @@ import subprocess
 import sys
 from pathlib import Path
 
-import dopr
-
 ROOT = Path(__file__).resolve().parents[1]
+NUMBER = r"([\d.]+)"
 
 
 def test_benchmark_prints_a_ratio_row_per_gp_and_workload():
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_optimizer.py"), "--quick"],
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_optimizer.py"), "--quick", "--bases", "adamw,muon"],
                          check=True, capture_output=True, text=True, timeout=300).stdout
-    assert out.count("| GP | X (ms/step)") == 2  # the transformer and the MLP
-    for base in dopr.BASES:
-        rows = re.findall(rf"^\| {base} \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", out, re.M)
-        assert len(rows) == 2, out
-        for x, d1, r1, d10, r10 in rows:
-            assert abs(float(d1) / float(x) - float(r1)) < 0.02 * float(r1) + 0.002
-            assert abs(float(d10) / float(x) - float(r10)) < 0.02 * float(r10) + 0.002
+    assert out.count("| GP | X (ms/step)") == 6  # flow, robot, UNet2DModel, Llama, LoRA Llama, MLP
+    for base in ("adamw", "muon"):
+        rows = re.findall(rf"^\| {base} \| {NUMBER} \| " + r" \| ".join([NUMBER] * 6) + r" \| ([\d.]+) / ([\d.]+) / ([\d.]+) \|$", out, re.M)
+        assert len(rows) == 6, out
+        for x, t1, r1, t2, r2, t3, r3, m1, m2, m3 in rows:
+            for t, r in ((t1, r1), (t2, r2), (t3, r3)):
+                assert abs(float(t) / float(x) - float(r)) < 0.02 * float(r) + 0.002
+            assert float(m1) == 0 and float(m2) == 0  # update_every=1 keeps nothing between steps
+            assert float(m3) > 0  # update_every=10 keeps its inverses
+
+
+def test_rows_error_is_zero_without_subsampling_and_grows_with_fewer_rows():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "ap_rows_error.py"), "--quick", "--ratios", "0.5,2,1000",
+                          "--draws", "2", "--rounds", "0"], check=True, capture_output=True, text=True, timeout=300).stdout
+    tables = re.findall(r"^\| ([\d.]+) \| - \| (\d+)/(\d+) \| ([\d.]+) \| ([\d.]+) \|", out, re.M)
+    assert len(tables) == 6, out  # two workloads x three ratios
+    for ratio, sampled, layers, median, whole in tables:
+        if ratio == "1000":  # a cap above every layer's rows: the exact statistic
+            assert sampled == "0" and float(median) == 0 and float(whole) == 0
+    by_ratio = {}
+    for ratio, _, _, _, whole in tables:
+        by_ratio.setdefault(ratio, []).append(float(whole))
+    assert all(a > b for a, b in zip(by_ratio["0.5"], by_ratio["2"])), out
