@@ -13,6 +13,7 @@ their own update rule), so it is written here.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -231,8 +232,37 @@ class ActivationPreconditioner:
         self.uncovered: dict[str, str] = {}
         self._generator = torch.Generator().manual_seed(seed)
         self._cache: dict = {}  # per step: statistics of input tensors already seen (shared inputs)
+        self._mask: tuple | None = None  # (shape, flat indices of the kept positions) inside row_mask()
         self._handles = []
         self._discover(model, embeddings, tuple(exclude))
+
+    @contextlib.contextmanager
+    def row_mask(self, mask: torch.Tensor):
+        """Inside this block, rows at positions where ``mask`` is False never enter a statistic::
+
+            with ap.row_mask(attention_mask):   # (batch, tokens), True on real tokens
+                loss = model(input_ids=ids, attention_mask=attention_mask, labels=labels).loss
+
+        Padding gets no loss gradient, so its rows should not weigh in Sigma. The mask applies to
+        every Linear input whose leading dims are ``mask.shape`` and every Embedding input of that
+        shape; other inputs (convs, pooled features) are unaffected. Costs one host-device sync on
+        entry (the kept positions are counted once)."""
+        mask = torch.as_tensor(mask)
+        if mask.dtype != torch.bool:
+            mask = mask != 0
+        previous = self._mask
+        self._mask = (tuple(mask.shape), mask.reshape(-1).nonzero().squeeze(1))
+        try:
+            yield self
+        finally:
+            self._mask = previous
+
+    def _masked_rows(self, x: torch.Tensor, lead: tuple) -> torch.Tensor | None:
+        """The flat indices of the kept positions when a row mask applies to an input of these
+        leading dims, else None."""
+        if self._mask is None or lead != self._mask[0]:
+            return None
+        return self._mask[1].to(x.device)
 
     # ------------------------------------------------------------------ discovery and hooks
     def _discover(self, model, embeddings, exclude):
@@ -344,7 +374,7 @@ class ActivationPreconditioner:
         # adapters of q/k/v (gate/up) share one statistic whatever dtype peft casts to.
         source = layer.source() if layer.source is not None else None
         anchor = source if source is not None and source.shape == x.shape else x
-        key = (id(anchor), anchor._version, signature, x.dtype)
+        key = (id(anchor), anchor._version, signature, x.dtype, None if self._mask is None else id(self._mask[1]))
         hit = self._cache.get(key)
         if hit is not None and hit[0]() is anchor:
             return hit[1]
@@ -353,12 +383,18 @@ class ActivationPreconditioner:
         with torch.autocast(x.device.type, enabled=False):
             if layer.kind == "embedding":
                 flat = x.reshape(-1)
+                kept = self._masked_rows(x, tuple(x.shape))
+                if kept is not None:
+                    flat = flat.index_select(0, kept)
                 # scatter_add, not bincount: CUDA's bincount reads the largest index back (a sync)
                 counts = torch.zeros(d, dtype=torch.float32, device=flat.device)
                 part = _Part(count=flat.numel(), sum=counts.scatter_add_(0, flat, torch.ones(flat.shape, device=flat.device)))
             else:
                 if layer.kind == "linear":
                     rows = x.reshape(-1, x.shape[-1])
+                    kept = self._masked_rows(x, tuple(x.shape[:-1]))
+                    if kept is not None:
+                        rows = rows.index_select(0, kept)
                     cap = self._row_cap(d)
                     if cap is not None and rows.shape[0] > cap:
                         rows = rows.index_select(0, self._draw(rows.shape[0], cap, rows.device))

@@ -12,6 +12,7 @@ evaluator every ``rollout_every`` steps and at the end, atomic checkpoints. Ever
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -105,6 +106,10 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 def validation_loss(task, model) -> float:
     was = model.training
     model.eval()
+    if hasattr(task, "val_loss_terms"):  # a per-token (per-item) mean over the whole set
+        terms = [task.val_loss_terms(model, batch) for batch in task.val_batches()]
+        model.train(was)
+        return sum(t for t, _ in terms) / max(1, sum(n for _, n in terms))
     losses = [float(task.loss(model, batch)) for batch in task.val_batches()]
     model.train(was)
     return sum(losses) / len(losses)
@@ -194,7 +199,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         snapshot(0)
     t_start = time.time()
     for step in range(start, tr.steps):
-        loss = task.loss(train_model, shard(task.train_batch(step), rank, world))
+        batch = shard(task.train_batch(step), rank, world)
+        # Padding (a task's row_mask) never enters AP's statistics.
+        with ap.row_mask(task.row_mask(batch)) if ap is not None and hasattr(task, "row_mask") else contextlib.nullcontext():
+            loss = task.loss(train_model, batch)
         seen = loss.detach().clone()
         if world > 1:  # every process must see the same loss to stop together on a non-finite one
             torch.distributed.all_reduce(seen)

@@ -408,3 +408,36 @@ def test_lora_adapters_share_one_statistic_under_a_bf16_base_model():
         if shared:
             assert q_in[0].dtype == torch.float32
             assert rel_err(q_a.weight.grad, expected_ap(g, q_in[0].reshape(-1, 32), GAMMA)) < TOL
+
+
+def test_row_mask_keeps_padding_out_of_sigma_whatever_the_padding():
+    # The same two sequences, right-padded to 9 and to 14 tokens: inside row_mask(attention_mask)
+    # every layer's Sigma (and the embedding's token counts) must be the same; without the mask the
+    # padded positions would enter it.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    seqs = [torch.randint(1, 32, (5,)), torch.randint(1, 32, (9,))]
+
+    def batch(width):
+        ids = torch.zeros(2, width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = s
+        return ids, ids.ne(0)
+
+    sigmas = []
+    for width, masked in ((9, True), (14, True), (14, False)):
+        ap = dopr.ActivationPreconditioner(model, max_rows_per_dim=None)
+        ids, mask = batch(width)
+        with ap.row_mask(mask) if masked else torch.enable_grad():
+            model(input_ids=ids, attention_mask=mask)
+        sigmas.append(ap.second_moments())
+        ap.reset_stats()
+        ap.remove()
+    assert sigmas[0].keys() == sigmas[1].keys() and len(sigmas[0]) >= 7
+    for name in sigmas[0]:
+        assert torch.allclose(sigmas[0][name], sigmas[1][name], rtol=1e-5, atol=1e-6), name
+    assert not torch.allclose(sigmas[1]["model.embed_tokens"], sigmas[2]["model.embed_tokens"])
+    assert not torch.allclose(sigmas[1]["model.layers.0.mlp.down_proj"], sigmas[2]["model.layers.0.mlp.down_proj"])

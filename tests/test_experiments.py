@@ -160,3 +160,23 @@ def test_answer_extraction():
     assert final_answer("so \\boxed{1,200}.") == "1200" and final_answer("#### 42.") == "42" and final_answer("x = 3.0") == "3"
     p = make_problem(random.Random(0), 3)
     assert p["steps"] == 3 and extract_answer(p["solution"]) == p["answer"] and p["solution"].count("=") == 3
+
+
+def test_lm_validation_loss_is_a_per_token_mean_whatever_the_eval_batch(tmp_path):
+    # Validation sequences differ in length, so a mean of per-batch means would depend on how the
+    # set is batched; the per-token mean must not.
+    from hydra import compose, initialize_config_dir
+
+    from experiments.tasks import build_task
+    from experiments.train import validation_loss
+
+    losses = []
+    for eval_batch in (64, 7):
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose("train", overrides=["task=lm", "scale=smoke", f"task.data_dir={tmp_path}", f"task.eval_batch_size={eval_batch}"])
+        task = build_task(cfg.task, 0, torch.device("cpu"))
+        losses.append(validation_loss(task, task.model))
+        terms = [task.val_loss_terms(task.model, b) for b in task.val_batches()]
+        by_hand = sum(t for t, _ in terms) / sum(n for _, n in terms)
+        assert abs(losses[-1] - by_hand) < 1e-9
+    assert abs(losses[0] - losses[1]) < 1e-5 * losses[0]

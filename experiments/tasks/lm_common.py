@@ -26,14 +26,29 @@ class TokenBatches:
     def train_batch(self, step: int):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         idx = torch.randint(0, self.train[0].shape[0], (self.cfg.batch_size,), generator=g)
-        return tuple(t[idx].to(self.device) for t in self.train)
+        return self._trim(tuple(t[idx] for t in self.train))
 
     def val_batches(self):
         n = self.val[0].shape[0]
         for start in range(0, n, self.cfg.eval_batch_size):
-            yield tuple(t[start : start + self.cfg.eval_batch_size].to(self.device) for t in self.val)
+            yield self._trim(tuple(t[start : start + self.cfg.eval_batch_size] for t in self.val))
+
+    def _trim(self, batch):
+        """Drop the all-padding columns (batches are right-padded to task.max_len) and move to the device."""
+        width = int(batch[2].sum(1).max())
+        return tuple(t[:, :width].to(self.device) for t in batch)
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         ids, labels, mask = batch
-        width = int(mask.sum(1).max())  # drop all-padding columns
-        return model(input_ids=ids[:, :width], attention_mask=mask[:, :width], labels=labels[:, :width]).loss
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    def row_mask(self, batch) -> torch.Tensor:
+        """Real tokens (True) and padding (False): the training loop keeps padding out of AP's statistics."""
+        return batch[2]
+
+    def val_loss_terms(self, model: nn.Module, batch) -> tuple[float, int]:
+        """(summed NLL, number of predicted tokens) of one batch, so that the validation loss is a
+        per-token mean over the whole set, not a mean of per-batch means."""
+        ids, labels, mask = batch
+        tokens = int((labels[:, 1:] != -100).sum())  # the model shifts labels by one
+        return float(self.loss(model, batch).detach()) * tokens, tokens
