@@ -60,3 +60,76 @@ def selection(rows: list[dict], metric_key: str, higher_is_better: bool, loss_ke
     regret = abs(mean[by_metric][0] - mean[by_loss][0])
     return {"lr_by_loss": by_loss, "lr_by_metric": by_metric, "metric_at_loss_choice": mean[by_loss][0],
             "metric_at_metric_choice": mean[by_metric][0], "regret": regret, "lrs": len(mean)}
+
+
+# ---------------------------------------------------------------------------------------------
+# rliable's estimators (Agarwal et al. 2021): interquartile mean, probability of improvement and
+# their stratified-bootstrap percentile intervals. Written here, not imported: rliable 1.2 needs
+# arch < 8, and arch 7.x does not import next to pandas 3 (TypeError in deprecate_kwarg), which the
+# suite's datasets stack installs. The definitions follow rliable.metrics exactly (a 25% trimmed
+# mean over every run and task; the Mann-Whitney U statistic over n_x n_y, 0.5 for identical
+# samples, averaged over tasks) and are tested against hand computations in tests/test_stats.py.
+
+def _matrix(scores):
+    import numpy as np
+
+    a = np.asarray(scores, dtype=float)
+    return a[:, None] if a.ndim == 1 else a  # (runs, tasks)
+
+
+def iqm(scores) -> float:
+    """Interquartile mean: the mean of the middle 50% of all scores (runs x tasks, or runs)."""
+    from scipy import stats
+
+    return float(stats.trim_mean(_matrix(scores), proportiontocut=0.25, axis=None))
+
+
+def probability_of_improvement(x, y) -> float:
+    """P(X > Y) + P(X = Y) / 2 for a run of X against a run of Y, averaged over tasks (higher-is-better
+    scores: negate both for a lower-is-better metric)."""
+    from scipy import stats
+
+    x, y = _matrix(x), _matrix(y)
+    probs = []
+    for task in range(x.shape[1]):
+        a, b = x[:, task], y[:, task]
+        if len(a) == len(b) and (a == b).all():
+            probs.append(0.5)
+        else:
+            probs.append(float(stats.mannwhitneyu(a, b, alternative="greater").statistic) / (len(a) * len(b)))
+    return sum(probs) / len(probs)
+
+
+def bootstrap_ci(func, *samples, reps: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """(point estimate, low, high): ``func(*samples)`` and its stratified-bootstrap percentile
+    interval. Each sample is (runs,) or (runs, tasks); every replicate redraws, with replacement and
+    independently, the runs of each task of each sample (rliable's StratifiedBootstrap)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    mats = [_matrix(s) for s in samples]
+    point = float(func(*mats))
+    values = np.empty(reps)
+    for i in range(reps):
+        drawn = []
+        for m in mats:
+            idx = rng.integers(0, m.shape[0], size=m.shape)  # per task (column), its own runs
+            drawn.append(np.take_along_axis(m, idx, axis=0))
+        values[i] = func(*drawn)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return point, float(low), float(high)
+
+
+def minimum_detectable_difference(diffs: list[float], alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true mean difference a two-sided paired t-test at level ``alpha`` detects with
+    probability ``power``, given these paired differences' spread and count:
+    (t_{1-alpha/2, n-1} + t_{power, n-1}) * sd / sqrt(n). nan for fewer than 2 pairs."""
+    from scipy import stats
+
+    n = len(diffs)
+    if n < 2:
+        return math.nan
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    return float(stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n)

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from experiments.checkpoint import atomic_write_text  # noqa: E402
-from experiments.stats import mean_ci, paired, selection, spearman  # noqa: E402
+from experiments.stats import bootstrap_ci, iqm, mean_ci, minimum_detectable_difference, paired, probability_of_improvement, selection, spearman  # noqa: E402
 
 ORDER = ["adamw", "muon", "signum", "adamuon", "sgd"]
 
@@ -106,7 +106,14 @@ def comparisons(entry: dict) -> list[dict]:
         treated, control = by_opt[f"dopr_{base}"], by_opt[base]
         d_metric = paired({s: r[metric_key] for s, r in treated.items()}, {s: r[metric_key] for s, r in control.items()})
         d_loss = paired({s: r["final_val_loss"] for s, r in treated.items()}, {s: r["final_val_loss"] for s, r in control.items()})
+        x = [r[metric_key] for r in control.values()]
+        dx = [r[metric_key] for r in treated.values()]
+        keys = d_metric["seeds"]
         rows.append({"base": base, "metric": d_metric, "loss": d_loss, "metric_verdict": verdict(d_metric, sign),
+                     # rliable's estimators: IQM of each, P(DoPr-X beats X) on a run, both with stratified-bootstrap 95% intervals
+                     "iqm": (bootstrap_ci(iqm, x), bootstrap_ci(iqm, dx)),
+                     "poi": bootstrap_ci(probability_of_improvement, [sign * v for v in dx], [sign * v for v in x]),
+                     "mdd": minimum_detectable_difference([treated[k][metric_key] - control[k][metric_key] for k in keys]),
                      "loss_verdict": verdict(d_loss, -1),
                      "base_mean": mean_ci([r[metric_key] for r in control.values()])[0],
                      "dopr_mean": mean_ci([r[metric_key] for r in treated.values()])[0]})
@@ -119,6 +126,15 @@ def ci_text(d: dict, digits: int = 4) -> str:
     if math.isnan(d["ci"]):
         return f"{d['mean']:+.{digits}f}"
     return f"{d['mean']:+.{digits}f} [{d['mean'] - d['ci']:+.{digits}f}, {d['mean'] + d['ci']:+.{digits}f}]"
+
+
+def interval_text(estimate: tuple[float, float, float], digits: int = 4) -> str:
+    point, low, high = estimate
+    return f"{point:.{digits}g} [{low:.{digits}g}, {high:.{digits}g}]"
+
+
+def mdd_text(mdd: float) -> str:
+    return "n/a" if math.isnan(mdd) else f"{mdd:.3g}"
 
 
 def p_text(p: float) -> str:
@@ -200,17 +216,24 @@ def main(argv=None) -> int:
              "Differences are DoPr-X minus X on the final weights, paired over the seeds both have: mean, 95% t-interval "
              "[low, high], and the two-sided paired t-test p-value. 'better'/'worse' means the interval excludes 0 "
              "(in the direction that is better for that quantity: higher accuracy, lower FD, lower loss); with 3 seeds "
-             "only large effects can show.", "",
+             "only large effects can show. Beside them, rliable's estimators (written in experiments/stats.py): the "
+             "interquartile mean of each over seeds and P(DoPr-X > X), the probability that a DoPr-X run beats an X run "
+             "on the metric, with stratified-bootstrap 95% intervals (2000 replicates; with 3 seeds these intervals are "
+             "coarse); and the minimum detectable difference (MDD): the true paired difference the t-test would detect "
+             "with 80% power at these seeds' spread.", "",
              "| task | results folder | base GP | seeds | metric | X | DoPr-X | difference in metric [95% CI] | p | AP on metric | "
+             "MDD | IQM X [95% CI] | IQM DoPr-X [95% CI] | P(DoPr-X > X) [95% CI] | "
              "difference in val loss [95% CI] | p | AP on val loss |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         m = e["meta"]
         for c in comparisons(e):
             parts.append(f"| [{m['task']}]({e['folder'].relative_to(args.results)}/results.md) | {e['folder'].name} | {c['base']} | "
                          f"{c['metric']['n']} | {m['metric']} ({'higher' if m['higher_is_better'] else 'lower'} is better) | "
                          f"{c['base_mean']:.4g} | {c['dopr_mean']:.4g} | {ci_text(c['metric'])} | {p_text(c['metric']['p'])} | "
-                         f"{c['metric_verdict']} | {ci_text(c['loss'])} | {p_text(c['loss']['p'])} | {c['loss_verdict']} |")
+                         f"{c['metric_verdict']} | {mdd_text(c['mdd'])} | "
+                         f"{interval_text(c['iqm'][0])} | {interval_text(c['iqm'][1])} | {interval_text(c['poi'], 2)} | "
+                         f"{ci_text(c['loss'])} | {p_text(c['loss']['p'])} | {c['loss_verdict']} |")
     parts += ["", "## Does validation loss pick the model the rollout metric would pick?", "",
               "Over each optimizer's LR sweep (same grid and budget for every optimizer): the LR with the lowest mean "
               "final validation loss, the LR with the best mean rollout metric, and the regret of choosing by validation "

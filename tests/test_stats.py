@@ -113,3 +113,54 @@ def test_summary_on_synthetic_reports_is_right_and_deterministic(tmp_path):
 def test_summary_without_reports_names_the_fix(tmp_path):
     out = subprocess.run([sys.executable, "scripts/summary.py", "--results", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode != 0 and "make reproduce-" in out.stderr
+
+
+def test_iqm_is_the_mean_of_the_middle_half():
+    from experiments.stats import iqm
+
+    # 8 scores: the 2 lowest and 2 highest are cut, the middle 4 averaged
+    assert iqm([10, 1, 2, 3, 4, 5, 6, -7]) == (2 + 3 + 4 + 5) / 4
+    assert iqm([[1, 100], [2, 3], [4, 5], [6, -50]]) == (2 + 3 + 4 + 5) / 4  # over runs and tasks together
+
+
+def test_probability_of_improvement_counts_pairs_by_hand():
+    from experiments.stats import probability_of_improvement
+
+    x, y = [3.0, 1.0, 2.0], [2.0, 0.0]
+    # pairs (x_i, y_j): 3>2, 3>0, 1<2, 1>0, 2=2 (half), 2>0 -> (4 + 0.5) / 6
+    assert abs(probability_of_improvement(x, y) - 4.5 / 6) < 1e-12
+    assert probability_of_improvement([1.0, 2.0], [1.0, 2.0]) == 0.5
+    assert probability_of_improvement([5.0], [1.0]) == 1.0
+    # two tasks: averaged
+    assert abs(probability_of_improvement([[1, 0], [2, 0]], [[0, 1], [0, 1]]) - (1.0 + 0.0) / 2) < 1e-12
+
+
+def test_stratified_bootstrap_is_the_percentile_of_resampled_runs_by_hand():
+    import numpy as np
+
+    from experiments.stats import bootstrap_ci
+
+    x, y = np.array([1.0, 2.0, 4.0]), np.array([0.0, 3.0])
+    point, low, high = bootstrap_ci(lambda a, b: a.mean() - b.mean(), x, y, reps=500, seed=7)
+    assert point == x.mean() - y.mean()
+    rng = np.random.default_rng(7)  # the same draws by hand: per sample, per task column, its own runs
+    values = []
+    for _ in range(500):
+        a = x[rng.integers(0, 3, size=(3, 1))[:, 0]]
+        b = y[rng.integers(0, 2, size=(2, 1))[:, 0]]
+        values.append(a.mean() - b.mean())
+    assert (low, high) == tuple(np.percentile(values, [2.5, 97.5]))
+    assert low <= point <= high
+
+
+def test_minimum_detectable_difference_by_hand():
+    from scipy import stats
+
+    from experiments.stats import minimum_detectable_difference
+
+    diffs = [0.1, -0.1, 0.2, 0.0, 0.05]
+    n, mean = 5, sum(diffs) / 5
+    sd = (sum((d - mean) ** 2 for d in diffs) / 4) ** 0.5
+    expected = (stats.t.ppf(0.975, 4) + stats.t.ppf(0.8, 4)) * sd / n ** 0.5
+    assert abs(minimum_detectable_difference(diffs) - expected) < 1e-12
+    assert minimum_detectable_difference([0.3]) != minimum_detectable_difference([0.3])  # nan
