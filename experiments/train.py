@@ -102,6 +102,23 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def machine(device: torch.device) -> dict:
+    """Where a run ran: reruns agree only up to seed noise across thread counts and CPUs."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"threads": torch.get_num_threads(), "cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
 @torch.no_grad()
 def validation_loss(task, model) -> float:
     was = model.training
@@ -165,7 +182,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         logger = RunLogger(run_dir, {**resolved, "git_commit": commit, "world_size": world}, cfg.logger, start if state else None,
                            group=f"{cfg.task.name}/{run_dir.parent.name}", name=f"{cfg.optimizer.name}-s{cfg.seed}", tags=[cfg.optimizer.name, commit])
         if state is None:
-            atomic_write_json(run_dir / "config.json", {**resolved, "git_commit": commit, "world_size": world})
+            atomic_write_json(run_dir / "config.json", {**resolved, "git_commit": commit, "world_size": world, "machine": machine(device)})
             if ap is not None:
                 logger.log({"step": 0, "ap_coverage": ap.coverage()})
 

@@ -40,6 +40,8 @@ def test_one_run_logs_jsonl_and_an_offline_wandb_run(tmp_path, optimizer):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "done" and summary["final"]["step"] == 6 and summary["optimizer"] == optimizer
     assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run"
+    machine = json.loads((run / "config.json").read_text())["machine"]
+    assert machine["threads"] >= 1 and machine["cpu"] and machine["torch"] == torch.__version__
     coverage = [r for r in logged if "ap_coverage" in r]
     if optimizer.startswith("dopr_"):
         assert any(v.startswith("covered: linear") for v in coverage[0]["ap_coverage"].values())
