@@ -193,6 +193,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if rollout:
             t0 = time.time()
             row.update(task.evaluate(eval_model))
+            outcomes = getattr(task, "outcomes", None)  # per problem / episode, its own row (compact, not sent to W&B)
             if ema is not None:
                 row.update({f"raw_{k}": v for k, v in task.evaluate(model).items()})
             row["rollout_seconds"] = time.time() - t0
@@ -204,6 +205,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 save_checkpoint(run_dir / "best_model.pt", {"model": eval_model.state_dict(), "step": step})
         best["min_val_loss"] = min(best.get("min_val_loss", math.inf), row["val_loss"])
         logger.log(row)
+        if rollout and outcomes:
+            logger.log({"step": step, "outcomes": outcomes})
         print("  eval " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         return row
 

@@ -37,6 +37,11 @@ def test_one_run_logs_jsonl_and_an_offline_wandb_run(tmp_path, optimizer):
     assert [r["step"] for r in logged if "val_loss" in r] == [3, 6]
     final = [r for r in logged if "accuracy" in r]
     assert len(final) == 1 and {"accuracy_steps1", "accuracy_steps4"} <= set(final[0])
+    outcomes = [r for r in logged if "outcomes" in r]  # per problem, beside the rollout row
+    assert [r["step"] for r in outcomes] == [6]
+    for key in ("accuracy_steps1", "accuracy_steps4"):
+        items = outcomes[0]["outcomes"][key]
+        assert set(items) <= {0, 1} and abs(sum(items) / len(items) - final[0][key]) < 1e-9
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "done" and summary["final"]["step"] == 6 and summary["optimizer"] == optimizer
     assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run"

@@ -232,6 +232,7 @@ class BehaviourCloning:
         returns, lengths, episodes = rollout_returns(self.cfg.env, lambda s: model(s.to(self.device)), seeds, record=True)
         model.train(was)
         out = {"return": float(returns.mean()), "episode_return_sd": float(returns.std()), "episode_length": float(lengths.mean())}
+        self.outcomes = {"return": [round(float(r), 3) for r in returns], "episode_length": [int(n) for n in lengths]}  # per episode
         for h in self.cfg.horizons:
             out[f"return_h{h}"] = float(np.mean([e[2][:h].sum() for e in episodes]))
         mean, std = (t.numpy() for t in self.state_std)

@@ -138,8 +138,9 @@ class ArithmeticLM(TokenBatches):
         was_training = model.training
         model.eval()
         out, correct_all, total_all = {}, 0, 0
+        self.outcomes = {}  # per problem, 1 if right: the training loop logs it (intervals can nest problems in seeds)
         for k, problems in self.eval_sets.items():
-            correct = 0
+            correct, items = 0, []
             for start in range(0, len(problems), self.cfg.eval_batch_size):
                 chunk = problems[start : start + self.cfg.eval_batch_size]
                 prompts = [[self.tok.BOS] + self.tok.encode(p["question"] + "\n") for p in chunk]
@@ -151,7 +152,9 @@ class ArithmeticLM(TokenBatches):
                 gen = model.generate(input_ids=ids, attention_mask=ids.ne(self.tok.PAD), max_new_tokens=self.cfg.max_new_tokens,
                                      do_sample=False, pad_token_id=self.tok.PAD, eos_token_id=self.tok.EOS)
                 for p, row in zip(chunk, gen[:, width:].tolist()):
-                    correct += extract_answer(self.tok.decode(row)) == p["answer"]
+                    items.append(int(extract_answer(self.tok.decode(row)) == p["answer"]))
+                    correct += items[-1]
+            self.outcomes[f"accuracy_steps{k}"] = items
             out[f"accuracy_steps{k}"] = correct / len(problems)
             correct_all += correct
             total_all += len(problems)

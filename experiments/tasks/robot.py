@@ -318,6 +318,7 @@ class RobotPolicy:
                       cfg.horizon, cfg.obs_horizon, cfg.image_size, cfg.rollout_envs, cfg.vectorization)
         model.train(was)
         success, length = out["success"], out["length"]
+        self.outcomes = {"success": [int(s) for s in success], "episode_length": [int(n) for n in length]}  # per episode
         low, high = wilson_interval(int(success.sum()), len(success))
         result = {"success": float(success.mean()), "success_ci_low": low, "success_ci_high": high, "episode_length": float(length.mean())}
         for h in cfg.horizons:
