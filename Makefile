@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # its other dependencies are in pyproject's experiments extra.
 ROBOSUITE ?= robosuite==1.5.2
 
-.PHONY: setup test test-all test-slow bench report clean-venv reproduce-lm sweep-lm-lr reproduce-flow sweep-flow-lr reproduce-control reproduce-robot sweep-lm-damping sweep-flow-damping sweep-control-damping sweep-robot-damping
+.PHONY: setup test test-all test-slow bench report clean-venv tune-lm reproduce-lm sweep-lm-lr reproduce-flow sweep-flow-lr reproduce-control reproduce-robot sweep-lm-damping sweep-flow-damping sweep-control-damping sweep-robot-damping
 
 SCALE ?= cpu
 SEEDS ?= 0,1,2
@@ -83,6 +83,14 @@ sweep-$(1)-damping: setup
 	$$(PY) scripts/report.py --runs runs/$(1)/damping_sweep --out results/$(1)/cpu --damping-sweep --command "make sweep-$(1)-damping"
 	$$(MAKE) report
 endef
+
+# make tune-lm: the tuning protocol (equal trials per optimizer over LR x its own hyperparameter, tuning seed
+# 100; results/lm/cpu/tuning.md lists the selections, the regret of selecting by validation loss and the
+# evaluation commands). About 96 runs: hours on 2 cores; LAUNCH=... sends it to Slurm.
+tune-lm: setup
+	$(PY) -m experiments.train -m +sweep=lm_tune_dopr $(LAUNCH)
+	$(PY) -m experiments.train -m +sweep=lm_tune_base $(LAUNCH)
+	$(PY) scripts/report.py --runs runs/lm/tune --out results/lm/cpu --tuning --command "make tune-lm"
 
 $(eval $(call sweep_lr,lm))
 $(eval $(call sweep_lr,flow))

@@ -73,7 +73,8 @@ def per_run_rows(done: list[dict]) -> list[dict]:
     rows = []
     for r in done:
         s = r["summary"]
-        row = {"optimizer": s["optimizer"], "lr": s["lr"], "damping": run_damping(r), "seed": s["seed"], "final_val_loss": s["final"]["val_loss"],
+        row = {"optimizer": s["optimizer"], "lr": s["lr"], "damping": run_damping(r),
+               "weight_decay": (r["config"].get("optimizer") or {}).get("weight_decay"), "seed": s["seed"], "final_val_loss": s["final"]["val_loss"],
                "min_val_loss": s["best"]["min_val_loss"], f"final_{s['metric_name']}": s["final"][s["metric_name"]],
                f"best_{s['metric_name']}": s["best"]["metric"], "best_step": s["best"]["step"], "run": r["dir"]}
         row.update({f"final_{k}": v for k, v in s["final"].items() if k not in ("step", "val_loss", s["metric_name"])})
@@ -374,6 +375,81 @@ def damping_section(rows: list[dict], metric: str, higher: bool, out: Path, titl
     return lines + ["", "![metric and validation loss against damping](damping.png)", ""]
 
 
+def trial_key(row: dict) -> tuple:
+    """A tuning trial: (lr, the optimizer's own hyperparameter): the damping for DoPr-X, the weight decay for X."""
+    return (row["lr"], row["damping"] if row["damping"] is not None else row["weight_decay"])
+
+
+def tuning_section(rows: list[dict], metric: str, higher: bool, out: Path, title: str, lab: dict, task: str, scale: str):
+    """The tuning protocol's report: per optimizer the trial count, the grid, the trial selected by
+    mean final validation loss and by mean final rollout metric, and the regret of selecting by
+    validation loss; Observation 4.3 (DoPr-X's best LR over X's); the tuning surface; and the
+    commands for the evaluation seeds at each selected setting. Returns (lines, selections)."""
+    sign = 1 if higher else -1
+    by_opt = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        by_opt[r["optimizer"]][trial_key(r)].append(r)
+    opts = sorted(by_opt, key=lambda o: (ORDER.index(o.removeprefix("dopr_")) if o.removeprefix("dopr_") in ORDER else 99, o.startswith("dopr_")))
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    selections = {}
+    lines = ["## Selection", "",
+             f"Every optimizer searched its learning rate and one hyperparameter of its own (DoPr-X: the AP damping; X: the "
+             f"weight decay) over a grid of equal size, on tuning seeds disjoint from the evaluation seeds. Per optimizer: the "
+             f"trial with the lowest mean final validation loss, the trial with the {'highest' if higher else 'lowest'} mean "
+             f"final {metric}, and the regret of selecting by validation loss ({metric} given up, in its units).", "",
+             f"| optimizer | trials | seeds per trial | LRs | damping (DoPr-X) or weight decay (X) | selected by val loss (lr, hp) | {metric} there | "
+             f"selected by {metric} (lr, hp) | {metric} there | regret |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for opt in opts:
+        trials = by_opt[opt]
+        by_loss = min(trials, key=lambda t: (mean(trials[t], "final_val_loss"), t))
+        by_metric = max(trials, key=lambda t: (sign * mean(trials[t], f"final_{metric}"), tuple(-x for x in t)))
+        m_loss, m_metric = mean(trials[by_loss], f"final_{metric}"), mean(trials[by_metric], f"final_{metric}")
+        selections[opt] = {"by_loss": by_loss, "by_metric": by_metric, "regret": abs(m_metric - m_loss), "trials": len(trials)}
+        seeds = sorted({len(v) for v in trials.values()})
+        lines.append(f"| {opt} | {len(trials)} | {'/'.join(map(str, seeds))} | {', '.join(f'{x:g}' for x in sorted({t[0] for t in trials}))} | "
+                     f"{', '.join(f'{x:g}' for x in sorted({t[1] for t in trials if t[1] is not None}))} | "
+                     f"{by_loss[0]:g}, {by_loss[1]:g} | {m_loss:.4g} | {by_metric[0]:g}, {by_metric[1]:g} | {m_metric:.4g} | {abs(m_metric - m_loss):.4g} |")
+    counts = {o: s_["trials"] for o, s_ in selections.items()}
+    if len(set(counts.values())) > 1:
+        lines += ["", "**Unequal budgets**: " + ", ".join(f"{o} {n}" for o, n in counts.items()) + " trials; the comparison is not fair "
+                  "until every optimizer has the same number (finish or rerun the sweep)."]
+    lines += ["", "## Observation 4.3: does X's learning rate carry over to DoPr-X?", "",
+              "| optimizer | best LR (by metric) | X's best LR | ratio | best damping (by metric) | best LR by val loss | X's | ratio |", "|---|---|---|---|---|---|---|---|"]
+    for opt in opts:
+        base = opt.removeprefix("dopr_")
+        if not opt.startswith("dopr_") or base not in selections:
+            continue
+        d, b = selections[opt], selections[base]
+        lines.append(f"| {opt} | {d['by_metric'][0]:g} | {b['by_metric'][0]:g} | {d['by_metric'][0] / b['by_metric'][0]:g} | {d['by_metric'][1]:g} | "
+                     f"{d['by_loss'][0]:g} | {b['by_loss'][0]:g} | {d['by_loss'][0] / b['by_loss'][0]:g} |")
+    lines += ["", "The paper's Observation 4.3 holds where the ratio is 1 (DoPr-X tuned at X's learning rate).", ""]
+    # The surface: the metric against LR, one line per value of the optimizer's own hyperparameter.
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(opts), figsize=(4.2 * len(opts), 3.6), dpi=120, squeeze=False)
+    for ax, opt in zip(axes[0], opts):
+        trials = by_opt[opt]
+        for hp in sorted({t[1] for t in trials}, key=lambda x: -1 if x is None else x):
+            pts = sorted((t[0], mean(rs, f"final_{metric}")) for t, rs in trials.items() if t[1] == hp)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=("damping " if opt.startswith("dopr_") else "wd ") + f"{hp:g}")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel(lab["metric_label"], fontsize=9)
+        ax.set_title(opt, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title + f": final {metric}, mean over tuning seeds", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    _save_png(fig, out / "tuning.png")
+    lines += ["![tuning surface](tuning.png)", "", "## Evaluation runs at the selected settings", "",
+              f"Each optimizer at its setting selected by {metric} (the suite's question), on evaluation seeds 0-4:", "", "```bash"]
+    for opt in opts:
+        lr, hp = selections[opt]["by_metric"]
+        own = f"optimizer.kwargs.damping={hp:g}" if opt.startswith("dopr_") else f"optimizer.weight_decay={hp:g}"
+        lines.append(f"python -m experiments.train -m task={task} scale={scale} optimizer={opt} lr={lr:g} {own} seed=0,1,2,3,4")
+    lines += ["```", ""]
+    return lines, selections
+
+
 def log_to_wandb(rows: list[dict], metric: str, task: str, runs_dir: Path, project: str, lab: dict) -> str:
     """One W&B run per report (job_type "report", in the sweep's group): a Table of every run and a
     scatter plot of final validation loss against the final rollout metric, so the dashboard shows
@@ -400,6 +476,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="results folder (results/<task>)")
     parser.add_argument("--lr-sweep", action="store_true", help="group by (optimizer, lr) and write lr_sweep.md")
     parser.add_argument("--damping-sweep", action="store_true", help="group by (optimizer, lr, damping) and write damping.md with its figure")
+    parser.add_argument("--tuning", action="store_true", help="a tuning sweep (+sweep=<task>_tune_*): write tuning.md, its surface figure and the selected settings")
     parser.add_argument("--command", default=None, help="the command that made the runs (written into the report)")
     parser.add_argument("--wandb", action="store_true", help="also log a W&B run with a Table of the runs and a val-loss-vs-metric scatter")
     parser.add_argument("--wandb-project", default="dopr")
@@ -416,13 +493,14 @@ def main(argv=None) -> int:
     task = done[0]["summary"]["task"]
     scale = done[0]["summary"]["scale"]
     commits = sorted({r["summary"]["git_commit"] for r in done})
-    if args.lr_sweep and args.damping_sweep:
-        parser.error("--lr-sweep and --damping-sweep are two reports: pass one")
-    stem = "damping" if args.damping_sweep else "lr_sweep" if args.lr_sweep else "results"
-    by = {"damping": ("optimizer", "lr", "damping"), "lr_sweep": ("optimizer", "lr"), "results": ("optimizer",)}[stem]
-    flag = {"damping": " --damping-sweep", "lr_sweep": " --lr-sweep", "results": ""}[stem]
+    if args.lr_sweep + args.damping_sweep + args.tuning > 1:
+        parser.error("--lr-sweep, --damping-sweep and --tuning are three reports: pass one")
+    stem = "damping" if args.damping_sweep else "lr_sweep" if args.lr_sweep else "tuning" if args.tuning else "results"
+    by = {"damping": ("optimizer", "lr", "damping"), "lr_sweep": ("optimizer", "lr"), "results": ("optimizer",),
+          "tuning": ("optimizer", "lr", "damping", "weight_decay")}[stem]
+    flag = {"damping": " --damping-sweep", "lr_sweep": " --lr-sweep", "results": "", "tuning": " --tuning"}[stem]
     table = summary_table(rows, metric, by)
-    what = {"damping": "damping sweep", "lr_sweep": "learning-rate sweep", "results": "results"}[stem]
+    what = {"damping": "damping sweep", "lr_sweep": "learning-rate sweep", "results": "results", "tuning": "tuning sweep"}[stem]
     parts = [f"# {task}: {what} (scale={scale})", "",
              f"Generated by `python scripts/report.py --runs {args.runs} --out {args.out}{flag}` "
              f"(report at commit {git_commit(ignore=('results',))}); runs trained at commit(s) {', '.join(commits)}.",
@@ -447,6 +525,11 @@ def main(argv=None) -> int:
     elif args.damping_sweep:
         args.out.mkdir(parents=True, exist_ok=True)
         parts += damping_section(rows, metric, higher, args.out, f"{task} (scale={scale})", lab)
+    elif args.tuning:
+        args.out.mkdir(parents=True, exist_ok=True)
+        tuning_lines, _ = tuning_section(rows, metric, higher, args.out, f"{task} (scale={scale})", lab, task, scale)
+        header = parts[: 3 + bool(args.command)] + [""]
+        parts = header + tuning_lines + ["## Every trial", "", "Mean ± 95% t-interval over the tuning seeds of each trial.", "", table, ""]
     else:
         fig_name = "val_loss_vs_" + metric + ".png"
         figure(rows, metric, args.out / fig_name, f"{task} (scale={scale}): one point per run", lab)

@@ -1,0 +1,51 @@
+"""scripts/report.py on synthetic run folders: the tuning protocol's selections and regret."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_run(folder: Path, optimizer: str, lr: float, hp: float, val_loss: float, accuracy: float, seed: int = 100):
+    dopr = optimizer.startswith("dopr_")
+    folder.mkdir(parents=True)
+    summary = {"task": "lm", "scale": "cpu", "optimizer": optimizer, "lr": lr, "seed": seed, "damping": hp if dopr else None,
+               "metric_name": "accuracy", "higher_is_better": True, "git_commit": "abc1234", "status": "done",
+               "val_loss_label": "validation loss", "metric_label": "accuracy", "horizon_label": "steps",
+               "final": {"step": 10, "val_loss": val_loss, "accuracy": accuracy},
+               "best": {"step": 10, "metric": accuracy, "min_val_loss": val_loss}}
+    config = {"optimizer": {"name": optimizer, "weight_decay": 0.1 if dopr else hp, "kwargs": {"damping": hp} if dopr else {}}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_tuning_report_selects_by_loss_and_by_metric_with_the_regret(tmp_path):
+    runs = tmp_path / "runs"
+    # (optimizer, lr, hp): (val loss, accuracy). For adamw the lowest loss (lr 1e-3, wd 0) is not the best
+    # accuracy (lr 3e-3, wd 0.1): regret 0.6 - 0.4 = 0.2. dopr_adamw's two criteria agree: regret 0.
+    trials = {("adamw", 1e-3, 0.0): (0.10, 0.40), ("adamw", 1e-3, 0.1): (0.12, 0.45), ("adamw", 3e-3, 0.0): (0.20, 0.50),
+              ("adamw", 3e-3, 0.1): (0.15, 0.60), ("dopr_adamw", 1e-3, 1.0): (0.30, 0.30), ("dopr_adamw", 1e-3, 10.0): (0.25, 0.35),
+              ("dopr_adamw", 3e-3, 1.0): (0.05, 0.80), ("dopr_adamw", 3e-3, 10.0): (0.08, 0.70)}
+    for (opt, lr, hp), (loss, acc) in trials.items():
+        write_run(runs / f"{opt}-lr{lr:g}-{hp:g}-s100", opt, lr, hp, loss, acc)
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), "--runs", str(runs), "--out", str(out), "--tuning"],
+                   check=True, capture_output=True, text=True, timeout=120)
+    text = (out / "tuning.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| adamw |") or line.startswith("| dopr_adamw |")}
+    assert "| adamw | 4 | 1 | 0.001, 0.003 | 0, 0.1 | 0.001, 0 | 0.4 | 0.003, 0.1 | 0.6 | 0.2 |" in text, text
+    assert "| dopr_adamw | 4 | 1 | 0.001, 0.003 | 1, 10 | 0.003, 1 | 0.8 | 0.003, 1 | 0.8 | 0 |" in text, text
+    assert "| dopr_adamw | 0.003 | 0.003 | 1 | 1 | 0.003 | 0.001 | 3 |" in text  # Observation 4.3 by metric holds; by loss it does not
+    assert "Unequal budgets" not in text and rows
+    assert "optimizer=dopr_adamw lr=0.003 optimizer.kwargs.damping=1 seed=0,1,2,3,4" in text
+    assert "optimizer=adamw lr=0.003 optimizer.weight_decay=0.1 seed=0,1,2,3,4" in text
+    assert (out / "tuning.png").stat().st_size > 0 and (out / "tuning_runs.csv").exists()
+    # a missing trial is called out
+    import shutil
+
+    shutil.rmtree(runs / "adamw-lr0.003-0.1-s100")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), "--runs", str(runs), "--out", str(out), "--tuning"],
+                   check=True, capture_output=True, text=True, timeout=120)
+    assert "**Unequal budgets**: adamw 3, dopr_adamw 4 trials" in (out / "tuning.md").read_text()
