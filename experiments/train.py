@@ -62,6 +62,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def export_slurm_environment() -> None:
+    """Under a multi-task Slurm job (``hydra/launcher=slurm_ddp``), export submitit's environment to
+    torch's variables (RANK, WORLD_SIZE, LOCAL_RANK, ...) before the device is picked from LOCAL_RANK."""
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SUBMITIT_EXECUTOR" in os.environ:
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """(rank, world size). Data parallelism is on exactly when the job has several processes:
     ``torchrun --nproc_per_node=N -m experiments.train ...``, or a Slurm job with N tasks
@@ -70,13 +79,11 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SUBMITIT_EXECUTOR" in os.environ:
-        import submitit
-
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
+    if device.type == "cuda":  # before the process group, so NCCL binds each rank to its own GPU
+        torch.cuda.set_device(device)
     # A long timeout: the other processes wait at a barrier while the first one runs the rollouts.
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=4))
     return dist.get_rank(), world
@@ -135,6 +142,7 @@ def validation_loss(task, model) -> float:
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     cfg = resolve(cfg)
     tr = cfg.trainer
+    export_slurm_environment()
     device = pick_device(cfg.device)
     rank, world = init_distributed(device)
     lead = rank == 0  # only the first process evaluates, logs and writes files
@@ -155,7 +163,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     ap = getattr(opt, "preconditioner", None)
 
     ckpt_path = run_dir / "checkpoint.pt"
-    state = load_checkpoint(ckpt_path, device)
+    state = load_checkpoint(ckpt_path, "cpu")  # to the CPU first; load_state_dict copies onto the device
     start, best = 0, {}
     if state is not None:
         model.load_state_dict(state["model"])
@@ -164,6 +172,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if ema is not None:
             ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         start, best = state["step"], state["best"]
         print(f"resuming {run_dir} from step {start}", flush=True)
 
@@ -262,7 +272,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if lead and (done % tr.checkpoint_every == 0 or done == tr.steps):
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                         "scheduler": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                                        "rng": torch.get_rng_state(), "step": done, "best": best})
+                                        "rng": torch.get_rng_state(), "step": done, "best": best,
+                                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
         if world > 1 and (done % tr.eval_every == 0 or rollout or done % tr.checkpoint_every == 0):
             torch.distributed.barrier()  # the others wait while the first process evaluates and saves
     if not lead:
