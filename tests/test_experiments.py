@@ -187,3 +187,17 @@ def test_lm_validation_loss_is_a_per_token_mean_whatever_the_eval_batch(tmp_path
         by_hand = sum(t for t, _ in terms) / sum(n for _, n in terms)
         assert abs(losses[-1] - by_hand) < 1e-9
     assert abs(losses[0] - losses[1]) < 1e-5 * losses[0]
+
+
+def test_math_answers_are_scored_by_math_verify_and_gsm8k_by_the_number():
+    from experiments.tasks.lm_pretrained import is_correct
+
+    right = [(r"\frac{\sqrt{3}}{2}", r"so the answer is \boxed{\frac{\sqrt{3}}{2}}"), (r"3\sqrt{2}", r"The answer is \boxed{3\sqrt{2}}"),
+             (r"\frac{1}{2}", r"\boxed{\dfrac{1}{2}}"), ("(1,2)", r"\boxed{\left(1,2\right)}"), ("1000", r"\boxed{1,000}"),
+             ("-5", r"so \boxed{-5}")]
+    for gold, text in right:
+        assert is_correct("math500", text, gold), (gold, text)
+    assert not is_correct("math500", r"\boxed{\frac{\sqrt{3}}{3}}", r"\frac{\sqrt{3}}{2}")
+    assert not is_correct("math500", r"\boxed{2}", r"\frac{\sqrt{3}}{2}")  # the old one-level-of-braces bug scored "2"
+    assert is_correct("gsm8k", "She has 3+4=7 apples.\n#### 1,234", "1234")
+    assert not is_correct("gsm8k", "#### 12", "1234")

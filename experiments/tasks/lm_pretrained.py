@@ -46,6 +46,17 @@ def final_answer(text: str) -> str | None:
     return None
 
 
+def is_correct(eval_set: str, text: str, gold: str) -> bool:
+    """MATH-style sets (names starting "math"): math-verify (Hugging Face's LaTeX-aware parser and
+    sympy equivalence: nested fractions, radicals, \\dfrac, \\left(...\\right), thousands separators);
+    GSM8K-style sets: the number after "####" (else the last \\boxed{} or number) equals the gold one."""
+    if eval_set.startswith("math"):
+        from math_verify import parse, verify
+
+        return bool(verify(parse(f"${gold}$"), parse(text)))
+    return final_answer(text) == gold
+
+
 def normalise(answer: str) -> str:
     answer = str(answer).strip().replace(",", "").replace("$", "").rstrip(".")
     try:
@@ -87,7 +98,8 @@ class PretrainedLM(TokenBatches):
             if cfg.get("eval_size"):
                 rows = rows.select(range(min(cfg.eval_size, len(rows))))
             question = "question" if "question" in rows.column_names else "problem"
-            self.eval_sets[name] = [(r[question], normalise(extract_answer(r["answer"]) or r["answer"])) for r in rows]
+            gold = (lambda a: str(a)) if name.startswith("math") else (lambda a: normalise(extract_answer(a) or a))  # noqa: E731
+            self.eval_sets[name] = [(r[question], gold(r["answer"])) for r in rows]
 
     def _encode(self, rows):
         ids, labels = [], []
@@ -119,7 +131,7 @@ class PretrainedLM(TokenBatches):
                 gen = model.generate(**enc, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
                                      pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id)
                 texts = self.tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-                correct += sum(final_answer(t) == a for t, (_, a) in zip(texts, chunk))
+                correct += sum(is_correct(name, t, a) for t, (_, a) in zip(texts, chunk))
             out[f"accuracy_{name}"] = correct / max(1, len(items))
         out["accuracy"] = sum(out.values()) / max(1, len(out))
         model.train(was)
