@@ -144,6 +144,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     tr = cfg.trainer
     export_slurm_environment()
     device = pick_device(cfg.device)
+    precision = tr.get("precision") or "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"trainer.precision={precision!r}: choose fp32 or bf16")
+    if precision == "bf16" and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
     rank, world = init_distributed(device)
     lead = rank == 0  # only the first process evaluates, logs and writes files
     torch.manual_seed(cfg.seed)
@@ -231,8 +237,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     for step in range(start, tr.steps):
         batch = shard(task.train_batch(step), rank, world)
         # Padding (a task's row_mask) never enters AP's statistics.
-        with ap.row_mask(task.row_mask(batch)) if ap is not None and hasattr(task, "row_mask") else contextlib.nullcontext():
-            loss = task.loss(train_model, batch)
+        with ap.row_mask(task.row_mask(batch)) if ap is not None and hasattr(task, "row_mask") else contextlib.nullcontext(), autocast():
+            loss = task.loss(train_model, batch).float()
         seen = loss.detach().clone()
         if world > 1:  # every process must see the same loss to stop together on a non-finite one
             torch.distributed.all_reduce(seen)

@@ -1,6 +1,7 @@
 """The real entry points as subprocesses with tiny settings (CleanRL style)."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -201,3 +202,14 @@ def test_math_answers_are_scored_by_math_verify_and_gsm8k_by_the_number():
     assert not is_correct("math500", r"\boxed{2}", r"\frac{\sqrt{3}}{2}")  # the old one-level-of-braces bug scored "2"
     assert is_correct("gsm8k", "She has 3+4=7 apples.\n#### 1,234", "1234")
     assert not is_correct("gsm8k", "#### 12", "1234")
+
+
+def test_bf16_precision_trains_through_the_entry_point_and_bad_precision_names_the_fix(tmp_path):
+    run = tmp_path / "bf16"
+    train("optimizer=dopr_adamw", "trainer.precision=bf16", f"hydra.run.dir={run}", "logger=none")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "done" and math.isfinite(summary["final"]["val_loss"])
+    trained = [r for r in rows(run) if "train_loss" in r]
+    assert all(r["ap_fallback_skipped"] == 0 and r["ap_fallback_nonfinite_stats"] == 0 for r in trained)
+    out = train("optimizer=adamw", "trainer.precision=fp16", f"hydra.run.dir={tmp_path / 'bad'}", "logger=none", check=False)
+    assert out.returncode != 0 and "choose fp32 or bf16" in out.stderr + out.stdout
