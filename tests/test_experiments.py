@@ -150,7 +150,8 @@ def test_paper_scale_lora_path_on_local_fixtures(tmp_path):
           f"task.train_data={write_jsonl(tmp_path / 'omi2.jsonl', sft)}", "task.train_size=16", "task.val_size=8",
           f"+task.eval_data.gsm8k={write_jsonl(tmp_path / 'gsm8k.jsonl', gsm8k)}",
           f"+task.eval_data.math500={write_jsonl(tmp_path / 'math500.jsonl', math500)}",
-          "task.max_len=96", "task.max_new_tokens=12", "task.lora.r=4", "task.lora.target_modules=[q_proj,v_proj]")
+          "task.max_len=96", "task.max_new_tokens=12", "task.lora.r=4", "task.lora.target_modules=[q_proj,v_proj]",
+          '+task.stop_strings=["Question:"]')
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "done"
     assert {"accuracy_gsm8k", "accuracy_math500", "accuracy"} <= set(summary["final"])

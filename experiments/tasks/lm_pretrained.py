@@ -128,8 +128,10 @@ class PretrainedLM(TokenBatches):
             for start in range(0, len(items), self.cfg.eval_batch_size):
                 chunk = items[start : start + self.cfg.eval_batch_size]
                 enc = self.tok([PROMPT.format(question=q) for q, _ in chunk], return_tensors="pt", padding=True).to(self.device)
+                stop = list(self.cfg.get("stop_strings") or [])  # e.g. the next "Question:" of a model that keeps going
                 gen = model.generate(**enc, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
-                                     pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id)
+                                     pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id,
+                                     **({"stop_strings": stop, "tokenizer": self.tok} if stop else {}))
                 texts = self.tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
                 correct += sum(is_correct(name, t, a) for t, (_, a) in zip(texts, chunk))
             out[f"accuracy_{name}"] = correct / max(1, len(items))
