@@ -132,7 +132,7 @@ def measure(title, model, loss_fn, ratios, draws, damping, rounds):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workloads", default="flow,robot,unet2d,mlp", help="comma-separated: flow, robot, unet2d, mlp")
+    parser.add_argument("--workloads", default="flow,robot,unet2d,mlp", help="comma-separated: flow, robot, lm (the suite's tasks), unet2d, mlp")
     parser.add_argument("--ratios", default="0.25,0.5,1,2,4,8", help="max_rows_per_dim values to measure")
     parser.add_argument("--draws", type=int, default=3, help="subsampling seeds per ratio (errors averaged per layer)")
     parser.add_argument("--damping", type=float, default=1.0)
@@ -143,16 +143,16 @@ def main(argv=None):
     ratios = [float(r) for r in args.ratios.split(",")]
     torch.manual_seed(0)
     chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    unknown = set(chosen) - {"flow", "robot", "unet2d", "mlp"}
+    unknown = set(chosen) - {"flow", "robot", "lm", "unet2d", "mlp"}
     if unknown:
-        parser.error(f"unknown workloads {sorted(unknown)}: choose from flow, robot, unet2d, mlp")
+        parser.error(f"unknown workloads {sorted(unknown)}: choose from flow, robot, lm, unet2d, mlp")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; relative Frobenius error of the preconditioned "
           f"gradient, subsampled vs every row, averaged over {args.draws} draws per layer", flush=True)
     if args.quick:
         for title, model, loss_fn in synthetic_workloads(True):
             measure(title, model, loss_fn, ratios, args.draws, args.damping, args.rounds)
         return
-    for task in ("flow", "robot"):
+    for task in ("flow", "robot", "lm"):
         if task in chosen:
             model, loss_fn = task_workload(task, args.train_steps)
             measure(f"{task} task model (scale=cpu), one training batch after {args.train_steps} AdamW steps", model, loss_fn,
