@@ -214,9 +214,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 row.update({f"raw_{k}": v for k, v in task.evaluate(model).items()})
             row["rollout_seconds"] = time.time() - t0
             metric = row[task.metric]
+            # The best checkpoint is chosen on the task's selection problems/episodes when it has them
+            # (select_<metric>), so that best_* numbers are not chosen on the data they report.
+            chooser = row.get(f"select_{task.metric}", metric)
             better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
-            if "metric" not in best or better(metric, best["metric"]):
-                best.update({"metric": metric, "step": step, "val_loss_at_best": row["val_loss"],
+            previous = best.get("chosen_by", best.get("metric"))  # checkpoints from before select_* have only "metric"
+            if previous is None or better(chooser, previous):
+                best.update({"metric": metric, "chosen_by": chooser, "chosen_on": "selection set" if f"select_{task.metric}" in row else "reported set",
+                             "step": step, "val_loss_at_best": row["val_loss"],
                              **{f"best_{k}": v for k, v in row.items() if k not in ("step", "rollout_seconds")}})
                 save_checkpoint(run_dir / "best_model.pt", {"model": eval_model.state_dict(), "step": step})
         best["min_val_loss"] = min(best.get("min_val_loss", math.inf), row["val_loss"])

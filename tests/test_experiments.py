@@ -214,3 +214,21 @@ def test_bf16_precision_trains_through_the_entry_point_and_bad_precision_names_t
     assert all(r["ap_fallback_skipped"] == 0 and r["ap_fallback_nonfinite_stats"] == 0 for r in trained)
     out = train("optimizer=adamw", "trainer.precision=fp16", f"hydra.run.dir={tmp_path / 'bad'}", "logger=none", check=False)
     assert out.returncode != 0 and "choose fp32 or bf16" in out.stderr + out.stdout
+
+
+def test_lm_best_checkpoint_is_chosen_on_selection_problems_disjoint_from_the_reported_ones(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from experiments.tasks import build_task
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["task=lm", "scale=smoke", f"task.data_dir={tmp_path}"])
+    task = build_task(cfg.task, 0, torch.device("cpu"))
+    for k, problems in task.select_sets.items():
+        assert problems and not {p["question"] for p in problems} & {p["question"] for p in task.eval_sets[k]}
+    run = tmp_path / "run"
+    train("optimizer=adamw", f"hydra.run.dir={run}", "logger=none", f"task.data_dir={tmp_path}")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best"]["chosen_on"] == "selection set"
+    final = [r for r in rows(run) if "accuracy" in r]
+    assert all("select_accuracy" in r for r in final)

@@ -123,6 +123,13 @@ class ArithmeticLM(TokenBatches):
         self.val = encode_examples(self.tok, val, cfg.max_len)
         # Rollout problems: a fixed set per chain length, including lengths beyond training.
         self.eval_sets = {k: list(generate_split(cfg.eval_per_length, 100 + k, [k], cache)) for k in cfg.eval_steps}
+        # Checkpoint selection: other problems of the same lengths (seed 300 + k, any question that also
+        # appears in the reported set dropped), so that "best" numbers are not chosen on what they report.
+        self.select_sets = {}
+        if cfg.get("select_per_length"):
+            for k in cfg.eval_steps:
+                reported = {p["question"] for p in self.eval_sets[k]}
+                self.select_sets[k] = [p for p in generate_split(cfg.select_per_length, 300 + k, [k], cache) if p["question"] not in reported]
         torch.manual_seed(seed)
         m = cfg.model
         config = LlamaConfig(vocab_size=len(self.tok), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
@@ -140,27 +147,33 @@ class ArithmeticLM(TokenBatches):
         out, correct_all, total_all = {}, 0, 0
         self.outcomes = {}  # per problem, 1 if right: the training loop logs it (intervals can nest problems in seeds)
         for k, problems in self.eval_sets.items():
-            correct, items = 0, []
-            for start in range(0, len(problems), self.cfg.eval_batch_size):
-                chunk = problems[start : start + self.cfg.eval_batch_size]
-                prompts = [[self.tok.BOS] + self.tok.encode(p["question"] + "\n") for p in chunk]
-                width = max(map(len, prompts))
-                ids = torch.full((len(chunk), width), self.tok.PAD, dtype=torch.long)
-                for i, p in enumerate(prompts):
-                    ids[i, width - len(p) :] = torch.tensor(p)
-                ids = ids.to(self.device)
-                gen = model.generate(input_ids=ids, attention_mask=ids.ne(self.tok.PAD), max_new_tokens=self.cfg.max_new_tokens,
-                                     do_sample=False, pad_token_id=self.tok.PAD, eos_token_id=self.tok.EOS)
-                for p, row in zip(chunk, gen[:, width:].tolist()):
-                    items.append(int(extract_answer(self.tok.decode(row)) == p["answer"]))
-                    correct += items[-1]
+            items = self._score(model, problems)
             self.outcomes[f"accuracy_steps{k}"] = items
-            out[f"accuracy_steps{k}"] = correct / len(problems)
-            correct_all += correct
+            out[f"accuracy_steps{k}"] = sum(items) / len(problems)
+            correct_all += sum(items)
             total_all += len(problems)
         out["accuracy"] = correct_all / total_all
+        if self.select_sets:  # the training loop picks the best checkpoint by select_accuracy
+            chosen = [c for problems in self.select_sets.values() for c in self._score(model, problems)]
+            out["select_accuracy"] = sum(chosen) / len(chosen)
         model.train(was_training)
         return out
+
+    def _score(self, model: nn.Module, problems: list[dict]) -> list[int]:
+        """1 where the greedy generation's "#### N" matches the problem's answer, else 0."""
+        items = []
+        for start in range(0, len(problems), self.cfg.eval_batch_size):
+            chunk = problems[start : start + self.cfg.eval_batch_size]
+            prompts = [[self.tok.BOS] + self.tok.encode(p["question"] + "\n") for p in chunk]
+            width = max(map(len, prompts))
+            ids = torch.full((len(chunk), width), self.tok.PAD, dtype=torch.long)
+            for i, p in enumerate(prompts):
+                ids[i, width - len(p) :] = torch.tensor(p)
+            ids = ids.to(self.device)
+            gen = model.generate(input_ids=ids, attention_mask=ids.ne(self.tok.PAD), max_new_tokens=self.cfg.max_new_tokens,
+                                 do_sample=False, pad_token_id=self.tok.PAD, eos_token_id=self.tok.EOS)
+            items += [int(extract_answer(self.tok.decode(row)) == p["answer"]) for p, row in zip(chunk, gen[:, width:].tolist())]
+        return items
 
 
 def build(cfg, seed: int, device: torch.device):
