@@ -148,7 +148,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"trainer.precision={precision!r}: choose fp32 or bf16")
     if precision == "bf16" and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        # TF32 matmuls (cuDNN convolutions use TF32 by default). Not torch.backends.cudnn here: this
+        # module runs as __main__, and submitit's cloudpickle cannot pickle that module object.
+        torch.set_float32_matmul_precision("high")
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
     rank, world = init_distributed(device)
     lead = rank == 0  # only the first process evaluates, logs and writes files
