@@ -72,11 +72,12 @@ class _Layer:
         return self.module.weight
 
 
-def _conv_rows(module: nn.Module, x: torch.Tensor, index: torch.Tensor | None = None):
+def _conv_rows(module: nn.Module, x: torch.Tensor, index=None):
     """(rows per sample, an iterator of chunks of patches (rows, C_in * prod(kernel)) in the
     weight's column order). ``index=None``: every patch, unfolded whole samples per chunk;
-    otherwise only the patches of these (sorted) global row numbers, gathered straight from the
-    padded input without unfolding the rest (so a subsampled statistic costs what its rows cost)."""
+    otherwise (sorted global row numbers, or a callable that gets the total row count and returns
+    them or None) only those patches, gathered straight from the padded input without unfolding
+    the rest (so a subsampled statistic costs what its rows cost)."""
     if isinstance(module, nn.Conv1d):
         x = x.unsqueeze(-2)  # (B, C, 1, L): a Conv1d is a Conv2d of height 1
         kernel, stride = (1, module.kernel_size[0]), (1, module.stride[0])
@@ -85,7 +86,7 @@ def _conv_rows(module: nn.Module, x: torch.Tensor, index: torch.Tensor | None = 
     else:
         kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
         padding = module.padding if not isinstance(module.padding, str) else None
-    if padding is None or module.padding_mode != "zeros" or (index is not None and any(padding)):
+    if padding is None or module.padding_mode != "zeros":
         # 'same' padding (possibly asymmetric) and reflect/replicate/circular modes: pad exactly as
         # the module's own forward does, then unfold without padding.
         pad = module._reversed_padding_repeated_twice
@@ -96,6 +97,10 @@ def _conv_rows(module: nn.Module, x: torch.Tensor, index: torch.Tensor | None = 
         padding = (0, 0)
     out = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)]
     per_sample = out[0] * out[1]
+    if callable(index):
+        index = index(x.shape[0] * per_sample)
+    if any(padding):
+        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
     if index is not None:
         index = index.to(x.device)
         b, pos = index // per_sample, index % per_sample
@@ -103,8 +108,6 @@ def _conv_rows(module: nn.Module, x: torch.Tensor, index: torch.Tensor | None = 
         w = (pos % out[1] * stride[1])[:, None] + torch.arange(kernel[1], device=x.device) * dilation[1]  # (n, kw)
         patches = x.permute(0, 2, 3, 1)[b[:, None, None], h[:, :, None], w[:, None, :]]  # (n, kh, kw, C)
         return per_sample, iter([patches.permute(0, 3, 1, 2).reshape(len(index), -1)])
-    if any(padding):
-        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
     chunk = max(1, _UNFOLD_CHUNK_ELEMENTS // max(x[0:1].numel() * math.prod(kernel), 1))
 
     def chunks():
@@ -400,11 +403,9 @@ class ActivationPreconditioner:
                         rows = rows.index_select(0, self._draw(rows.shape[0], cap, rows.device))
                     chunks = [rows]
                 else:
-                    per_sample, chunks = _conv_rows(module, x)
-                    total_rows = x.shape[0] * per_sample
-                    cap = self._row_cap(d)
-                    if cap is not None and total_rows > cap:
-                        _, chunks = _conv_rows(module, x, self._draw(total_rows, cap, x.device))
+                    cap = self._row_cap(d)  # rows are drawn once their count is known: one pass over the input
+                    draw = None if cap is None else (lambda total: self._draw(total, cap, x.device) if total > cap else None)
+                    _, chunks = _conv_rows(module, x, draw)
                 part = self._accumulate(chunks, g, d)
         self._cache[key] = (ref, part)
         return part
