@@ -12,13 +12,18 @@ ROBOSUITE ?= robosuite==1.5.2
 .PHONY: setup test test-all test-slow bench report clean-venv tune-lm reproduce-lm sweep-lm-lr reproduce-flow sweep-flow-lr reproduce-control reproduce-robot sweep-lm-damping sweep-flow-damping sweep-control-damping sweep-robot-damping
 
 SCALE ?= cpu
-SEEDS ?= 0,1,2
-LAUNCHER ?=
+SEEDS ?= 0,1,2,3,4
+# Sweeps run JOBS runs at once, THREADS torch threads each (hydra-joblib-launcher; configs/hydra/launcher/local.yaml):
+# on 2 cores two single-threaded runs beat one two-threaded run (docs/experiments.md). LAUNCHER=slurm sends
+# each run to Slurm instead; LAUNCHER= (empty) runs them one after another in this process.
+LAUNCHER ?= local
+JOBS ?= 2
+THREADS ?= 1
 LM_OPTIMIZERS ?= adamw,dopr_adamw,muon,dopr_muon
 FLOW_OPTIMIZERS ?= adamw,dopr_adamw,muon,dopr_muon
 CONTROL_OPTIMIZERS ?= adamw,dopr_adamw,muon,dopr_muon,signum,dopr_signum,adamuon,dopr_adamuon
 ROBOT_OPTIMIZERS ?= adamw,dopr_adamw,muon,dopr_muon
-LAUNCH := $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER),)
+LAUNCH := $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER),) $(if $(filter local,$(LAUNCHER)),hydra.launcher.n_jobs=$(JOBS) threads=$(THREADS),)
 
 setup: $(VENV)/.installed
 
@@ -86,7 +91,7 @@ endef
 
 # make tune-lm: the tuning protocol (equal trials per optimizer over LR x its own hyperparameter, tuning seed
 # 100; results/lm/cpu/tuning.md lists the selections, the regret of selecting by validation loss and the
-# evaluation commands). About 96 runs: hours on 2 cores; LAUNCH=... sends it to Slurm.
+# evaluation commands). 60 runs, about 1 h 45 min on 2 cores; LAUNCHER=slurm sends it to Slurm.
 tune-lm: setup
 	$(PY) -m experiments.train -m +sweep=lm_tune_dopr $(LAUNCH)
 	$(PY) -m experiments.train -m +sweep=lm_tune_base $(LAUNCH)

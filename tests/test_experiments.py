@@ -37,7 +37,9 @@ def test_one_run_logs_jsonl_and_an_offline_wandb_run(tmp_path, optimizer):
     assert [r["step"] for r in logged if "train_loss" in r] == [2, 4, 6]
     assert [r["step"] for r in logged if "val_loss" in r] == [3, 6]
     final = [r for r in logged if "accuracy" in r]
-    assert len(final) == 1 and {"accuracy_steps1", "accuracy_steps4"} <= set(final[0])
+    assert len(final) == 1 and {"accuracy_steps1", "accuracy_steps4", "accuracy_extrap10"} <= set(final[0])
+    # the headline covers the training lengths only; the extrapolation length is reported apart
+    assert abs(final[0]["accuracy"] - (final[0]["accuracy_steps1"] + final[0]["accuracy_steps4"]) / 2) < 1e-9
     outcomes = [r for r in logged if "outcomes" in r]  # per problem, beside the rollout row
     assert [r["step"] for r in outcomes] == [6]
     for key in ("accuracy_steps1", "accuracy_steps4"):
@@ -171,6 +173,28 @@ def test_answer_extraction():
     assert p["steps"] == 3 and extract_answer(p["solution"]) == p["answer"] and p["solution"].count("=") == 3
 
 
+def test_arithmetic_chains_respect_their_limits_and_their_solutions_are_right():
+    import random
+    import re
+
+    from experiments.tasks.lm import make_problem
+
+    rng = random.Random(1)
+    for _ in range(300):
+        k = rng.randint(1, 12)
+        p = make_problem(rng, k, operand_max=19, total_max=199)
+        start, *ops = p["question"].removesuffix(" = ?").split(" ")
+        assert len(ops) == k and p["steps"] == k
+        total = int(start)
+        for op, line in zip(ops, p["solution"].split(" #### ")[0].split(" ")):
+            assert 1 <= abs(int(op)) <= 19
+            a, sign, b, c = re.fullmatch(r"(\d+)([+-])(\d+)=(\d+)\.", line).groups()
+            assert int(a) == total and sign + b == op  # each line carries the previous total forward
+            total += int(op)
+            assert int(c) == total and 0 <= total <= 199
+        assert p["answer"] == str(total)
+
+
 def test_lm_validation_loss_is_a_per_token_mean_whatever_the_eval_batch(tmp_path):
     # Validation sequences differ in length, so a mean of per-batch means would depend on how the
     # set is batched; the per-token mean must not.
@@ -189,6 +213,29 @@ def test_lm_validation_loss_is_a_per_token_mean_whatever_the_eval_batch(tmp_path
         by_hand = sum(t for t, _ in terms) / sum(n for _, n in terms)
         assert abs(losses[-1] - by_hand) < 1e-9
     assert abs(losses[0] - losses[1]) < 1e-5 * losses[0]
+
+
+def test_lm_headline_accuracy_covers_training_lengths_and_extrapolation_is_apart(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from experiments.tasks import build_task
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["task=lm", "scale=smoke", f"task.data_dir={tmp_path}", "task.train_steps=[1,2,3,4]",
+                                          "task.eval_steps=[1,4]", "task.extrap_steps=[6]"])
+    task = build_task(cfg.task, 0, torch.device("cpu"))
+    # a scorer that gets every 1-step and every extrapolated problem right, nothing else
+    task._score = lambda model, problems: [int(p["steps"] in (1, 6)) for p in problems]
+    out = task.evaluate(task.model)
+    assert out["accuracy_steps1"] == 1 and out["accuracy_steps4"] == 0 and out["accuracy_extrap6"] == 1
+    assert out["accuracy"] == 0.5  # not 2/3: the extrapolation length stays out of the headline
+    assert set(task.outcomes) == {"accuracy_steps1", "accuracy_steps4", "accuracy_extrap6"}
+    assert all(p["steps"] in (1, 4) for ps in task.select_sets.values() for p in ps)  # checkpoints are chosen on training lengths
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        bad = compose("train", overrides=["task=lm", "scale=smoke", f"task.data_dir={tmp_path}", "task.train_steps=[1,2,3,4]",
+                                          "task.eval_steps=[1,5]"])
+    with pytest.raises(ValueError, match="task.extrap_steps"):
+        build_task(bad.task, 0, torch.device("cpu"))
 
 
 def test_math_answers_are_scored_by_math_verify_and_gsm8k_by_the_number():

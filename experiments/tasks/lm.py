@@ -21,30 +21,26 @@ import torch.nn as nn
 
 from .lm_common import TokenBatches, extract_answer
 
-NAMES = ["Ann", "Bob", "Cal", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kim", "Lu", "Max", "Ned", "Oli", "Pam"]
-ITEMS = ["pens", "cards", "eggs", "coins", "books", "cups", "nuts", "shells", "stamps", "marbles"]
-ADD = ["Buys {n} more", "Finds {n} more", "Gets {n} more", "Is given {n}"]
-SUB = ["Loses {n}", "Gives away {n}", "Sells {n}", "Uses {n}"]
+def make_problem(rng: random.Random, n_steps: int, operand_max: int = 9, total_max: int = 99) -> dict:
+    """An arithmetic chain of ``n_steps`` additions/subtractions of 1..``operand_max``, every running
+    total kept in 0..``total_max``, and its worked solution: one "a+b=c." per step, then "#### answer".
 
-
-def make_problem(rng: random.Random, n_steps: int) -> dict:
-    """A word problem with ``n_steps`` additions/subtractions of 1..9, every total kept in 0..99,
-    and its worked solution: one "a+b=c." line per step, then "#### answer"."""
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    total = rng.randint(2, 30)
-    sentences, lines = [f"{name} has {total} {item}."], []
+    The question is compact ("23 +5 -7 +2 = ?") so that long chains stay short in tokens; the
+    solution must carry each intermediate total forward from the model's own previous line, which is
+    where errors compound with the number of steps."""
+    total = start = rng.randint(2, min(30, total_max))
+    ops, lines = [], []
     for _ in range(n_steps):
-        n = rng.randint(1, 9)
-        if total - n >= 0 and (total + n > 99 or rng.random() < 0.5):
-            sentences.append(rng.choice(SUB).format(n=n) + ".")
+        n = rng.randint(1, operand_max)
+        if total - n >= 0 and (total + n > total_max or rng.random() < 0.5):
+            ops.append(f"-{n}")
             lines.append(f"{total}-{n}={total - n}.")
             total -= n
         else:
-            sentences.append(rng.choice(ADD).format(n=n) + ".")
+            ops.append(f"+{n}")
             lines.append(f"{total}+{n}={total + n}.")
             total += n
-    sentences.append("How many now?")
-    return {"question": " ".join(sentences), "solution": " ".join(lines) + f" #### {total}",
+    return {"question": " ".join([str(start), *ops, "= ?"]), "solution": " ".join(lines) + f" #### {total}",
             "answer": str(total), "steps": n_steps}
 
 
@@ -71,18 +67,18 @@ class CharTokenizer:
         return "".join(self.itos[i] for i in ids if i > self.EOS)
 
 
-def generate_split(n: int, seed: int, steps: list[int], cache_dir: str | None):
+def generate_split(n: int, seed: int, steps: list[int], cache_dir: str | None, operand_max: int = 9, total_max: int = 99):
     """``n`` problems (lengths drawn uniformly from ``steps``) as a ``datasets.Dataset``,
     generated once and cached on disk (the cache key is the generator and its arguments)."""
     import datasets
 
-    def gen(n, seed, steps):
+    def gen(n, seed, steps, operand_max, total_max):
         rng = random.Random(seed)
         for _ in range(n):
-            yield make_problem(rng, rng.choice(steps))
+            yield make_problem(rng, rng.choice(steps), operand_max, total_max)
 
-    return datasets.Dataset.from_generator(gen, gen_kwargs={"n": n, "seed": seed, "steps": tuple(steps)},  # a list would be sharded
-                                           cache_dir=cache_dir)
+    kwargs = {"n": n, "seed": seed, "steps": tuple(steps), "operand_max": operand_max, "total_max": total_max}  # a list would be sharded
+    return datasets.Dataset.from_generator(gen, gen_kwargs=kwargs, cache_dir=cache_dir)
 
 
 def encode_examples(tok: CharTokenizer, examples, max_len: int):
@@ -117,19 +113,26 @@ class ArithmeticLM(TokenBatches):
         self.cfg, self.seed, self.device = cfg, seed, device
         self.tok = CharTokenizer()
         cache = str(Path(cfg.data_dir).expanduser()) if cfg.data_dir else None
-        train = generate_split(cfg.train_size, 1, cfg.train_steps, cache)
-        val = generate_split(cfg.val_size, 2, cfg.train_steps, cache)
+        gen = {"cache_dir": cache, "operand_max": cfg.operand_max, "total_max": cfg.total_max}
+        train = generate_split(cfg.train_size, 1, cfg.train_steps, **gen)
+        val = generate_split(cfg.val_size, 2, cfg.train_steps, **gen)
         self.train = encode_examples(self.tok, train, cfg.max_len)
         self.val = encode_examples(self.tok, val, cfg.max_len)
-        # Rollout problems: a fixed set per chain length, including lengths beyond training.
-        self.eval_sets = {k: list(generate_split(cfg.eval_per_length, 100 + k, [k], cache)) for k in cfg.eval_steps}
-        # Checkpoint selection: other problems of the same lengths (seed 300 + k, any question that also
-        # appears in the reported set dropped), so that "best" numbers are not chosen on what they report.
+        # Rollout problems: a fixed set per chain length. The headline `accuracy` covers the lengths
+        # seen in training (accuracy_steps<k>); longer chains are reported apart (accuracy_extrap<k>).
+        extrap = list(cfg.get("extrap_steps") or [])
+        if set(cfg.eval_steps) - set(cfg.train_steps) or set(extrap) & set(cfg.train_steps):
+            raise ValueError(f"task.eval_steps={list(cfg.eval_steps)} must be training lengths (task.train_steps={list(cfg.train_steps)}) "
+                             f"and task.extrap_steps={extrap} must not be: move the longer lengths to task.extrap_steps")
+        self.eval_sets = {f"steps{k}": list(generate_split(cfg.eval_per_length, 100 + k, [k], **gen)) for k in cfg.eval_steps}
+        self.extrap_sets = {f"extrap{k}": list(generate_split(cfg.eval_per_length, 100 + k, [k], **gen)) for k in extrap}
+        # Checkpoint selection: other problems of the training lengths (seed 300 + k, any question that
+        # also appears in the reported set dropped), so that "best" numbers are not chosen on what they report.
         self.select_sets = {}
         if cfg.get("select_per_length"):
             for k in cfg.eval_steps:
-                reported = {p["question"] for p in self.eval_sets[k]}
-                self.select_sets[k] = [p for p in generate_split(cfg.select_per_length, 300 + k, [k], cache) if p["question"] not in reported]
+                reported = {p["question"] for p in self.eval_sets[f"steps{k}"]}
+                self.select_sets[k] = [p for p in generate_split(cfg.select_per_length, 300 + k, [k], **gen) if p["question"] not in reported]
         torch.manual_seed(seed)
         m = cfg.model
         config = LlamaConfig(vocab_size=len(self.tok), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
@@ -146,13 +149,14 @@ class ArithmeticLM(TokenBatches):
         model.eval()
         out, correct_all, total_all = {}, 0, 0
         self.outcomes = {}  # per problem, 1 if right: the training loop logs it (intervals can nest problems in seeds)
-        for k, problems in self.eval_sets.items():
+        for name, problems in {**self.eval_sets, **self.extrap_sets}.items():
             items = self._score(model, problems)
-            self.outcomes[f"accuracy_steps{k}"] = items
-            out[f"accuracy_steps{k}"] = sum(items) / len(problems)
-            correct_all += sum(items)
-            total_all += len(problems)
-        out["accuracy"] = correct_all / total_all
+            self.outcomes[f"accuracy_{name}"] = items
+            out[f"accuracy_{name}"] = sum(items) / len(problems)
+            if name in self.eval_sets:
+                correct_all += sum(items)
+                total_all += len(problems)
+        out["accuracy"] = correct_all / total_all  # training lengths only
         if self.select_sets:  # the training loop picks the best checkpoint by select_accuracy
             chosen = [c for problems in self.select_sets.values() for c in self._score(model, problems)]
             out["select_accuracy"] = sum(chosen) / len(chosen)
@@ -170,7 +174,10 @@ class ArithmeticLM(TokenBatches):
             for i, p in enumerate(prompts):
                 ids[i, width - len(p) :] = torch.tensor(p)
             ids = ids.to(self.device)
-            gen = model.generate(input_ids=ids, attention_mask=ids.ne(self.tok.PAD), max_new_tokens=self.cfg.max_new_tokens,
+            # Budget: the longest reference solution in the chunk plus slack (capped by task.max_new_tokens); a
+            # right answer needs no more, and a model that never stops costs no more than that.
+            budget = min(self.cfg.max_new_tokens, max(len(p["solution"]) for p in chunk) + 8)
+            gen = model.generate(input_ids=ids, attention_mask=ids.ne(self.tok.PAD), max_new_tokens=budget,
                                  do_sample=False, pad_token_id=self.tok.PAD, eos_token_id=self.tok.EOS)
             items += [int(extract_answer(self.tok.decode(row)) == p["answer"]) for p, row in zip(chunk, gen[:, width:].tolist())]
         return items
