@@ -1,5 +1,6 @@
 """The real entry points as subprocesses with tiny settings (CleanRL style)."""
 
+import hashlib
 import json
 import math
 import os
@@ -71,7 +72,7 @@ def test_multirun_of_two_jobs_and_the_report(tmp_path):
     assert (out / "accuracy_vs_horizon.png").stat().st_size > 1000
     assert (out / "training_curves.png").stat().st_size > 1000 and "training_curves.png" in table
     meta = json.loads((out / "results_meta.json").read_text())
-    assert meta["metric"] == "accuracy" and meta["higher_is_better"] and meta["horizons"] == {"steps": [1, 4]}
+    assert meta["metric"] == "accuracy" and meta["higher_is_better"] and meta["horizons"] == {"extrap": [10], "steps": [1, 4]}
     # the report's W&B run (offline here): a Table with one row per run, beside a scatter plot
     logged = list(sweep.glob("wandb/offline-run-*/files/media/table/runs_*.table.json"))
     assert len(logged) == 1
@@ -160,6 +161,33 @@ def test_paper_scale_lora_path_on_local_fixtures(tmp_path):
     coverage = next(r for r in rows(run) if "ap_coverage" in r)["ap_coverage"]
     covered = [n for n, v in coverage.items() if v.startswith("covered")]
     assert covered and all(".lora_" in n for n in covered)
+
+
+def test_lm_lora_pretrains_once_then_fine_tunes_only_the_adapters_through_the_entry_point(tmp_path):
+    """task=lm_lora: the first run pretrains and caches the base model (with its checksum), a second run
+    reuses it; AP covers every lora_A/lora_B and nothing else; an edited cache file is refused."""
+    data = tmp_path / "data"
+    first = train("optimizer=dopr_adamw", "task=lm_lora", "logger=none", f"task.data_dir={data}", f"hydra.run.dir={tmp_path / 'a'}")
+    assert "pretraining the base model" in first.stdout
+    (weights,) = (data / "lm_lora_base").glob("base-*.pt")
+    meta = json.loads(weights.with_suffix(".json").read_text())
+    assert meta["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest() and set(meta["accuracy"]) == {"steps1", "steps4", "extrap10"}
+    second = train("optimizer=adamw", "task=lm_lora", "logger=none", f"task.data_dir={data}", f"hydra.run.dir={tmp_path / 'b'}")
+    assert "pretraining" not in second.stdout
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["status"] == "done"
+    coverage = next(r for r in rows(tmp_path / "a") if "ap_coverage" in r)["ap_coverage"]
+    covered = sorted(n for n, v in coverage.items() if v.startswith("covered"))
+    lora = sorted(n for n in coverage if ".lora_A." in n or ".lora_B." in n)
+    assert covered == lora and len(lora) == 2 * 7  # one layer at smoke scale, every projection, A and B
+    assert all(v.startswith("not covered: frozen") for n, v in coverage.items() if n not in lora and "base_layer" in n)
+    # the fine-tuned run started from the cached weights: its frozen base equals them
+    base = torch.load(weights, weights_only=True)
+    final = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
+    w = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(final[f"base_model.model.{w.replace('.weight', '.base_layer.weight')}"], base[w])
+    weights.write_bytes(weights.read_bytes()[:-8] + b"12345678")
+    bad = train("optimizer=adamw", "task=lm_lora", "logger=none", f"task.data_dir={data}", f"hydra.run.dir={tmp_path / 'c'}", check=False)
+    assert bad.returncode != 0 and "delete both and rerun" in bad.stderr + bad.stdout
 
 
 def test_answer_extraction():

@@ -2,7 +2,7 @@
 
 import importlib
 
-TASKS = ("lm", "flow", "control", "robot")
+TASKS = ("lm", "lm_lora", "flow", "control", "robot")
 
 
 def build_task(task_cfg, seed, device):

@@ -98,6 +98,18 @@ def encode_examples(tok: CharTokenizer, examples, max_len: int):
     return ids, labels, ids.ne(tok.PAD)
 
 
+def build_llama(cfg, tok: CharTokenizer) -> nn.Module:
+    """A freshly initialised small Llama (``transformers.LlamaConfig``) of ``task.model``'s sizes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = cfg.model
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                         num_hidden_layers=m.layers, num_attention_heads=m.heads, num_key_value_heads=m.heads,
+                         max_position_embeddings=cfg.max_len + cfg.max_new_tokens, tie_word_embeddings=False,
+                         pad_token_id=tok.PAD, bos_token_id=tok.BOS, eos_token_id=tok.EOS)
+    return LlamaForCausalLM(config)
+
+
 class ArithmeticLM(TokenBatches):
     """The embedded default (see the module docstring)."""
 
@@ -108,8 +120,6 @@ class ArithmeticLM(TokenBatches):
     horizon_label = "reasoning steps in the problem"
 
     def __init__(self, cfg, seed: int, device: torch.device):
-        from transformers import LlamaConfig, LlamaForCausalLM
-
         self.cfg, self.seed, self.device = cfg, seed, device
         self.tok = CharTokenizer()
         cache = str(Path(cfg.data_dir).expanduser()) if cfg.data_dir else None
@@ -134,12 +144,7 @@ class ArithmeticLM(TokenBatches):
                 reported = {p["question"] for p in self.eval_sets[f"steps{k}"]}
                 self.select_sets[k] = [p for p in generate_split(cfg.select_per_length, 300 + k, [k], **gen) if p["question"] not in reported]
         torch.manual_seed(seed)
-        m = cfg.model
-        config = LlamaConfig(vocab_size=len(self.tok), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-                             num_hidden_layers=m.layers, num_attention_heads=m.heads, num_key_value_heads=m.heads,
-                             max_position_embeddings=cfg.max_len + cfg.max_new_tokens, tie_word_embeddings=False,
-                             pad_token_id=self.tok.PAD, bos_token_id=self.tok.BOS, eos_token_id=self.tok.EOS)
-        self.model = LlamaForCausalLM(config).to(device)
+        self.model = build_llama(cfg, self.tok).to(device)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
