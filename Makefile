@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # its other dependencies are in pyproject's experiments extra.
 ROBOSUITE ?= robosuite==1.5.2
 
-.PHONY: setup test test-all test-slow bench report clean-venv tune-lm reproduce-lm sweep-lm-lr reproduce-flow sweep-flow-lr reproduce-control reproduce-robot sweep-lm-damping sweep-flow-damping sweep-control-damping sweep-robot-damping
+.PHONY: setup test test-all test-slow bench report clean-venv tune-lm tune-lm-lora reproduce-lm reproduce-lm-lora sweep-lm-lr reproduce-flow sweep-flow-lr reproduce-control reproduce-robot sweep-lm-damping sweep-flow-damping sweep-control-damping sweep-robot-damping
 
 SCALE ?= cpu
 SEEDS ?= 0,1,2,3,4
@@ -61,8 +61,8 @@ clean-venv:
 # flow-matching policy on robosuite Stack.
 define reproduce
 reproduce-$(1): setup
-	$$(PY) -m experiments.train -m task=$(1) scale=$$(SCALE) optimizer=$$($(2)) seed=$$(SEEDS) $$(LAUNCH)
-	$$(PY) scripts/report.py --runs runs/$(1)/$$(SCALE) --out results/$(1)/$$(SCALE) --wandb \
+	$$(PY) -m experiments.train -m task=$(2) scale=$$(SCALE) optimizer=$$($(3)) seed=$$(SEEDS) $$(LAUNCH)
+	$$(PY) scripts/report.py --runs runs/$(2)/$$(SCALE) --out results/$(2)/$$(SCALE) --wandb \
 		--command "make reproduce-$(1) SCALE=$$(SCALE) SEEDS=$$(SEEDS)"
 	$$(MAKE) report
 endef
@@ -75,10 +75,11 @@ sweep-$(1)-lr: setup
 	$$(MAKE) report
 endef
 
-$(eval $(call reproduce,lm,LM_OPTIMIZERS))
-$(eval $(call reproduce,flow,FLOW_OPTIMIZERS))
-$(eval $(call reproduce,control,CONTROL_OPTIMIZERS))
-$(eval $(call reproduce,robot,ROBOT_OPTIMIZERS))
+$(eval $(call reproduce,lm,lm,LM_OPTIMIZERS))
+$(eval $(call reproduce,lm-lora,lm_lora,LM_OPTIMIZERS))
+$(eval $(call reproduce,flow,flow,FLOW_OPTIMIZERS))
+$(eval $(call reproduce,control,control,CONTROL_OPTIMIZERS))
+$(eval $(call reproduce,robot,robot,ROBOT_OPTIMIZERS))
 # make sweep-<task>-damping: DoPr-AdamW over damping 1e-3..10 at two LRs plus AdamW at both, seed 100
 # (results/<task>/cpu/damping.md; the small files of its runs are committed in results/<task>/cpu/damping_runs/).
 define sweep_damping
@@ -89,13 +90,17 @@ sweep-$(1)-damping: setup
 	$$(MAKE) report
 endef
 
-# make tune-lm: the tuning protocol (equal trials per optimizer over LR x its own hyperparameter, tuning seed
-# 100; results/lm/cpu/tuning.md lists the selections, the regret of selecting by validation loss and the
-# evaluation commands). 60 runs, about 1 h 45 min on 2 cores; LAUNCHER=slurm sends it to Slurm.
-tune-lm: setup
-	$(PY) -m experiments.train -m +sweep=lm_tune_dopr $(LAUNCH)
-	$(PY) -m experiments.train -m +sweep=lm_tune_base $(LAUNCH)
-	$(PY) scripts/report.py --runs runs/lm/tune --out results/lm/cpu --tuning --command "make tune-lm"
+# make tune-<task>: the tuning protocol (equal trials per optimizer over LR x its own hyperparameter, tuning seed
+# 100; results/<task>/cpu/tuning.md lists the selections, the regret of selecting by validation loss and the
+# evaluation commands). tune-lm: 60 runs, about 1 h 45 min on 2 cores; LAUNCHER=slurm sends it to Slurm.
+define tune
+tune-$(1): setup
+	$$(PY) -m experiments.train -m +sweep=$(2)_tune_dopr $$(LAUNCH)
+	$$(PY) -m experiments.train -m +sweep=$(2)_tune_base $$(LAUNCH)
+	$$(PY) scripts/report.py --runs runs/$(2)/tune --out results/$(2)/cpu --tuning --command "make tune-$(1)"
+endef
+$(eval $(call tune,lm,lm))
+$(eval $(call tune,lm-lora,lm_lora))
 
 $(eval $(call sweep_lr,lm))
 $(eval $(call sweep_lr,flow))

@@ -236,6 +236,7 @@ class ActivationPreconditioner:
         self._generator = torch.Generator().manual_seed(seed)
         self._cache: dict = {}  # per step: statistics of input tensors already seen (shared inputs)
         self._mask: tuple | None = None  # (shape, flat indices of the kept positions) inside row_mask()
+        self._paused = False  # inside paused(): no forward enters a statistic
         self._handles = []
         self._discover(model, embeddings, tuple(exclude))
 
@@ -259,6 +260,23 @@ class ActivationPreconditioner:
             yield self
         finally:
             self._mask = previous
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Inside this block no forward enters a statistic. Run ``backward`` in it when the model uses
+        activation checkpointing::
+
+            loss = model(batch)            # non-reentrant checkpointing: this forward counts the rows
+            with ap.paused():
+                loss.backward()            # the recomputed forward inside backward does not count them again
+
+        (Reentrant checkpointing runs its first forward without gradients, which AP ignores, so it
+        would see no rows at all: use ``use_reentrant=False``.)"""
+        previous, self._paused = self._paused, True
+        try:
+            yield self
+        finally:
+            self._paused = previous
 
     def _masked_rows(self, x: torch.Tensor, lead: tuple) -> torch.Tensor | None:
         """The flat indices of the kept positions when a row mask applies to an input of these
@@ -339,7 +357,7 @@ class ActivationPreconditioner:
 
     def _make_hook(self, layer: _Layer):
         def hook(module, args):
-            if not (module.training and torch.is_grad_enabled()) or self.steps % self.update_every:
+            if self._paused or not (module.training and torch.is_grad_enabled()) or self.steps % self.update_every:
                 return
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor):

@@ -89,17 +89,59 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), world
 
 
-def shard(batch, rank: int, world: int):
-    """This process's contiguous slice of the global batch (every tensor split on its first dim)."""
-    if world == 1:
-        return batch
+def split(batch, parts: int, fix: str) -> list:
+    """The batch cut into ``parts`` contiguous slices (every tensor split on its first dim)."""
     tensors = batch if isinstance(batch, (tuple, list)) else (batch,)
     size = tensors[0].shape[0]
-    if size % world:
-        raise ValueError(f"the global batch ({size}) does not split evenly over {world} processes: make task.batch_size a multiple of {world}")
-    part = size // world
-    out = tuple(t[rank * part : (rank + 1) * part] for t in tensors)
-    return out if isinstance(batch, (tuple, list)) else out[0]
+    if size % parts:
+        raise ValueError(f"the batch ({size}) does not split evenly into {parts}: {fix}")
+    n = size // parts
+    out = [tuple(t[i * n : (i + 1) * n] for t in tensors) for i in range(parts)]
+    return out if isinstance(batch, (tuple, list)) else [o[0] for o in out]
+
+
+def shard(batch, rank: int, world: int):
+    """This process's contiguous slice of the global batch."""
+    if world == 1:
+        return batch
+    return split(batch, world, f"make task.batch_size a multiple of the {world} processes")[rank]
+
+
+def accumulate_gradients(task, model, batch, micro_batches: int, ap=None, autocast=contextlib.nullcontext, no_sync=None) -> torch.Tensor:
+    """Forward and backward of one training batch, as ``micro_batches`` slices whose gradients add up
+    to the whole batch's: each slice's loss is weighted by its share of the batch's loss terms
+    (``task.loss_weight``: predicted tokens for the LM, else rows). AP pools the rows of every
+    slice into one statistic; padding stays out of it (the task's ``row_mask``), and backward runs
+    with AP paused, so activation checkpointing's recomputed forward adds no rows. ``no_sync``
+    (DDP's) skips the gradient all-reduce on all slices but the last. Returns the batch's loss."""
+    parts = split(batch, micro_batches, "make task.batch_size a multiple of trainer.micro_batches") if micro_batches > 1 else [batch]
+    if len(parts) > 1:
+        weights = [task.loss_weight(p) if hasattr(task, "loss_weight") else (p[0] if isinstance(p, (tuple, list)) else p).shape[0] for p in parts]
+        total = sum(weights)
+    total_loss = 0.0
+    for i, part in enumerate(parts):
+        masked = ap.row_mask(task.row_mask(part)) if ap is not None and hasattr(task, "row_mask") else contextlib.nullcontext()
+        with masked, autocast():
+            loss = task.loss(model, part).float()
+        if len(parts) > 1:
+            loss = loss * (weights[i] / total)
+        sync = no_sync() if no_sync is not None and i < len(parts) - 1 else contextlib.nullcontext()
+        with sync, ap.paused() if ap is not None else contextlib.nullcontext():
+            loss.backward()
+        total_loss = total_loss + loss.detach()
+    return total_loss
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing, non-reentrant: the first forward runs with gradients on, so AP counts
+    its rows there, and the forward recomputed inside backward runs while AP is paused."""
+    if hasattr(model, "gradient_checkpointing_enable"):  # transformers models (and peft models through them)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "enable_gradient_checkpointing"):  # diffusers models
+        model.enable_gradient_checkpointing()
+    else:
+        raise ValueError(f"trainer.grad_checkpointing=true, but {type(model).__name__} has no activation checkpointing "
+                         f"(transformers and diffusers models do): set trainer.grad_checkpointing=false")
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -159,6 +201,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         torch.set_num_threads(cfg.threads)
     task = build_task(cfg.task, cfg.seed, device)
     model = task.model
+    micro = int(tr.get("micro_batches") or 1)
+    if tr.get("grad_checkpointing"):
+        enable_checkpointing(model)
     # DDP averages the gradients; AP all-reduces its statistics itself (dopr's distributed="auto").
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = dopr.build_optimizer(model, cfg.optimizer.name, lr=cfg.lr, weight_decay=cfg.optimizer.weight_decay,
@@ -243,17 +288,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     t_start = time.time()
     for step in range(start, tr.steps):
         batch = shard(task.train_batch(step), rank, world)
-        # Padding (a task's row_mask) never enters AP's statistics.
-        with ap.row_mask(task.row_mask(batch)) if ap is not None and hasattr(task, "row_mask") else contextlib.nullcontext(), autocast():
-            loss = task.loss(train_model, batch).float()
-        seen = loss.detach().clone()
+        seen = accumulate_gradients(task, train_model, batch, micro, ap, autocast, train_model.no_sync if world > 1 else None)
         if world > 1:  # every process must see the same loss to stop together on a non-finite one
             torch.distributed.all_reduce(seen)
             seen /= world
         if not torch.isfinite(seen):
             raise NonFiniteLoss(f"step {step}: the training loss is {seen.item()}; lower the learning rate (lr={cfg.lr}) "
                                 f"or raise the AP damping (optimizer.kwargs.damping) and rerun: the run resumes from its last checkpoint")
-        loss.backward()
         if ap is not None:  # cond(Sigma) costs an eigvalsh per statistic: only on the steps that log it
             ap.track_conditioning = (step + 1) % tr.eval_every == 0 or (step + 1) % tr.rollout_every == 0 or step + 1 == tr.steps
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip) if tr.grad_clip else None

@@ -176,7 +176,7 @@ def horizon_series(rows: list[dict], metric: str) -> dict[str, list[tuple[int, s
             m = pattern.match(key)
             if m:
                 series[m["series"] or "steps"].add((int(m["n"]), key))
-    return {k: sorted(v) for k, v in sorted(series.items())}
+    return {k: sorted(v) for k, v in sorted(series.items(), key=lambda kv: (kv[0] != "steps", kv[0]))}  # the main series first
 
 
 def horizon_figure(rows: list[dict], metric: str, path: Path, title: str, lab: dict) -> bool:

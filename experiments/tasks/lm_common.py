@@ -42,6 +42,11 @@ class TokenBatches:
         ids, labels, mask = batch
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
+    def loss_weight(self, batch) -> torch.Tensor:
+        """The number of predicted tokens (the model shifts labels by one): a micro-batch's share of the
+        batch's per-token mean loss."""
+        return (batch[1][:, 1:] != -100).sum()
+
     def row_mask(self, batch) -> torch.Tensor:
         """Real tokens (True) and padding (False): the training loop keeps padding out of AP's statistics."""
         return batch[2]
@@ -49,6 +54,5 @@ class TokenBatches:
     def val_loss_terms(self, model: nn.Module, batch) -> tuple[float, int]:
         """(summed NLL, number of predicted tokens) of one batch, so that the validation loss is a
         per-token mean over the whole set, not a mean of per-batch means."""
-        ids, labels, mask = batch
-        tokens = int((labels[:, 1:] != -100).sum())  # the model shifts labels by one
+        tokens = int(self.loss_weight(batch))
         return float(self.loss(model, batch).detach()) * tokens, tokens
