@@ -56,3 +56,21 @@ def load_checkpoint(path: Path, device) -> dict | None:
     if not path.exists():
         return None
     return torch.load(path, map_location=device, weights_only=False)
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    """The weights a checkpoint keeps: the whole ``state_dict``, or, when some parameters are frozen
+    (LoRA on a pretrained base), only the trainable ones and the buffers. The frozen base is rebuilt
+    from its own source when the run resumes, so a 3B/8B base is not copied into every checkpoint."""
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    state = model.state_dict()
+    return state if not frozen else {k: v for k, v in state.items() if k not in frozen}
+
+
+def load_model_state(model: torch.nn.Module, state: dict) -> None:
+    """Load what ``model_state`` kept; every trainable weight must be there."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    if unexpected or set(missing) - frozen:
+        raise RuntimeError(f"the checkpoint does not fit this model (missing {sorted(set(missing) - frozen)[:5]}, unexpected "
+                           f"{sorted(unexpected)[:5]}): it was written with other settings; rerun with those, or use a new run folder")

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import dopr
 
-from .checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_json, load_checkpoint, load_model_state, model_state, save_checkpoint
 from .logging import RunLogger, git_commit
 from .tasks import build_task
 
@@ -219,7 +219,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     state = load_checkpoint(ckpt_path, "cpu")  # to the CPU first; load_state_dict copies onto the device
     start, best = 0, {}
     if state is not None:
-        model.load_state_dict(state["model"])
+        load_model_state(model, state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         if ema is not None:
@@ -270,7 +270,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 best.update({"metric": metric, "chosen_by": chooser, "chosen_on": "selection set" if f"select_{task.metric}" in row else "reported set",
                              "step": step, "val_loss_at_best": row["val_loss"],
                              **{f"best_{k}": v for k, v in row.items() if k not in ("step", "rollout_seconds")}})
-                save_checkpoint(run_dir / "best_model.pt", {"model": eval_model.state_dict(), "step": step})
+                save_checkpoint(run_dir / "best_model.pt", {"model": model_state(eval_model), "step": step})
         best["min_val_loss"] = min(best.get("min_val_loss", math.inf), row["val_loss"])
         logger.log(row)
         if rollout and outcomes:
@@ -280,7 +280,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     def snapshot(step: int) -> None:
         if lead and tr.get("snapshot_every") and step % tr.snapshot_every == 0:
-            save_checkpoint(run_dir / "weights" / f"step{step}.pt", {"model": model.state_dict(), "step": step})
+            save_checkpoint(run_dir / "weights" / f"step{step}.pt", {"model": model_state(model), "step": step})
 
     model.train()
     if start == 0:
@@ -324,7 +324,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 summary_row = {"ap_cond_max": finite[-1], "ap_cond_median": finite[len(finite) // 2]} if finite else {}
                 logger.log({"step": done, **summary_row, **{f"ap_cond/{k}": v for k, v in conds.items()}})
         if lead and (done % tr.checkpoint_every == 0 or done == tr.steps):
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+            save_checkpoint(ckpt_path, {"model": model_state(model), "optimizer": opt.state_dict(),
                                         "scheduler": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                                         "rng": torch.get_rng_state(), "step": done, "best": best,
                                         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})

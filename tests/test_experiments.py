@@ -180,11 +180,21 @@ def test_lm_lora_pretrains_once_then_fine_tunes_only_the_adapters_through_the_en
     lora = sorted(n for n in coverage if ".lora_A." in n or ".lora_B." in n)
     assert covered == lora and len(lora) == 2 * 7  # one layer at smoke scale, every projection, A and B
     assert all(v.startswith("not covered: frozen") for n, v in coverage.items() if n not in lora and "base_layer" in n)
-    # the fine-tuned run started from the cached weights: its frozen base equals them
+    # checkpoints keep the adapters only (the frozen base comes from the cache); the run built its model on the cached weights
+    kept = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
+    assert kept and all(".lora_" in k for k in kept), sorted(kept)[:3]
+    longer = train("optimizer=adamw", "task=lm_lora", "logger=none", f"task.data_dir={data}", f"hydra.run.dir={tmp_path / 'b'}", "trainer.steps=8")
+    assert "resuming" in longer.stdout and json.loads((tmp_path / "b" / "summary.json").read_text())["final"]["step"] == 8
+    from hydra import compose, initialize_config_dir
+
+    from experiments.tasks import build_task
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["task=lm_lora", "scale=smoke", f"task.data_dir={data}"])
+    model = build_task(cfg.task, 0, torch.device("cpu")).model
     base = torch.load(weights, weights_only=True)
-    final = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
     w = "model.layers.0.self_attn.q_proj.weight"
-    assert torch.equal(final[f"base_model.model.{w.replace('.weight', '.base_layer.weight')}"], base[w])
+    assert torch.equal(model.state_dict()[f"base_model.model.{w.replace('.weight', '.base_layer.weight')}"], base[w])
     weights.write_bytes(weights.read_bytes()[:-8] + b"12345678")
     bad = train("optimizer=adamw", "task=lm_lora", "logger=none", f"task.data_dir={data}", f"hydra.run.dir={tmp_path / 'c'}", check=False)
     assert bad.returncode != 0 and "delete both and rerun" in bad.stderr + bad.stdout

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from ..checkpoint import atomic_write_json, save_checkpoint
 from .lm import ArithmeticLM, build_llama, encode_examples, generate_split
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -111,15 +112,11 @@ class ArithmeticLoRA(ArithmeticLM):
         with torch.no_grad():
             accuracy = {name: sum(items) / len(items) for name, items in
                         ((n, self._score(model, ps)) for n, ps in {**self.eval_sets, **self.extrap_sets}.items())}
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
-        tmp.replace(path)
+        save_checkpoint(path, {k: v.cpu() for k, v in model.state_dict().items()})
         meta = {"spec": spec, "sha256": sha256(path), "seconds": round(time.time() - start, 1), "accuracy": accuracy,
                 "made_by": "experiments.tasks.lm_lora (python -m experiments.tasks.lm_lora, or the first run of task=lm_lora)",
                 "command": " ".join(sys.argv)}
-        tmp = meta_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        tmp.replace(meta_path)
+        atomic_write_json(meta_path, meta)
         print(f"lm_lora: base model ready in {meta['seconds']} s; its accuracy by chain length: "
               + ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()), flush=True)
 
