@@ -292,6 +292,24 @@ def test_lm_validation_loss_is_a_per_token_mean_whatever_the_eval_batch(tmp_path
     assert abs(losses[0] - losses[1]) < 1e-5 * losses[0]
 
 
+@pytest.mark.parametrize("task_name", ["lm", "lm_lora"])
+def test_chunked_validation_loss_equals_the_models_own_loss(tmp_path, task_name):
+    from hydra import compose, initialize_config_dir
+
+    from experiments.tasks import build_task
+    from experiments.train import validation_loss
+
+    losses = []
+    for chunk in (None, 7):
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose("train", overrides=[f"task={task_name}", "scale=smoke", f"task.data_dir={tmp_path}", f"task.val_loss_chunk={chunk or 'null'}",
+                                              "task.val_batch_size=16"])
+        task = build_task(cfg.task, 0, torch.device("cpu"))
+        assert [b[0].shape[0] for b in task.val_batches()] == [16] * 4
+        losses.append(validation_loss(task, task.model))
+    assert abs(losses[0] - losses[1]) < 1e-5 * losses[0], losses
+
+
 def test_lm_headline_accuracy_covers_training_lengths_and_extrapolation_is_apart(tmp_path):
     from hydra import compose, initialize_config_dir
 

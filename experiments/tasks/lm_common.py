@@ -10,6 +10,7 @@ import re
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 ANSWER = re.compile(r"####\s*(-?[\d,\.]+)")
 
@@ -29,9 +30,9 @@ class TokenBatches:
         return self._trim(tuple(t[idx] for t in self.train))
 
     def val_batches(self):
-        n = self.val[0].shape[0]
-        for start in range(0, n, self.cfg.eval_batch_size):
-            yield self._trim(tuple(t[start : start + self.cfg.eval_batch_size] for t in self.val))
+        n, size = self.val[0].shape[0], self.cfg.get("val_batch_size") or self.cfg.eval_batch_size
+        for start in range(0, n, size):
+            yield self._trim(tuple(t[start : start + size] for t in self.val))
 
     def _trim(self, batch):
         """Drop the all-padding columns (batches are right-padded to task.max_len) and move to the device."""
@@ -55,4 +56,18 @@ class TokenBatches:
         """(summed NLL, number of predicted tokens) of one batch, so that the validation loss is a
         per-token mean over the whole set, not a mean of per-batch means."""
         tokens = int(self.loss_weight(batch))
-        return float(self.loss(model, batch).detach()) * tokens, tokens
+        chunk = self.cfg.get("val_loss_chunk")
+        if not chunk or getattr(model.config, "final_logit_softcapping", None):
+            return float(self.loss(model, batch).detach()) * tokens, tokens
+        # The head applied to ``chunk`` predicted positions at a time: the float32 logits of the whole
+        # batch (batch x length x vocabulary: ~80 GB for 64 x 1024 x 128K) never exist at once. The same
+        # sum as the model's own loss for heads without logit soft-capping (Llama, Qwen, Mistral).
+        ids, labels, mask = batch
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+        target = labels[:, 1:]
+        keep = target != -100
+        hidden, target = hidden[keep], target[keep]
+        head = model.get_output_embeddings()
+        total = sum(float(F.cross_entropy(head(hidden[i : i + chunk]).float(), target[i : i + chunk], reduction="sum"))
+                    for i in range(0, target.shape[0], chunk))
+        return total, tokens
