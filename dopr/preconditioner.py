@@ -237,6 +237,7 @@ class ActivationPreconditioner:
         self._cache: dict = {}  # per step: statistics of input tensors already seen (shared inputs)
         self._mask: tuple | None = None  # (shape, flat indices of the kept positions) inside row_mask()
         self._paused = False  # inside paused(): no forward enters a statistic
+        self._merged: dict = {}  # per step: (previous part, new part) -> their merge, shared by layers that shared both
         self._handles = []
         self._discover(model, embeddings, tuple(exclude))
 
@@ -362,9 +363,32 @@ class ActivationPreconditioner:
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor):
                 return
-            layer.parts.append(self._input_stats(layer, x))
+            self._add_part(layer, self._input_stats(layer, x))
 
         return hook
+
+    def _add_part(self, layer: _Layer, part: _Part) -> None:
+        """Fold a new input's statistic into the layer's: each layer holds one part however many
+        forwards a step has (micro-batches), so memory stays that of one statistic (d x d, or the
+        rows while there are fewer than d). Layers that shared both parts share the merged one."""
+        if not layer.parts:
+            layer.parts.append(part)
+            return
+        previous = layer.parts[-1]
+        hit = self._merged.get((id(previous), id(part)))
+        if hit is not None and hit[0]() is previous and hit[1]() is part:
+            layer.parts[-1] = hit[2]
+            return
+        count = previous.count + part.count
+        if previous.rows is not None and part.rows is not None and count < layer.d_in:
+            merged = _Part(count=count, rows=torch.cat([previous.rows, part.rows], dim=1))
+        else:
+            def as_sum(p):
+                return p.sum if p.sum is not None else p.rows.transpose(1, 2) @ p.rows
+
+            merged = _Part(count=count, sum=as_sum(previous) + as_sum(part))
+        self._merged[(id(previous), id(part))] = (weakref.ref(previous), weakref.ref(part), merged)
+        layer.parts[-1] = merged
 
     def _row_cap(self, d: int) -> int | None:
         caps = [c for c in (self.max_rows, None if self.max_rows_per_dim is None else math.ceil(self.max_rows_per_dim * d)) if c]
@@ -401,7 +425,7 @@ class ActivationPreconditioner:
             return hit[1]
         ref, x = weakref.ref(anchor), x.detach()
         g, d = layer.groups, layer.d_in
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False) if x.device.type != "meta" else contextlib.nullcontext():  # meta: scripts/estimate_memory.py
             if layer.kind == "embedding":
                 flat = x.reshape(-1)
                 kept = self._masked_rows(x, tuple(x.shape))
@@ -516,6 +540,7 @@ class ActivationPreconditioner:
             layer.parts.clear()
             layer.source = None
         self._cache.clear()
+        self._merged.clear()
 
     def _refresh(self) -> None:
         # Group layers that saw exactly the same inputs: one statistic, one solver.

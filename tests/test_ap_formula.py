@@ -174,6 +174,33 @@ def test_update_every_reuses_the_inverse_and_ema_blends():
     assert rel_err(layer.weight.grad, expected) < TOL
 
 
+def test_micro_batches_fold_into_one_statistic_that_shared_layers_still_share():
+    # Four forwards before one step (gradient accumulation): each layer holds one part, not four, so
+    # AP's memory is that of one statistic; q and k (one input) keep sharing it; rows stay rows (for
+    # Woodbury) while there are fewer than d_in, then become the d x d sum; the result is the formula.
+    class TwoHeads(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.q, self.k = nn.Linear(d, 4, bias=False), nn.Linear(d, 4, bias=False)
+
+        def forward(self, x):
+            return self.q(x) * self.k(x)
+
+    for d, rows_each in ((24, 5), (6, 5)):  # 20 rows < 24: kept rows; 20 rows > 6: a 6 x 6 sum
+        net = TwoHeads(d)
+        ap = dopr.ActivationPreconditioner(net, damping=0.1, max_rows_per_dim=None)
+        xs = [torch.randn(rows_each, d) * (i + 1) for i in range(4)]
+        for x in xs:
+            net(x).pow(2).sum().backward()
+        q, k = ap.layers
+        assert len(q.parts) == 1 and q.parts[0] is k.parts[0] and q.parts[0].count == 4 * rows_each
+        part = q.parts[0]
+        assert (part.rows is not None and part.rows.shape == (1, 20, d)) if d == 24 else (part.sum is not None and part.sum.shape == (1, d, d))
+        g = net.q.weight.grad.clone()
+        ap.step()
+        assert rel_err(net.q.weight.grad, expected_ap(g, torch.cat(xs), 0.1)) < TOL
+
+
 def test_layers_reading_one_tensor_share_one_statistic_and_inverse():
     class TwoHeads(nn.Module):
         def __init__(self):
