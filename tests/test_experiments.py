@@ -136,6 +136,7 @@ def test_paper_scale_lora_path_on_local_fixtures(tmp_path):
     sft = [{"problem": f"What is {a} plus {b}?", "generated_solution": f"{a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}.",
             "expected_answer": str(a + b)} for a in range(6) for b in range(4)]
     gsm8k = [{"question": f"Tom has {a} apples and buys {b}. How many?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"} for a, b in [(1, 2), (3, 4), (5, 1)]]
+    gsm8k_train = [{"question": f"Ann has {a} pens and finds {b}. How many?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"} for a in range(3) for b in range(3)]
     math500 = [{"problem": f"Compute ${a}+{b}$.", "answer": str(a + b), "solution": "", "subject": "Algebra", "level": 1, "unique_id": str(i)}
                for i, (a, b) in enumerate([(2, 2), (7, 1)])]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -145,19 +146,26 @@ def test_paper_scale_lora_path_on_local_fixtures(tmp_path):
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
     model_dir = tmp_path / "tiny-llama"
     config = LlamaConfig(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+                         num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=3)
     LlamaForCausalLM(config).save_pretrained(model_dir)
     hf_tok.save_pretrained(model_dir)
     run = tmp_path / "run"
     train("optimizer=dopr_adamw", "logger=none", f"hydra.run.dir={run}", f"task.pretrained={model_dir}",
           f"task.train_data={write_jsonl(tmp_path / 'omi2.jsonl', sft)}", "task.train_size=16", "task.val_size=8",
-          f"+task.eval_data.gsm8k={write_jsonl(tmp_path / 'gsm8k.jsonl', gsm8k)}",
+          f"+task.eval_data.gsm8k={{test: {write_jsonl(tmp_path / 'gsm8k.jsonl', gsm8k)}, train: {write_jsonl(tmp_path / 'gsm8k_train.jsonl', gsm8k_train)}}}",
+          f"+task.eval_data.gsm8k_cot={tmp_path / 'gsm8k.jsonl'}",
+          f"+task.eval_data.gsm8k_zeroshot={tmp_path / 'gsm8k.jsonl'}",
           f"+task.eval_data.math500={write_jsonl(tmp_path / 'math500.jsonl', math500)}",
           "task.max_len=96", "task.max_new_tokens=12", "task.lora.r=4", "task.lora.target_modules=[q_proj,v_proj]",
-          '+task.stop_strings=["Question:"]')
+          '+task.stop_strings=["Question:"]', "task.eval_size=2")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "done"
-    assert {"accuracy_gsm8k", "accuracy_math500", "accuracy"} <= set(summary["final"])
+    final = summary["final"]
+    # GSM8K and GSM8K-CoT through lm-evaluation-harness (strict and flexible extraction), the others in-house
+    assert {"accuracy_gsm8k", "accuracy_gsm8k_flexible", "accuracy_gsm8k_cot", "accuracy_gsm8k_cot_flexible", "accuracy_gsm8k_zeroshot",
+            "accuracy_math500", "accuracy"} <= set(final)
+    strict = [final[k] for k in ("accuracy_gsm8k", "accuracy_gsm8k_cot", "accuracy_gsm8k_zeroshot", "accuracy_math500")]
+    assert abs(final["accuracy"] - sum(strict) / 4) < 1e-9
     coverage = next(r for r in rows(run) if "ap_coverage" in r)["ap_coverage"]
     covered = [n for n, v in coverage.items() if v.startswith("covered")]
     assert covered and all(".lora_" in n for n in covered)
@@ -331,6 +339,27 @@ def test_lm_headline_accuracy_covers_training_lengths_and_extrapolation_is_apart
                                           "task.eval_steps=[1,5]"])
     with pytest.raises(ValueError, match="task.extrap_steps"):
         build_task(bad.task, 0, torch.device("cpu"))
+
+
+def test_gsm8k_sets_keep_lm_evaluation_harness_prompts_shots_and_regexes(tmp_path):
+    """Local GSM8K files change only the data source of lm-eval's own task YAMLs: the prompt, the number
+    of shots, the stop sequences and both answer filters stay lm-eval's."""
+    from experiments.tasks.lm_pretrained import LMEvalSets
+
+    rows = [{"question": f"q{i}", "answer": f"{i}\n#### {i}"} for i in range(8)]
+    test, train = write_jsonl(tmp_path / "test.jsonl", rows), write_jsonl(tmp_path / "train.jsonl", rows)
+    sets = LMEvalSets({"gsm8k": {"test": test, "train": train}, "gsm8k_cot": test})
+    tasks = sets.manager.load(list(sets.tasks.values()))["tasks"]
+    gsm8k, cot = (tasks[sets.tasks[n]].config for n in ("gsm8k", "gsm8k_cot"))
+    assert gsm8k.doc_to_text == "Question: {{question}}\nAnswer:" and gsm8k.num_fewshot == 5 and cot.num_fewshot == 8
+    assert "Question:" in gsm8k.generation_kwargs["until"] and "Q:" in cot.generation_kwargs["until"]
+    for config in (gsm8k, cot):
+        filters = {f["name"]: f["filter"][0] for f in config.filter_list}
+        assert filters["strict-match"]["regex_pattern"] in ("#### (\\-?[0-9\\.\\,]+)", "The answer is (\\-?[0-9\\.\\,]+).")
+        assert filters["flexible-extract"]["regex_pattern"] == "(-?[$0-9.,]{2,})|(-?[0-9]+)"
+    assert len(tasks[sets.tasks["gsm8k"]].eval_docs) == 8
+    with pytest.raises(ValueError, match="train"):
+        LMEvalSets({"gsm8k": test})  # 5-shot needs the train split
 
 
 def test_math_answers_are_scored_by_math_verify_and_gsm8k_by_the_number():

@@ -66,6 +66,72 @@ def normalise(answer: str) -> str:
         return answer.replace(" ", "")
 
 
+# Evaluation sets scored by lm-evaluation-harness itself (its task YAMLs: prompts, few-shot examples,
+# stop sequences, answer regexes), so that the numbers are comparable with the paper's.
+LM_EVAL_TASKS = {"gsm8k": "gsm8k.yaml", "gsm8k_cot": "gsm8k-cot.yaml"}
+
+
+class LMEvalSets:
+    """GSM8K (5-shot; strict "#### N" and flexible last-number extraction) and GSM8K-CoT (8-shot
+    chain of thought), run by lm-eval's ``simple_evaluate`` on the model being trained. A source is a
+    hub id (lm-eval's default data when it is ``openai/gsm8k``) or local json/jsonl files: for
+    ``gsm8k_cot`` a test file; for ``gsm8k`` ``{test: <file>, train: <file>}`` (its 5 examples come from
+    the train split). Each set is written as a task YAML that ``include``s lm-eval's own and changes
+    only the data source."""
+
+    def __init__(self, sources: dict):
+        import tempfile
+
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+
+        self.version = lm_eval.__version__
+        root = Path(lm_eval.__file__).parent / "tasks" / "gsm8k"
+        self.dir = Path(tempfile.mkdtemp(prefix="dopr-lm-eval-"))
+        self.tasks = {}
+        for name, source in sources.items():
+            task = f"dopr_{name}"
+            lines = [f"include: {root / LM_EVAL_TASKS[name]}", f"task: {task}"]
+            files = self._files(name, source)
+            if files:
+                lines += ["dataset_path: json", "dataset_name: null", "dataset_kwargs:", "  data_files:"]
+                lines += [f"    {split}: {path}" for split, path in files.items()]
+            elif str(source) != "openai/gsm8k":
+                lines.append(f"dataset_path: {source}")
+            (self.dir / f"{task}.yaml").write_text("\n".join(lines) + "\n")
+            self.tasks[name] = task
+        self.manager = TaskManager(include_path=str(self.dir))
+
+    @staticmethod
+    def _files(name: str, source) -> dict | None:
+        """{split: local file}, or None for a hub id."""
+        if isinstance(source, str) and not Path(source).expanduser().exists():
+            if source.startswith(("/", "./", "~")):
+                raise FileNotFoundError(f"task.eval_data.{name}={source} does not exist")
+            return None
+        files = {"test": source} if isinstance(source, str) else {split: str(path) for split, path in source.items()}
+        if name == "gsm8k" and "train" not in files:
+            raise ValueError(f"task.eval_data.gsm8k={source}: lm-eval's 5-shot GSM8K takes its examples from the train split; "
+                             f"pass task.eval_data.gsm8k={{test: <file>, train: <file>}}")
+        for split, path in files.items():
+            if not Path(path).expanduser().exists():
+                raise FileNotFoundError(f"task.eval_data.{name}.{split}={path} does not exist")
+        return {split: str(Path(path).expanduser().resolve()) for split, path in files.items()}
+
+    def evaluate(self, model, tokenizer, batch_size: int, device, limit) -> dict[str, float]:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+        results = simple_evaluate(model=lm, tasks=list(self.tasks.values()), task_manager=self.manager, limit=limit,
+                                  log_samples=False, bootstrap_iters=0)["results"]
+        out = {}
+        for name, task in self.tasks.items():
+            out[f"accuracy_{name}"] = float(results[task]["exact_match,strict-match"])
+            out[f"accuracy_{name}_flexible"] = float(results[task]["exact_match,flexible-extract"])
+        return out
+
+
 class PretrainedLM(TokenBatches):
     metric = "accuracy"
     higher_is_better = True
@@ -93,7 +159,11 @@ class PretrainedLM(TokenBatches):
         self.train = self._encode(data.select(range(cfg.train_size)))
         self.val = self._encode(data.select(range(cfg.train_size, need)))
         self.eval_sets = {}
+        lm_eval_sets = {name: source for name, source in cfg.eval_data.items() if name in LM_EVAL_TASKS}
+        self.lm_eval = LMEvalSets(lm_eval_sets) if lm_eval_sets else None
         for name, source in cfg.eval_data.items():
+            if name in LM_EVAL_TASKS:
+                continue
             rows = load(source, "test", "main" if name == "gsm8k" else None)
             if cfg.get("eval_size"):
                 rows = rows.select(range(min(cfg.eval_size, len(rows))))
@@ -135,6 +205,9 @@ class PretrainedLM(TokenBatches):
                 texts = self.tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
                 correct += sum(is_correct(name, t, a) for t, (_, a) in zip(texts, chunk))
             out[f"accuracy_{name}"] = correct / max(1, len(items))
-        out["accuracy"] = sum(out.values()) / max(1, len(out))
+        if self.lm_eval is not None:
+            out.update(self.lm_eval.evaluate(model, self.tok, self.cfg.eval_batch_size, self.device, self.cfg.get("eval_size")))
+        headline = [v for k, v in out.items() if not k.endswith("_flexible")]  # strict extraction, as the paper's tables
+        out["accuracy"] = sum(headline) / max(1, len(headline))
         model.train(was)
         return out
