@@ -181,9 +181,25 @@ def validation_loss(task, model) -> float:
     return sum(losses) / len(losses)
 
 
+def kept_summary(run_dir: Path, steps: int) -> dict | None:
+    """The summary of a run that finished all ``steps`` but whose checkpoint is gone: the small files a
+    sweep keeps (scripts/keep_runs.sh) copied back into runs/ on a fresh machine. Such a run is skipped."""
+    summary_path = run_dir / "summary.json"
+    if (run_dir / "checkpoint.pt").exists() or not summary_path.exists():
+        return None
+    summary = json.loads(summary_path.read_text())
+    if summary.get("status") != "done" or summary.get("steps") != steps:
+        return None
+    print(f"{run_dir} already finished ({steps} steps; its summary.json is kept, its checkpoint is not)", flush=True)
+    return summary
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     cfg = resolve(cfg)
     tr = cfg.trainer
+    finished = kept_summary(run_dir, tr.steps)
+    if finished is not None:
+        return finished
     export_slurm_environment()
     device = pick_device(cfg.device)
     precision = tr.get("precision") or "fp32"

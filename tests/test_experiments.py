@@ -109,6 +109,23 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert steps == list(range(10, 401, 10))  # every row once: none lost, none twice
 
 
+def test_a_finished_run_restored_from_its_small_files_is_skipped(tmp_path):
+    # A sweep's kept small files (scripts/keep_runs.sh), copied back into runs/ on a fresh machine: the
+    # finished run is not trained again; a run whose summary says it failed is.
+    run = tmp_path / "run"
+    train("optimizer=adamw", "logger=none", f"hydra.run.dir={run}")
+    kept = tmp_path / "kept"
+    subprocess.run(["bash", "scripts/keep_runs.sh", str(tmp_path), str(kept)], cwd=ROOT, check=True, capture_output=True)
+    assert sorted(p.name for p in (kept / "run").iterdir()) == ["config.json", "metrics.jsonl", "summary.json"]
+    rows_before = (kept / "run" / "metrics.jsonl").read_text()
+    again = train("optimizer=adamw", "logger=none", f"hydra.run.dir={kept / 'run'}")
+    assert "already finished" in again.stdout and (kept / "run" / "metrics.jsonl").read_text() == rows_before
+    summary = json.loads((kept / "run" / "summary.json").read_text())
+    (kept / "run" / "summary.json").write_text(json.dumps({**summary, "status": "failed"}))
+    retrained = train("optimizer=adamw", "logger=none", f"hydra.run.dir={kept / 'run'}")
+    assert "already finished" not in retrained.stdout and json.loads((kept / "run" / "summary.json").read_text())["status"] == "done"
+
+
 def test_bad_input_stops_with_a_message_that_names_the_fix(tmp_path):
     out = train("task=nope", check=False)
     assert out.returncode != 0 and "task/nope" in out.stderr and "lm" in out.stderr  # Hydra lists the options
