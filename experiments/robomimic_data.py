@@ -52,10 +52,16 @@ def _check(path) -> Path:
     return path
 
 
-def read_demos(path: str | Path, obs_keys: list[str], filter_key: str | None = None) -> list[dict]:
+def read_demos(path: str | Path, obs_keys: list[str], filter_key: str | None = None, image_cache: str | Path | None = None,
+               limit: int | None = None) -> list[dict]:
     """[{"obs": {key: (T, ...) array}, "actions": (T, action_dim) float32}] for the demos of the file,
-    or of one filter (``mask/<filter_key>``). Low-dim observations come back as float32, images as
-    uint8 (T, H, W, 3)."""
+    or of one filter (``mask/<filter_key>``), the first ``limit`` of them if given. Low-dim observations
+    come back as float32, images as uint8 (T, H, W, 3).
+
+    With ``image_cache`` (a folder), images are not read into memory: each image key of these demos is
+    copied once, a few frames at a time, into an uncompressed ``.npy`` file there, and every demo's
+    frames are a slice of its read-only memory map (only the frames a batch indexes are ever read).
+    Each such demo also carries ``image_store`` = {key: (memory map of all demos, first row)}."""
     import h5py
 
     path = _check(path)
@@ -70,20 +76,56 @@ def read_demos(path: str | Path, obs_keys: list[str], filter_key: str | None = N
             names = _demo_order(n.decode() if isinstance(n, bytes) else str(n) for n in f[f"mask/{filter_key}"][()])
         if not names:
             raise ValueError(f"{path} holds no demos{f' in mask/{filter_key}' if filter_key else ''}")
-        demos = []
+        names = names[:limit] if limit else names
+        lazy = [k for k in obs_keys if is_image_key(k)] if image_cache is not None else []
+        stores = {k: _image_memmap(f, path, names, k, Path(image_cache).expanduser()) for k in lazy}
+        demos, row = [], 0
         for name in names:
             group = f[f"data/{name}"]
             missing = [k for k in obs_keys if k not in group["obs"]]
             if missing:
                 raise ValueError(f"{path}:{name} has no observation {missing}; it has {sorted(group['obs'].keys())}: "
                                  f"set task.obs_keys to keys it has")
-            obs = {k: group["obs"][k][()] for k in obs_keys}
+            obs = {k: group["obs"][k][()] for k in obs_keys if k not in stores}
             obs = {k: (v if is_image_key(k) else v.astype(np.float32).reshape(len(v), -1)) for k, v in obs.items()}
             actions = group["actions"][()].astype(np.float32)
+            obs.update({k: store[row : row + len(actions)] for k, store in stores.items()})
             if any(len(v) != len(actions) for v in obs.values()):
                 raise ValueError(f"{path}:{name}: observations and actions differ in length")
-            demos.append({"obs": obs, "actions": actions, "name": name})
+            demo = {"obs": obs, "actions": actions, "name": name}
+            if stores:
+                demo["image_store"] = {k: (store, row) for k, store in stores.items()}
+            demos.append(demo)
+            row += len(actions)
     return demos
+
+
+def _image_memmap(f, path: Path, names: list[str], key: str, folder: Path) -> np.memmap:
+    """A read-only memory map of ``key``'s frames of these demos, concatenated, from a ``.npy`` file in
+    ``folder`` named by the dataset (path, size, mtime), the demos and the key; written once, a few
+    frames at a time (memory stays one chunk), atomically, under a file lock for concurrent runs."""
+    import fcntl
+    import hashlib
+
+    stat = path.stat()
+    ident = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, names, key])
+    target = folder / f"{path.stem}-{key}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.npy"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(target.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            first = f[f"data/{names[0]}/obs/{key}"]
+            shape = (sum(len(f[f"data/{n}/obs/{key}"]) for n in names), *first.shape[1:])
+            with atomic_path(target) as tmp, open(tmp, "wb") as out:
+                np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(first.dtype)),
+                                                           "fortran_order": False, "shape": shape})
+                for n in names:
+                    frames = f[f"data/{n}/obs/{key}"]
+                    if frames.shape[1:] != first.shape[1:]:
+                        raise ValueError(f"{path}:{n}/obs/{key} has frames of shape {frames.shape[1:]}, others {first.shape[1:]}")
+                    for start in range(0, len(frames), 64):
+                        out.write(np.ascontiguousarray(frames[start : start + 64]).tobytes())
+    return np.load(target, mmap_mode="r")
 
 
 def write_demos(path: str | Path, demos: list[dict], meta: dict, masks: dict[str, list[str]] | None = None) -> None:

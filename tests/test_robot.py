@@ -93,6 +93,78 @@ def test_independently_written_robomimic_file_loads_with_documented_shapes(tmp_p
         read_demos(tmp_path / "missing.hdf5", keys)
 
 
+def test_image_cache_gives_the_same_frames_and_batches_through_a_memory_map(tmp_path):
+    path = tmp_path / "fixture.hdf5"
+    write_fixture(path, lengths=(5, 7, 4, 6))
+    keys = ["robot0_eef_pos", "agentview_image"]
+    eager = read_demos(path, keys, "train")
+    lazy = read_demos(path, keys, "train", image_cache=tmp_path / "cache")
+    assert isinstance(lazy[0]["obs"]["agentview_image"], np.memmap)
+    for e, z in zip(eager, lazy):
+        np.testing.assert_array_equal(e["obs"]["agentview_image"], z["obs"]["agentview_image"])
+    files = list((tmp_path / "cache").glob("*.npy"))
+    assert len(files) == 1
+    read_demos(path, keys, "train", image_cache=tmp_path / "cache")  # written once, then reused
+    assert list((tmp_path / "cache").glob("*.npy")) == files and files[0].stat().st_mtime_ns == files[0].stat().st_mtime_ns
+    assert len(read_demos(path, keys, image_cache=tmp_path / "cache", limit=2)) == 2  # other demos: another file
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    a = robot.DemoWindows(eager, ["robot0_eef_pos"], ["agentview_image"], obs_horizon=2, action_horizon=4)
+    b = robot.DemoWindows(lazy, ["robot0_eef_pos"], ["agentview_image"], obs_horizon=2, action_horizon=4)
+    idx = torch.tensor([0, 3, 6, len(a) - 1])
+    (oa, aa), (ob, ab) = a.batch(idx), b.batch(idx)
+    assert torch.equal(oa["agentview_image"], ob["agentview_image"]) and torch.equal(aa, ab) and ob["agentview_image"].dtype == torch.uint8
+
+
+LAZY_READ = """
+import os, sys, numpy as np, torch
+from experiments.robomimic_data import read_demos
+from experiments.tasks.robot import DemoWindows
+def rss():  # the process's own (anonymous) resident memory now; pages of a mapped file are the kernel's page cache
+    line = next(l for l in open("/proc/self/status") if l.startswith("RssAnon:"))
+    return int(line.split()[1]) * 1024
+warm = torch.from_numpy(np.zeros((32, 2, 128, 128, 3), np.uint8))[torch.randint(0, 32, (32,))]  # torch's first allocations
+del warm
+before, peak = rss(), 0
+demos = read_demos(sys.argv[1], ["robot0_eef_pos", "agentview_image"], image_cache=None if sys.argv[2] == "none" else sys.argv[2])
+peak = max(peak, rss())
+windows = DemoWindows(demos, ["robot0_eef_pos"], ["agentview_image"], obs_horizon=2, action_horizon=4)
+peak = max(peak, rss())
+g = torch.Generator().manual_seed(0)
+for _ in range(3):
+    obs, _ = windows.batch(torch.randint(0, len(windows), (32,), generator=g))
+    assert obs["agentview_image"].shape[1:] == (2, 128, 128, 3)
+    peak = max(peak, rss())
+print(peak - before)
+"""
+
+
+def test_image_demos_are_read_lazily_under_a_memory_cap_smaller_than_the_file(tmp_path):
+    # 40 demos x 60 frames of 128x128x3 (118 MB of images): with the image cache, reading them and
+    # drawing batches raises the process's own resident memory (RssAnon: mapped file pages are page cache)
+    # by less than a quarter of that; reading them
+    # into memory (the cache off) raises it by more than the whole file.
+    path = tmp_path / "images.hdf5"
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        data.attrs["env_args"] = json.dumps({"env_name": "Lift", "type": 1, "env_kwargs": {}})
+        for i in range(40):
+            g = data.create_group(f"demo_{i}")
+            g["obs/robot0_eef_pos"] = rng.standard_normal((60, 3))
+            g["obs/agentview_image"] = rng.integers(0, 256, (60, 128, 128, 3), dtype=np.uint8)
+            g["actions"] = rng.standard_normal((60, 7))
+    size = path.stat().st_size
+    assert size > 100 * 2**20
+    grown = {}
+    for mode in ("cache", "none"):
+        out = subprocess.run([sys.executable, "-c", LAZY_READ, str(path), str(tmp_path / "cache") if mode == "cache" else "none"],
+                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        grown[mode] = int(out.stdout.strip().splitlines()[-1])
+    assert grown["cache"] < 0.25 * size, (grown, size)
+    assert grown["none"] > size, (grown, size)
+
+
 def test_windows_pad_history_with_the_first_observation_and_chunks_with_the_last_action():
     n = 5
     demo = {"obs": {"x": np.arange(n, dtype=np.float32)[:, None]}, "actions": np.arange(n, dtype=np.float32)[:, None] * 10}
@@ -107,7 +179,7 @@ def fixture_task(tmp_path, *overrides):
     path = tmp_path / "fixture.hdf5"
     write_fixture(path)
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["task=robot", "scale=smoke", f"task.dataset={path}", *overrides])
+        cfg = compose("train", overrides=["task=robot", "scale=smoke", f"task.dataset={path}", f"task.image_cache={tmp_path / 'cache'}", *overrides])
     return robot.build(cfg.task, 0, torch.device("cpu"))
 
 

@@ -167,14 +167,28 @@ class DemoWindows:
         self.actions = torch.from_numpy(np.concatenate([d["actions"] for d in demos]))
         self.low_dim = torch.from_numpy(np.concatenate([np.concatenate([d["obs"][k] for k in low_dim_keys], axis=1) for d in demos])) \
             if low_dim_keys else None
-        self.images = {k: torch.from_numpy(np.concatenate([d["obs"][k] for d in demos])) for k in image_keys}
+        self.images = {k: self._frames(demos, k) for k in image_keys}
 
     def __len__(self):
         return len(self.obs_idx)
 
+    @staticmethod
+    def _frames(demos: list[dict], key: str):
+        """All demos' frames of one camera: a tensor in memory, or, for demos read with an image cache,
+        the read-only memory map they are consecutive rows of (batches then read only their rows)."""
+        stores = [d.get("image_store", {}).get(key) for d in demos]
+        if stores[0] is None:
+            return torch.from_numpy(np.concatenate([d["obs"][key] for d in demos]))
+        store, first = stores[0]
+        rows = [(s, r) for s, r in stores]
+        if any(s is not store for s, _ in rows) or any(r != first + sum(len(d["actions"]) for d in demos[:i]) for i, (_, r) in enumerate(rows)):
+            raise ValueError("demos read with an image cache must be passed in the order they were read")
+        return store[first : first + sum(len(d["actions"]) for d in demos)]
+
     def batch(self, idx: torch.Tensor) -> tuple[dict, torch.Tensor]:
         rows = self.obs_idx[idx]
-        obs = {key: img[rows] for key, img in self.images.items()}
+        obs = {key: img[rows] if isinstance(img, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(img[rows.numpy()]))
+               for key, img in self.images.items()}
         if self.low_dim is not None:
             obs["low_dim"] = self.low_dim[rows]
         return obs, self.actions[self.act_idx[idx]]
@@ -222,10 +236,10 @@ class RobotPolicy:
         keys = list(cfg.obs_keys)
         self.image_keys = [k for k in keys if is_image_key(k)]
         self.low_dim_keys = [k for k in keys if not is_image_key(k)]
-        train = read_demos(path, keys, cfg.train_filter)
-        val = read_demos(path, keys, cfg.val_filter)
-        if cfg.max_train_demos:
-            train = train[: cfg.max_train_demos]
+        # Image frames stay on disk behind a memory map (task.image_cache); low-dim data is read into memory.
+        cache = cfg.get("image_cache") if self.image_keys else None
+        train = read_demos(path, keys, cfg.train_filter, image_cache=cache, limit=cfg.max_train_demos)
+        val = read_demos(path, keys, cfg.val_filter, image_cache=cache)
         self.train = DemoWindows(train, self.low_dim_keys, self.image_keys, cfg.obs_horizon, cfg.action_horizon)
         self.val = DemoWindows(val, self.low_dim_keys, self.image_keys, cfg.obs_horizon, cfg.action_horizon)
         low_dim = self.train.low_dim.shape[1] if self.train.low_dim is not None else 0
