@@ -104,7 +104,7 @@ def shard(batch, rank: int, world: int):
     """This process's contiguous slice of the global batch."""
     if world == 1:
         return batch
-    return split(batch, world, f"make task.batch_size a multiple of the {world} processes")[rank]
+    return split(batch, world, f"make task.batch_size a multiple of {world} (the number of processes)")[rank]
 
 
 def accumulate_gradients(task, model, batch, micro_batches: int, ap=None, autocast=contextlib.nullcontext, no_sync=None) -> torch.Tensor:

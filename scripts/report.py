@@ -74,7 +74,8 @@ def per_run_rows(done: list[dict]) -> list[dict]:
     for r in done:
         s = r["summary"]
         row = {"optimizer": s["optimizer"], "lr": s["lr"], "damping": run_damping(r),
-               "weight_decay": (r["config"].get("optimizer") or {}).get("weight_decay"), "seed": s["seed"], "final_val_loss": s["final"]["val_loss"],
+               "weight_decay": (r["config"].get("optimizer") or {}).get("weight_decay"),
+               "task_version": (r["config"].get("task") or {}).get("version", 1), "seed": s["seed"], "final_val_loss": s["final"]["val_loss"],
                "min_val_loss": s["best"]["min_val_loss"], f"final_{s['metric_name']}": s["final"][s["metric_name"]],
                f"best_{s['metric_name']}": s["best"]["metric"], "best_step": s["best"]["step"], "run": r["dir"]}
         row.update({f"final_{k}": v for k, v in s["final"].items() if k not in ("step", "val_loss", s["metric_name"])})
@@ -409,6 +410,24 @@ def tuning_section(rows: list[dict], metric: str, higher: bool, out: Path, title
         lines.append(f"| {opt} | {len(trials)} | {'/'.join(map(str, seeds))} | {', '.join(f'{x:g}' for x in sorted({t[0] for t in trials}))} | "
                      f"{', '.join(f'{x:g}' for x in sorted({t[1] for t in trials if t[1] is not None}))} | "
                      f"{by_loss[0]:g}, {by_loss[1]:g} | {m_loss:.4g} | {by_metric[0]:g}, {by_metric[1]:g} | {m_metric:.4g} | {abs(m_metric - m_loss):.4g} |")
+    edges = []
+    for opt in opts:
+        trials, (lr, hp) = by_opt[opt], selections[opt]["by_metric"]
+        lrs, hps = sorted({t[0] for t in trials}), sorted({t[1] for t in trials if t[1] is not None})
+        where = [f"LR {lr:g}"] if len(lrs) > 1 and lr in (lrs[0], lrs[-1]) else []
+        where += [f"{'damping' if opt.startswith('dopr_') else 'weight decay'} {hp:g}"] if hp is not None and len(hps) > 1 and hp in (hps[0], hps[-1]) else []
+        if where:
+            edges.append(f"{opt} ({', '.join(where)})")
+    if edges:
+        lines += ["", "**At the edge of the grid** (selected by the metric): " + "; ".join(edges) + ". The best setting may lie "
+                  "outside the grid; a wider grid would tell."]
+    horizon = [key for points in horizon_series(rows, metric).values() for _, key in points]
+    if horizon:
+        lines += ["", f"Per-horizon {metric} of each optimizer's trial selected by {metric}:", "",
+                  "| optimizer | " + " | ".join(k.removeprefix(f"final_{metric}_") for k in horizon) + " |", "|---|" + "---|" * len(horizon)]
+        for opt in opts:
+            rs = by_opt[opt][selections[opt]["by_metric"]]
+            lines.append(f"| {opt} | " + " | ".join(f"{mean(rs, k):.3g}" if all(k in r for r in rs) else "" for k in horizon) + " |")
     counts = {o: s_["trials"] for o, s_ in selections.items()}
     if len(set(counts.values())) > 1:
         lines += ["", "**Unequal budgets**: " + ", ".join(f"{o} {n}" for o, n in counts.items()) + " trials; the comparison is not fair "

@@ -171,6 +171,35 @@ def damping_guard(entries: list[dict], results: Path) -> list[str]:
     return lines + [""]
 
 
+def current_task_version(task: str) -> int:
+    """``version`` in configs/task/<task>.yaml (1 when absent): bumped whenever a change to the task
+    alters its numbers, so that results made with an older version are flagged."""
+    from omegaconf import OmegaConf
+
+    path = ROOT / "configs" / "task" / f"{task}.yaml"
+    return int(OmegaConf.load(path).get("version", 1)) if path.exists() else 1
+
+
+def version_guard(entries: list[dict], results: Path) -> list[str]:
+    """A warning for every results folder made with another version of its task than the current one."""
+    old = []
+    for e in entries:
+        task = e["meta"].get("task") or e["folder"].parent.name
+        used = sorted({int(r.get("task_version", 1)) for r in e["runs"]})
+        if used != [current_task_version(task)]:
+            old.append((e, task, used))
+    if not old:
+        return []
+    lines = ["## Warning: results made with an older version of their task", "",
+             "These folders' runs were made with another version of the task than the current configs/task/<task>.yaml "
+             "(its `version`; the task's doc says what changed). Their numbers describe that version; regenerate them with "
+             "their `make reproduce-<task>`:", ""]
+    for e, task, used in old:
+        rel = e["folder"].relative_to(results)
+        lines.append(f"- [{rel}]({rel}/results.md): version {', '.join(map(str, used))}, current {current_task_version(task)}")
+    return lines + [""]
+
+
 def damping_sweeps(entries: list[dict], results: Path) -> list[str]:
     """Per damping sweep: the best damping per LR by the rollout metric and by validation loss."""
     have = [e for e in entries if e.get("damping")]
@@ -212,6 +241,7 @@ def main(argv=None) -> int:
              "do not edit by hand. Each task's folder holds its table, per-run CSV, figures and the command that made them.", "",
              *headline(entries),
              *damping_guard(entries, args.results),
+             *version_guard(entries, args.results),
              "## Did AP help? (DoPr-X against X, paired by seed)", "",
              "Differences are DoPr-X minus X on the final weights, paired over the seeds both have: mean, 95% t-interval "
              "[low, high], and the two-sided paired t-test p-value. 'better'/'worse' means the interval excludes 0 "

@@ -142,7 +142,7 @@ class ArithmeticLM(TokenBatches):
         if cfg.get("select_per_length"):
             for k in cfg.eval_steps:
                 reported = {p["question"] for p in self.eval_sets[f"steps{k}"]}
-                self.select_sets[k] = [p for p in generate_split(cfg.select_per_length, 300 + k, [k], **gen) if p["question"] not in reported]
+                self.select_sets[f"steps{k}"] = [p for p in generate_split(cfg.select_per_length, 300 + k, [k], **gen) if p["question"] not in reported]
         torch.manual_seed(seed)
         self.model = build_llama(cfg, self.tok).to(device)
 
