@@ -335,6 +335,24 @@ def test_chunked_validation_loss_equals_the_models_own_loss(tmp_path, task_name)
     assert abs(losses[0] - losses[1]) < 1e-5 * losses[0], losses
 
 
+def test_epoch_sampling_sees_every_example_once_per_epoch_and_is_a_function_of_the_step(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from experiments.tasks import build_task
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["task=lm", "scale=smoke", f"task.data_dir={tmp_path}", "task.sampling=epochs",
+                                          "task.train_size=64", "task.batch_size=8"])
+    task = build_task(cfg.task, 0, torch.device("cpu"))
+    rows = {tuple(r.tolist()) for r in task.train[0]}
+    assert len(rows) == 64  # distinct problems, so a row identifies an example
+    for epoch in range(2):
+        seen = [tuple(r.tolist()) + (0,) * (task.train[0].shape[1] - len(r)) for k in range(8) for r in task.train_batch(8 * epoch + k)[0]]
+        assert sorted(seen) == sorted(rows)  # each example exactly once in the epoch
+    assert torch.equal(task.train_batch(3)[0], task.train_batch(3)[0])
+    assert not torch.equal(task.train_batch(0)[0], task.train_batch(8)[0])  # a new permutation each epoch
+
+
 def test_lm_headline_accuracy_covers_training_lengths_and_extrapolation_is_apart(tmp_path):
     from hydra import compose, initialize_config_dir
 

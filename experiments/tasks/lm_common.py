@@ -21,18 +21,50 @@ def extract_answer(text: str) -> str | None:
 
 
 class TokenBatches:
-    """Batching and the token loss shared by both LM variants: ``self.train``/``self.val`` are
-    (input_ids, labels, attention_mask) tensors; the step's batch is a function of (seed, step)."""
+    """Batching and the token loss shared by both LM variants. ``self.train``/``self.val`` are either
+    (input_ids, labels, attention_mask) tensors right-padded to task.max_len (the embedded task) or
+    ``datasets.Dataset``s with ``input_ids`` and ``labels`` lists (the paper-scale path: tokenised once,
+    stored unpadded, each batch padded to its own longest sequence). The step's batch is a function of
+    (seed, step), so a resumed run sees the same batches: drawn with replacement
+    (``task.sampling: replacement``, the default) or as epochs of a fresh permutation each
+    (``task.sampling: epochs``: every example once per epoch)."""
+
+    pad_id = 0
 
     def train_batch(self, step: int):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        idx = torch.randint(0, self.train[0].shape[0], (self.cfg.batch_size,), generator=g)
-        return self._trim(tuple(t[idx] for t in self.train))
+        n, size = self._rows(self.train), self.cfg.batch_size
+        if (self.cfg.get("sampling") or "replacement") == "epochs":
+            per_epoch = n // size
+            if per_epoch == 0:
+                raise ValueError(f"task.batch_size={size} exceeds the {n} training examples: lower it or use task.sampling=replacement")
+            epoch, k = divmod(step, per_epoch)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + 7_919 * epoch + 1))
+            idx = order[k * size : (k + 1) * size]
+        else:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            idx = torch.randint(0, n, (size,), generator=g)
+        return self._gather(self.train, idx)
 
     def val_batches(self):
-        n, size = self.val[0].shape[0], self.cfg.get("val_batch_size") or self.cfg.eval_batch_size
+        n, size = self._rows(self.val), self.cfg.get("val_batch_size") or self.cfg.eval_batch_size
         for start in range(0, n, size):
-            yield self._trim(tuple(t[start : start + size] for t in self.val))
+            yield self._gather(self.val, torch.arange(start, min(n, start + size)))
+
+    @staticmethod
+    def _rows(data) -> int:
+        return data[0].shape[0] if isinstance(data, tuple) else len(data)
+
+    def _gather(self, data, idx: torch.Tensor):
+        if isinstance(data, tuple):
+            return self._trim(tuple(t[idx] for t in data))
+        rows = data[idx.tolist()]
+        width = max(map(len, rows["input_ids"]))
+        ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(idx), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.bool)
+        for i, (seq, lab) in enumerate(zip(rows["input_ids"], rows["labels"])):
+            ids[i, : len(seq)], labels[i, : len(lab)], mask[i, : len(seq)] = torch.tensor(seq), torch.tensor(lab), True
+        return ids.to(self.device), labels.to(self.device), mask.to(self.device)
 
     def _trim(self, batch):
         """Drop the all-padding columns (batches are right-padded to task.max_len) and move to the device."""

@@ -147,6 +147,7 @@ class PretrainedLM(TokenBatches):
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self.tok.padding_side = "left"
+        self.pad_id = self.tok.pad_token_id
         dtype = getattr(torch, cfg.get("dtype") or "float32")
         base = AutoModelForCausalLM.from_pretrained(cfg.pretrained, dtype=dtype)
         lora = cfg.lora
@@ -172,21 +173,19 @@ class PretrainedLM(TokenBatches):
             self.eval_sets[name] = [(r[question], gold(r["answer"])) for r in rows]
 
     def _encode(self, rows):
-        ids, labels = [], []
-        for r in rows:
-            prompt = self.tok(PROMPT.format(question=r["problem"]), add_special_tokens=True)["input_ids"]
-            target = self.tok(f"{r['generated_solution']}\n#### {r['expected_answer']}", add_special_tokens=False)["input_ids"]
-            seq = (prompt + target + [self.tok.eos_token_id])[: self.cfg.max_len]
-            ids.append(seq)
-            labels.append(([-100] * len(prompt) + target + [self.tok.eos_token_id])[: self.cfg.max_len])
-        width = max(map(len, ids))
-        pad = self.tok.pad_token_id
-        out_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        out_labels = torch.full((len(ids), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.bool)
-        for i, (s, l) in enumerate(zip(ids, labels)):
-            out_ids[i, : len(s)], out_labels[i, : len(l)], mask[i, : len(s)] = torch.tensor(s), torch.tensor(l), True
-        return out_ids, out_labels, mask
+        """Tokenised once with ``datasets.map`` (batched, ``task.num_proc`` processes, cached by
+        ``datasets``), stored unpadded; labels are -100 on the prompt (the loss covers the solution)."""
+        tok, max_len, eos = self.tok, self.cfg.max_len, self.tok.eos_token_id
+
+        def tokenise(batch):
+            prompts = tok([PROMPT.format(question=q) for q in batch["problem"]], add_special_tokens=True)["input_ids"]
+            targets = tok([f"{s}\n#### {a}" for s, a in zip(batch["generated_solution"], batch["expected_answer"])],
+                          add_special_tokens=False)["input_ids"]
+            return {"input_ids": [(p + t + [eos])[:max_len] for p, t in zip(prompts, targets)],
+                    "labels": [([-100] * len(p) + t + [eos])[:max_len] for p, t in zip(prompts, targets)]}
+
+        return rows.map(tokenise, batched=True, num_proc=self.cfg.get("num_proc"), remove_columns=rows.column_names,
+                        desc="tokenising")
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
