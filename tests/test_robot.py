@@ -215,6 +215,35 @@ def test_ap_covers_the_unet_conv1d_layers_and_both_encoders(tmp_path, objective)
     assert (chunk >= lo - 1e-5).all() and (chunk <= hi + 1e-5).all()
 
 
+def test_resnet18_encoder_crops_randomly_in_training_pools_to_keypoints_and_ap_covers_it(tmp_path):
+    enc = robot.ResNet18Encoder(16, crop_ratio=0.75, keypoints=8)
+    images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    x = robot.to_unit(images)
+    enc.train()
+    crops = [enc.crop(x) for _ in range(4)]
+    assert all(c.shape == (2, 3, 24, 24) for c in crops) and any(not torch.equal(crops[0], c) for c in crops[1:])
+    for c in crops:  # every random crop is a window of its own image
+        found = any(torch.equal(c[0], x[0, :, t : t + 24, l : l + 24]) for t in range(9) for l in range(9))
+        assert found
+    enc.eval()
+    assert torch.equal(enc.crop(x), x[..., 4:28, 4:28]) and torch.equal(enc.crop(x), enc.crop(x))
+    # spatial softmax: a map peaked at one pixel gives that pixel's coordinates
+    pool = robot.SpatialSoftmax(4, keypoints=1)
+    with torch.no_grad():
+        pool.proj.weight.zero_(); pool.proj.bias.zero_(); pool.proj.weight[0, 0] = 1.0
+    peaked = torch.zeros(1, 4, 5, 9)
+    peaked[0, 0, 4, 0] = 100.0  # bottom-left
+    torch.testing.assert_close(pool(peaked), torch.tensor([[-1.0, 1.0]]), atol=1e-4, rtol=0)
+    task = fixture_task(tmp_path, "task.obs_keys=[robot0_eef_pos,agentview_image]", "task.model.encoder=resnet18", "task.model.crop_ratio=0.9")
+    opt = dopr.build_optimizer(task.model, "dopr_adamw", lr=1e-3)
+    task.loss(task.model, task.train_batch(0)).backward()
+    opt.step()
+    coverage = opt.preconditioner.coverage()
+    convs = [n for n, m in task.model.image_encoders.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 1 + 16 + 3 + 1  # stem, 8 blocks x 2, 3 downsampling skips, the keypoint projection
+    assert all(coverage[f"image_encoders.{n}"].startswith("covered: conv") for n in convs)
+
+
 def test_action_normalisation_round_trips_and_maps_the_data_to_the_unit_box(tmp_path):
     task = fixture_task(tmp_path, "task.obs_keys=[robot0_eef_pos,object]")
     a = task.train.actions

@@ -94,9 +94,14 @@ class ConditionalUnet1D(nn.Module):
         return self.final(h).transpose(1, 2)
 
 
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 class ImageEncoder(nn.Module):
     """A small CNN per camera: three stride-2 convs (GroupNorm, Mish), global average pool, Linear.
-    (Diffusion Policy uses a GroupNorm ResNet-18 with spatial softmax; this one trains on a CPU.)"""
+    Trains on a CPU; ``task.model.encoder=resnet18`` is Diffusion Policy's recipe."""
 
     def __init__(self, out_dim: int, width: int = 32):
         super().__init__()
@@ -106,7 +111,75 @@ class ImageEncoder(nn.Module):
                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, out_dim))
 
     def forward(self, images):  # (B, H, W, 3) uint8
-        return self.net(images.permute(0, 3, 1, 2).float() / 127.5 - 1)
+        return self.net(to_unit(images))
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block with GroupNorm (groups = channels / 16) in place of BatchNorm."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1, self.norm1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.GroupNorm(c_out // 16, c_out)
+        self.conv2, self.norm2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.GroupNorm(c_out // 16, c_out)
+        self.skip = nn.Sequential() if stride == 1 and c_in == c_out else \
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.GroupNorm(c_out // 16, c_out))
+
+    def forward(self, x):
+        h = F.relu(self.norm1(self.conv1(x)))
+        return F.relu(self.norm2(self.conv2(h)) + self.skip(x))
+
+
+class SpatialSoftmax(nn.Module):
+    """Per channel of a 1x1-conv projection, the softmax-weighted mean image position (x, y in [-1, 1]):
+    ``keypoints`` 2-D points (Diffusion Policy's pooling, from robomimic)."""
+
+    def __init__(self, channels: int, keypoints: int = 32):
+        super().__init__()
+        self.proj = nn.Conv2d(channels, keypoints, 1)
+
+    def forward(self, x):
+        h = self.proj(x)
+        b, k, height, width = h.shape
+        weights = h.flatten(2).softmax(-1).view(b, k, height, width)
+        ys = torch.linspace(-1, 1, height, device=h.device, dtype=h.dtype)
+        xs = torch.linspace(-1, 1, width, device=h.device, dtype=h.dtype)
+        return torch.stack([(weights.sum(2) * xs).sum(-1), (weights.sum(3) * ys).sum(-1)], dim=-1).flatten(1)  # (B, 2k)
+
+
+class ResNet18Encoder(nn.Module):
+    """Diffusion Policy's image encoder: ResNet-18 (random init) with GroupNorm, spatial softmax instead
+    of the average pool, a Linear to ``out_dim``; a random crop of ``crop_ratio`` of each side in
+    training and the centre crop in evaluation. Written here because torchvision (its usual source)
+    requires a torch build of its own (it would replace the suite's pinned torch)."""
+
+    def __init__(self, out_dim: int, crop_ratio: float | None = 0.9, keypoints: int = 32):
+        super().__init__()
+        self.crop_ratio = crop_ratio
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.GroupNorm(4, 64), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        widths, blocks = [64, 128, 256, 512], []
+        for i, w in enumerate(widths):
+            c_in = widths[max(0, i - 1)]
+            blocks += [BasicBlock(c_in, w, 1 if i == 0 else 2), BasicBlock(w, w, 1)]
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = SpatialSoftmax(512, keypoints)
+        self.out = nn.Linear(2 * keypoints, out_dim)
+
+    def crop(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.crop_ratio:
+            return x
+        h, w = x.shape[-2:]
+        ch, cw = max(1, int(round(h * self.crop_ratio))), max(1, int(round(w * self.crop_ratio)))
+        if self.training:  # one random offset per image
+            top = torch.randint(0, h - ch + 1, (x.shape[0],), device=x.device)
+            left = torch.randint(0, w - cw + 1, (x.shape[0],), device=x.device)
+            rows = (top[:, None] + torch.arange(ch, device=x.device))[:, None, :, None]
+            cols = (left[:, None] + torch.arange(cw, device=x.device))[:, None, None, :]
+            return x[torch.arange(x.shape[0], device=x.device)[:, None, None, None], torch.arange(x.shape[1], device=x.device)[None, :, None, None], rows, cols]
+        top, left = (h - ch) // 2, (w - cw) // 2
+        return x[..., top : top + ch, left : left + cw]
+
+    def forward(self, images):  # (B, H, W, 3) uint8
+        return self.out(self.pool(self.blocks(self.stem(self.crop(to_unit(images))))))
 
 
 class DiffusionPolicy(nn.Module):
@@ -120,7 +193,11 @@ class DiffusionPolicy(nn.Module):
         feat = cfg.encoder_dim
         self.low_dim_encoder = nn.Sequential(nn.Linear(low_dim, feat), nn.Mish(), nn.Linear(feat, feat)) if low_dim else None
         self.image_keys = list(image_keys)
-        self.image_encoders = nn.ModuleDict({k: ImageEncoder(feat) for k in image_keys})
+        kind = cfg.get("encoder") or "cnn"
+        if kind not in ("cnn", "resnet18"):
+            raise ValueError(f"task.model.encoder={kind!r}: choose cnn (small, CPU) or resnet18 (Diffusion Policy's)")
+        make = (lambda: ImageEncoder(feat)) if kind == "cnn" else (lambda: ResNet18Encoder(feat, cfg.get("crop_ratio", 0.9)))
+        self.image_encoders = nn.ModuleDict({k: make() for k in image_keys})
         per_step = feat * (int(low_dim > 0) + len(image_keys))
         self.unet = ConditionalUnet1D(action_dim, per_step * obs_horizon, tuple(cfg.down_dims), cfg.kernel_size, cfg.groups)
 
