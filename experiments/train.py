@@ -47,7 +47,7 @@ def resolve(cfg: DictConfig) -> DictConfig:
         if cfg.optimizer.name not in chosen:
             raise ValueError(f"no learning rate for optimizer {cfg.optimizer.name!r} on task {cfg.task.name!r}: pass lr=... or add it to task.lr in configs/task/{cfg.task.name}.yaml")
         cfg.lr = float(chosen[cfg.optimizer.name])
-    missing = [k for k, v in cfg.trainer.items() if v is None and k not in ("ema_decay", "grad_clip", "snapshot_every")]  # null: off
+    missing = [k for k, v in cfg.trainer.items() if v is None and k not in ("ema_decay", "ema_power", "grad_clip", "snapshot_every")]  # null: off
     if missing:
         raise ValueError(f"trainer settings {missing} are not set for task={cfg.task.name} scale={cfg.scale.name}: "
                          f"add configs/task_scale/{cfg.task.name}_{cfg.scale.name}.yaml or pass trainer.<name>=...")
@@ -181,6 +181,18 @@ def validation_loss(task, model) -> float:
     return sum(losses) / len(losses)
 
 
+def ema_update(decay: float, power: float | None, step: list[int]):
+    """The EMA's update for AveragedModel: a constant ``decay``, or with ``power`` Diffusion Policy's warmup,
+    min(decay, 1 - (1 + n)^-power) at the n-th update (early weights are forgotten fast, not kept at
+    0.9999 for thousands of steps). ``step[0]`` holds n (set by the loop: no device sync)."""
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
+        d = decay if not power else min(decay, 1.0 - (1.0 + step[0]) ** -power)
+        for a, c in zip(averaged, current):
+            a.lerp_(c, 1.0 - d)
+
+    return update
+
+
 def kept_summary(run_dir: Path, steps: int) -> dict | None:
     """The summary of a run that finished all ``steps`` but whose checkpoint is gone: the small files a
     sweep keeps (scripts/keep_runs.sh) copied back into runs/ on a fresh machine. Such a run is skipped."""
@@ -225,9 +237,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     opt = dopr.build_optimizer(model, cfg.optimizer.name, lr=cfg.lr, weight_decay=cfg.optimizer.weight_decay,
                                **OmegaConf.to_container(cfg.optimizer.kwargs))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tr.warmup_steps, tr.steps))
-    ema = None
+    ema, ema_step = None, [0]
     if tr.ema_decay:
-        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tr.ema_decay))
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update(tr.ema_decay, tr.get("ema_power"), ema_step))
     eval_model = ema.module if ema is not None else model
     ap = getattr(opt, "preconditioner", None)
 
@@ -318,6 +330,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         sched.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
+            ema_step[0] = step  # the n-th update (the first one copies the weights)
             ema.update_parameters(model)
         done = step + 1
         snapshot(done)

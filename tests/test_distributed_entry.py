@@ -66,3 +66,32 @@ def test_a_batch_that_does_not_split_is_refused(tmp_path):
     assert [t.tolist() for t in shard(batch, 1, 2)] == [[3, 4, 5], [6, 8, 10]]
     with pytest.raises(ValueError, match="multiple of 4"):
         shard(batch, 0, 4)
+
+
+def test_ema_warmup_follows_the_power_schedule_and_constant_decay_matches_torchs():
+    from experiments.train import ema_update
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    step = [0]
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update(0.999, 0.75, step))
+    expected = model.weight.detach().clone()
+    for n in range(6):
+        with torch.no_grad():
+            model.weight.add_(torch.randn_like(model.weight))
+        step[0] = n
+        ema.update_parameters(model)
+        if n == 0:  # the first update copies the weights
+            expected = model.weight.detach().clone()
+        else:
+            d = min(0.999, 1 - (1 + n) ** -0.75)
+            expected = d * expected + (1 - d) * model.weight.detach()
+        torch.testing.assert_close(ema.module.weight, expected, rtol=1e-6, atol=1e-7)
+    ours = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update(0.9, None, [0]))
+    torchs = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9))
+    for _ in range(3):
+        with torch.no_grad():
+            model.weight.add_(torch.randn_like(model.weight))
+        ours.update_parameters(model)
+        torchs.update_parameters(model)
+    assert torch.equal(ours.module.weight, torchs.module.weight)
