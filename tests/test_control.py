@@ -110,6 +110,8 @@ def test_smoke_run_of_the_entry_point_with_a_short_rollout(tmp_path):
     assert summary["status"] == "done" and summary["metric_name"] == "return"
     assert {"return", "episode_length", "return_h10", "return_h50", "state_fd", "state_cov_gap"} <= set(final)
     assert 0 < final["episode_length"] <= 1000 and np.isfinite(final["state_fd"])
+    assert summary["best"]["chosen_on"] == "selection set" and "select_return" in final  # a selection episode, never reported
+    assert len(next(r for r in rows(run) if "outcomes" in r)["outcomes"]["return"]) == 2
     coverage = next(r["ap_coverage"] for r in rows(run) if "ap_coverage" in r)
     for name in ("inp", "blocks.0.1", "blocks.0.3", "out.1"):  # every Linear of the residual MLP (smoke: one block)
         assert coverage[name].startswith("covered: linear"), (name, coverage)

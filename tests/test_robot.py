@@ -282,9 +282,11 @@ def test_rollouts_follow_the_seeds_and_end_on_the_envs_success_check():
 
 def test_smoke_run_of_the_entry_point_with_a_one_episode_rollout(tmp_path):
     run = tmp_path / "run"
-    train("task=robot", "optimizer=dopr_adamw", f"task.data_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}")
+    train("task=robot", "optimizer=dopr_adamw", f"task.data_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}", "task.select_episodes=1")
     summary = json.loads((run / "summary.json").read_text())
     final = summary["final"]
+    assert summary["best"]["chosen_on"] == "selection set" and final["select_success"] in (0.0, 1.0)
+    assert len(next(r for r in rows(run) if "outcomes" in r)["outcomes"]["success"]) == 1  # the selection episode is not reported
     assert summary["status"] == "done" and summary["metric_name"] == "success"
     assert {"success", "success_ci_low", "success_ci_high", "episode_length", "success_h20", "success_h40"} <= set(final)
     assert final["success"] in (0.0, 1.0) and 0 < final["episode_length"] <= 40  # one episode, horizon 40 at smoke scale

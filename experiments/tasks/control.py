@@ -230,11 +230,16 @@ class BehaviourCloning:
         model.eval()
         seeds = [20_000 + i for i in range(self.cfg.eval_episodes)]
         returns, lengths, episodes = rollout_returns(self.cfg.env, lambda s: model(s.to(self.device)), seeds, record=True)
+        # Selection episodes (seeds 30000+, never reported) choose the best checkpoint.
+        chosen = [30_000 + i for i in range(self.cfg.get("select_episodes") or 0)]
+        select = rollout_returns(self.cfg.env, lambda s: model(s.to(self.device)), chosen)[0] if chosen else None
         model.train(was)
         out = {"return": float(returns.mean()), "episode_return_sd": float(returns.std()), "episode_length": float(lengths.mean())}
         self.outcomes = {"return": [round(float(r), 3) for r in returns], "episode_length": [int(n) for n in lengths]}  # per episode
         for h in self.cfg.horizons:
             out[f"return_h{h}"] = float(np.mean([e[2][:h].sum() for e in episodes]))
+        if select is not None:
+            out["select_return"] = float(select.mean())
         mean, std = (t.numpy() for t in self.state_std)
         expert_states = (self.val_s.numpy() - mean) / std
         policy_states = (np.concatenate([e[0] for e in episodes]) - mean) / std

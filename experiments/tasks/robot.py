@@ -405,15 +405,22 @@ class RobotPolicy:
         model.eval()
         cfg = self.cfg
         seeds = [cfg.eval_seed + i for i in range(cfg.eval_episodes)]
-        out = rollout(self.policy(model, torch.Generator().manual_seed(cfg.eval_seed)), self.env_meta, list(cfg.obs_keys), seeds,
+        # Selection episodes (other seeds) choose the best checkpoint, so that best_* numbers are not
+        # chosen on the episodes they report; rolled out together with the reported ones.
+        chosen = [cfg.select_seed + i for i in range(cfg.get("select_episodes") or 0)]
+        if set(chosen) & set(seeds):
+            raise ValueError(f"task.select_seed={cfg.select_seed} overlaps the evaluation seeds {cfg.eval_seed}..{seeds[-1]}: move it")
+        out = rollout(self.policy(model, torch.Generator().manual_seed(cfg.eval_seed)), self.env_meta, list(cfg.obs_keys), seeds + chosen,
                       cfg.horizon, cfg.obs_horizon, cfg.image_size, cfg.rollout_envs, cfg.vectorization)
         model.train(was)
-        success, length = out["success"], out["length"]
+        success, length = out["success"][: len(seeds)], out["length"][: len(seeds)]
         self.outcomes = {"success": [int(s) for s in success], "episode_length": [int(n) for n in length]}  # per episode
         low, high = wilson_interval(int(success.sum()), len(success))
         result = {"success": float(success.mean()), "success_ci_low": low, "success_ci_high": high, "episode_length": float(length.mean())}
         for h in cfg.horizons:
             result[f"success_h{h}"] = float((success & (length <= h)).mean())
+        if chosen:
+            result["select_success"] = float(out["success"][len(seeds) :].mean())
         return result
 
 
