@@ -209,19 +209,32 @@ def generate_demos(env_name: str, episodes: int, seed: int, noise: float, horizo
 
 
 # ------------------------------------------------------------------------------------ rollouts
+def vector_env(meta: dict, obs_keys: list[str], horizon: int, image_size: int, num_envs: int, vectorization: str = "sync"):
+    """``num_envs`` environments stepped together: gymnasium's sync vector env, or its async one (one
+    process per environment) over robosuite's GymWrapper. Build once and pass to ``rollout(envs=...)``
+    to reuse them across evaluations (robosuite environments take seconds to build)."""
+    import gymnasium as gym
+
+    if vectorization not in ("sync", "async"):
+        raise ValueError(f"task.vectorization={vectorization!r}: choose sync or async")
+    image_keys = [k for k in obs_keys if is_image_key(k)]
+    envs_fn = [lambda: RobomimicGym(meta, obs_keys, horizon, image_keys, image_size) for _ in range(num_envs)]
+    return gym.vector.SyncVectorEnv(envs_fn) if vectorization == "sync" else gym.vector.AsyncVectorEnv(envs_fn, context="spawn")
+
+
 def rollout(policy, meta: dict, obs_keys: list[str], seeds: list[int], horizon: int, obs_horizon: int,
-            image_size: int = 84, num_envs: int | None = None, vectorization: str = "sync") -> dict:
+            image_size: int = 84, num_envs: int | None = None, vectorization: str = "sync", envs=None) -> dict:
     """Receding-horizon rollouts, one episode per seed, ``num_envs`` environments at a time
     (gymnasium's sync or async vector env over robosuite's GymWrapper), one batched policy call per
     replanning step for all of them. ``policy(obs)`` takes {key: (n, obs_horizon, ...) array} and
     returns an (n, k, action_dim) array of k actions to execute. An episode ends on success or at
-    ``horizon``. Returns per-episode arrays: success (bool), length (steps)."""
-    import gymnasium as gym
-
-    num_envs = min(num_envs or len(seeds), len(seeds))
-    image_keys = [k for k in obs_keys if is_image_key(k)]
-    envs_fn = [lambda: RobomimicGym(meta, obs_keys, horizon, image_keys, image_size) for _ in range(num_envs)]
-    envs = gym.vector.SyncVectorEnv(envs_fn) if vectorization == "sync" else gym.vector.AsyncVectorEnv(envs_fn, context="spawn")
+    ``horizon``. Returns per-episode arrays: success (bool), length (steps). ``envs`` (from
+    ``vector_env``) are used and left open; without them, ``num_envs`` are built and closed."""
+    own = envs is None
+    if own:
+        num_envs = min(num_envs or len(seeds), len(seeds))
+        envs = vector_env(meta, obs_keys, horizon, image_size, num_envs, vectorization)
+    num_envs = envs.num_envs
     success = np.zeros(len(seeds), dtype=bool)
     length = np.zeros(len(seeds), dtype=int)
     try:
@@ -247,7 +260,8 @@ def rollout(policy, meta: dict, obs_keys: list[str], seeds: list[int], horizon: 
             n = min(num_envs, len(seeds) - start)
             success[start : start + n], length[start : start + n] = won[:n], steps[:n]
     finally:
-        envs.close()
+        if own:
+            envs.close()
     return {"success": success, "length": length}
 
 

@@ -280,6 +280,22 @@ def test_rollouts_follow_the_seeds_and_end_on_the_envs_success_check():
     assert not idle["success"].any() and (idle["length"] == 30).all()
 
 
+def test_evaluations_reuse_one_set_of_rollout_environments(tmp_path, monkeypatch):
+    built = []
+    original = robot_sim.RobomimicGym
+
+    def counting(*args, **kwargs):
+        built.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(robot_sim, "RobomimicGym", counting)
+    task = fixture_task(tmp_path, "task.obs_keys=[robot0_eef_pos,robot0_gripper_qpos]", "task.horizon=8", "task.horizons=[4,8]",
+                        "task.eval_episodes=2", "task.select_episodes=1")
+    first, second = task.evaluate(task.model), task.evaluate(task.model)
+    assert len(built) == 3  # 2 reported + 1 selection episode, built once for both evaluations
+    assert first.keys() == second.keys() and "select_success" in first and len(task.outcomes["success"]) == 2
+
+
 def test_smoke_run_of_the_entry_point_with_a_one_episode_rollout(tmp_path):
     run = tmp_path / "run"
     train("task=robot", "optimizer=dopr_adamw", f"task.data_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}", "task.select_episodes=1")

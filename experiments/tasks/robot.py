@@ -23,6 +23,7 @@ demonstration visited (test-time feedback).
 from __future__ import annotations
 
 import math
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -397,6 +398,18 @@ class RobotPolicy:
             return chunk[:, : self.cfg.action_steps].cpu().numpy().astype(np.float64)
         return act
 
+    def vector_env(self, episodes: int):
+        """The rollout environments, built at the first evaluation and reused by every later one
+        (closed when the task is garbage-collected or the process exits)."""
+        if getattr(self, "_envs", None) is None:
+            from ..robot_sim import vector_env
+
+            cfg = self.cfg
+            self._envs = vector_env(self.env_meta, list(cfg.obs_keys), cfg.horizon, cfg.image_size,
+                                    min(cfg.rollout_envs or episodes, episodes), cfg.vectorization)
+            weakref.finalize(self, self._envs.close)
+        return self._envs
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         from ..robot_sim import rollout
@@ -411,7 +424,7 @@ class RobotPolicy:
         if set(chosen) & set(seeds):
             raise ValueError(f"task.select_seed={cfg.select_seed} overlaps the evaluation seeds {cfg.eval_seed}..{seeds[-1]}: move it")
         out = rollout(self.policy(model, torch.Generator().manual_seed(cfg.eval_seed)), self.env_meta, list(cfg.obs_keys), seeds + chosen,
-                      cfg.horizon, cfg.obs_horizon, cfg.image_size, cfg.rollout_envs, cfg.vectorization)
+                      cfg.horizon, cfg.obs_horizon, envs=self.vector_env(len(seeds + chosen)))
         model.train(was)
         success, length = out["success"][: len(seeds)], out["length"][: len(seeds)]
         self.outcomes = {"success": [int(s) for s in success], "episode_length": [int(n) for n in length]}  # per episode
