@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +64,7 @@ def test_estimate_matches_a_real_step_for_weights_gradients_and_optimizer_state(
     assert est["train_peak"] > est["weights"] + est["activations"] + est["ap_statistics"]
 
 
+@pytest.mark.slow  # several entry-point runs: keeps `make test` under 10 minutes; .ci/run runs it
 def test_paper_presets_fit_in_80_gib_and_the_command_line_prints_the_verdict():
     out = subprocess.run([sys.executable, "scripts/estimate_memory.py", "--preset", "llama-3.2-3b"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)

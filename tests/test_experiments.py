@@ -109,6 +109,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert steps == list(range(10, 401, 10))  # every row once: none lost, none twice
 
 
+@pytest.mark.slow  # several entry-point runs: keeps `make test` under 10 minutes; .ci/run runs it
 def test_a_finished_run_restored_from_its_small_files_is_skipped(tmp_path):
     # A sweep's kept small files (scripts/keep_runs.sh), copied back into runs/ on a fresh machine: the
     # finished run is not trained again; a run whose summary says it failed is.
@@ -188,6 +189,7 @@ def test_paper_scale_lora_path_on_local_fixtures(tmp_path):
     assert covered and all(".lora_" in n for n in covered)
 
 
+@pytest.mark.slow  # several entry-point runs: keeps `make test` under 10 minutes; .ci/run runs it
 def test_lm_lora_pretrains_once_then_fine_tunes_only_the_adapters_through_the_entry_point(tmp_path):
     """task=lm_lora: the first run pretrains and caches the base model (with its checksum), a second run
     reuses it; AP covers every lora_A/lora_B and nothing else; an edited cache file is refused."""

@@ -5,9 +5,12 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # several entry-point runs: keeps `make test` under 10 minutes; .ci/run runs it
 def test_gpu_check_runs_every_task_on_cpu_and_prints_time_share_and_memory():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(["bash", "scripts/gpu_check.sh", "--device", "cpu", "--tiny", "--steps", "2", "--warmup", "1"], cwd=ROOT,
