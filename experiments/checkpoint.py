@@ -4,6 +4,7 @@ leaves either the old file or the new one, never half of one."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -26,6 +27,18 @@ def atomic_path(path: Path):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """Hold an exclusive lock on ``path`` (created if missing) for the block: concurrent runs (local
+    jobs, Slurm array tasks on one file system) that build the same cached file wait for each other."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _atomic(path: Path, write) -> None:

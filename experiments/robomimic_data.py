@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_path
+from .checkpoint import atomic_path, file_lock
 
 IMAGE_SUFFIX = "_image"  # robomimic's image observation keys: agentview_image, robot0_eye_in_hand_image, ...
 
@@ -104,15 +104,13 @@ def _image_memmap(f, path: Path, names: list[str], key: str, folder: Path) -> np
     """A read-only memory map of ``key``'s frames of these demos, concatenated, from a ``.npy`` file in
     ``folder`` named by the dataset (path, size, mtime), the demos and the key; written once, a few
     frames at a time (memory stays one chunk), atomically, under a file lock for concurrent runs."""
-    import fcntl
     import hashlib
 
     stat = path.stat()
     ident = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, names, key])
     target = folder / f"{path.stem}-{key}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.npy"
     folder.mkdir(parents=True, exist_ok=True)
-    with open(target.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(target.with_suffix(".lock")):
         if not target.exists():
             first = f[f"data/{names[0]}/obs/{key}"]
             shape = (sum(len(f[f"data/{n}/obs/{key}"]) for n in names), *first.shape[1:])

@@ -16,7 +16,6 @@ Build (or check) the cached base model without training anything else:
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ..checkpoint import atomic_write_json, save_checkpoint
+from ..checkpoint import atomic_write_json, file_lock, save_checkpoint
 from .lm import ArithmeticLM, build_llama, encode_examples, generate_split
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -72,8 +71,7 @@ class ArithmeticLoRA(ArithmeticLM):
         root = Path(self.cfg.data_dir).expanduser() / "lm_lora_base"
         root.mkdir(parents=True, exist_ok=True)
         path, meta_path = root / f"base-{key}.pt", root / f"base-{key}.json"
-        with open(root / f"base-{key}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with file_lock(root / f"base-{key}.lock"):
             if not (path.exists() and meta_path.exists()):
                 self._pretrain(spec, path, meta_path)
         meta = json.loads(meta_path.read_text())

@@ -258,10 +258,12 @@ class DemoWindows:
         if stores[0] is None:
             return torch.from_numpy(np.concatenate([d["obs"][key] for d in demos]))
         store, first = stores[0]
-        rows = [(s, r) for s, r in stores]
-        if any(s is not store for s, _ in rows) or any(r != first + sum(len(d["actions"]) for d in demos[:i]) for i, (_, r) in enumerate(rows)):
-            raise ValueError("demos read with an image cache must be passed in the order they were read")
-        return store[first : first + sum(len(d["actions"]) for d in demos)]
+        end = first
+        for (s, row), d in zip(stores, demos):
+            if s is not store or row != end:
+                raise ValueError("demos read with an image cache must be passed in the order they were read")
+            end += len(d["actions"])
+        return store[first:end]
 
     def batch(self, idx: torch.Tensor) -> tuple[dict, torch.Tensor]:
         rows = self.obs_idx[idx]
