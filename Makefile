@@ -92,11 +92,12 @@ endef
 
 # make tune-<task>: the tuning protocol (equal trials per optimizer over LR x its own hyperparameter, tuning seed
 # 100; results/<task>/cpu/tuning.md lists the selections, the regret of selecting by validation loss and the
-# evaluation commands). tune-lm: 60 runs, about 1 h 45 min on 2 cores; LAUNCHER=slurm sends it to Slurm.
+# evaluation commands). tune-lm: 60 runs, about 1 h 40 min on 2 cores; LAUNCHER=slurm sends it to Slurm.
+TUNE_lm := dopr muon adamw
+TUNE_lm_lora := dopr base
 define tune
 tune-$(1): setup
-	$$(PY) -m experiments.train -m +sweep=$(2)_tune_dopr $$(LAUNCH)
-	$$(PY) -m experiments.train -m +sweep=$(2)_tune_base $$(LAUNCH)
+	$$(foreach p,$$(TUNE_$(2)),$$(PY) -m experiments.train -m +sweep=$(2)_tune_$$(p) $$(LAUNCH) && ) true
 	$$(PY) scripts/report.py --runs runs/$(2)/tune --out results/$(2)/cpu --tuning --command "make tune-$(1)"
 endef
 $(eval $(call tune,lm,lm))

@@ -38,15 +38,41 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def resolve(cfg: DictConfig) -> DictConfig:
-    """Fill the learning rate from the task's chosen values (``task.lr``) unless ``lr=`` was given,
-    and check that the task's scale config set every trainer setting."""
+def command_line_keys() -> set[str]:
+    """The config keys set on this run's command line (empty outside a Hydra run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+
+
+def flat_keys(tree, prefix: str = "") -> dict:
+    """{"weight_decay": 0.03, "kwargs.damping": 0.01} from {weight_decay: 0.03, kwargs: {damping: 0.01}}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, DictConfig):
+            out.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resolve(cfg: DictConfig, given: set[str] | None = None) -> DictConfig:
+    """Fill the task's tuned setting unless ``lr=`` was given: the learning rate (``task.lr``) and the
+    optimizer settings the tuning selected with it (``task.tuned``: weight decay, damping), except keys
+    set on the command line (``given``). Check that the task's scale config set every trainer setting."""
     cfg = cfg.copy()
+    given = command_line_keys() if given is None else given
     if cfg.lr is None:
         chosen = cfg.task.get("lr") or {}
         if cfg.optimizer.name not in chosen:
             raise ValueError(f"no learning rate for optimizer {cfg.optimizer.name!r} on task {cfg.task.name!r}: pass lr=... or add it to task.lr in configs/task/{cfg.task.name}.yaml")
         cfg.lr = float(chosen[cfg.optimizer.name])
+        tuned = (cfg.task.get("tuned") or {}).get(cfg.optimizer.name) or {}
+        for key, value in flat_keys(tuned).items():
+            if f"optimizer.{key}" not in given:
+                OmegaConf.update(cfg.optimizer, key, value, merge=True)
     missing = [k for k, v in cfg.trainer.items() if v is None and k not in ("ema_decay", "ema_power", "grad_clip", "snapshot_every")]  # null: off
     if missing:
         raise ValueError(f"trainer settings {missing} are not set for task={cfg.task.name} scale={cfg.scale.name}: "
