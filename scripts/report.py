@@ -465,6 +465,13 @@ def tuning_section(rows: list[dict], metric: str, higher: bool, out: Path, title
         lr, hp = selections[opt]["by_metric"]
         own = f"optimizer.kwargs.damping={hp:g}" if opt.startswith("dopr_") else f"optimizer.weight_decay={hp:g}"
         lines.append(f"python -m experiments.train -m task={task} scale={scale} optimizer={opt} lr={lr:g} {own} seed=0,1,2,3,4")
+    lines += ["```", "", f"or set these entries in `configs/task/{task}.yaml` (the other optimizers' entries of `lr` stay) and run "
+              f"`make reproduce-{task.replace('_', '-')}`; `task.tuned` applies whenever `lr=` is not given:", "", "```yaml"]
+    lines.append("lr: {" + ", ".join(f"{opt}: {selections[opt]['by_metric'][0]:g}" for opt in opts) + "}")
+    lines.append("tuned:")
+    for opt in opts:
+        hp = selections[opt]["by_metric"][1]
+        lines.append(f"  {opt}: " + (f"{{kwargs: {{damping: {hp:g}}}}}" if opt.startswith("dopr_") else f"{{weight_decay: {hp:g}}}"))
     lines += ["```", ""]
     return lines, selections
 

@@ -42,6 +42,23 @@ def test_tuning_report_selects_by_loss_and_by_metric_with_the_regret(tmp_path):
     assert "optimizer=dopr_adamw lr=0.003 optimizer.kwargs.damping=1 seed=0,1,2,3,4" in text
     assert "optimizer=adamw lr=0.003 optimizer.weight_decay=0.1 seed=0,1,2,3,4" in text
     assert (out / "tuning.png").stat().st_size > 0 and (out / "tuning_runs.csv").exists()
+    # the block to paste into configs/task/lm.yaml: run without lr=, each optimizer gets its selected setting,
+    # except a key given on the command line
+    from omegaconf import OmegaConf
+
+    from experiments.train import resolve
+
+    block = text.split("```yaml\n")[1].split("```")[0]
+    task = OmegaConf.merge({"name": "lm"}, OmegaConf.create(block))
+    for opt, wd, damping in (("adamw", 0.1, None), ("dopr_adamw", 0.1, 1.0)):
+        cfg = OmegaConf.create({"lr": None, "task": task, "trainer": {"steps": 10}, "scale": {"name": "cpu"},
+                                "optimizer": {"name": opt, "weight_decay": 0.5, "kwargs": {"damping": 7.0} if damping else {}}})
+        got = resolve(cfg, given=set())
+        assert got.lr == 0.003 and got.optimizer.weight_decay == (wd if opt == "adamw" else 0.5)
+        assert got.optimizer.kwargs.get("damping") == damping
+        assert resolve(cfg, given={"optimizer.weight_decay", "optimizer.kwargs.damping"}).optimizer == cfg.optimizer
+        cfg.lr = 1e-3  # lr= given: the sweep's own settings, nothing tuned applied
+        assert resolve(cfg, given=set()).optimizer == cfg.optimizer
     # a missing trial is called out
     import shutil
 
