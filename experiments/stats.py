@@ -121,6 +121,33 @@ def bootstrap_ci(func, *samples, reps: int = 2000, level: float = 0.95, seed: in
     return point, float(low), float(high)
 
 
+def nested_bootstrap_ci(groups: list[list[float]], reps: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """(point, low, high): the mean over groups (seeds) of each group's mean over its outcomes
+    (episodes), with a two-level bootstrap percentile interval: each replicate redraws the groups with
+    replacement, then, independently for every drawn group, that group's outcomes with replacement.
+    Percentiles of means of observed outcomes, so the interval stays inside their range (inside [0, 1]
+    for success rates). rliable's stratified bootstrap does not nest; written out here. A group of one
+    value is a seed without per-episode outcomes (then only seeds are redrawn)."""
+    import numpy as np
+
+    if not groups or any(len(g) == 0 for g in groups):
+        raise ValueError("nested_bootstrap_ci needs at least one group and no empty group")
+    rng = np.random.default_rng(seed)
+    arrays = [np.asarray(g, dtype=float) for g in groups]
+    point = float(np.mean([a.mean() for a in arrays]))
+    if len(arrays) < 2 and len(arrays[0]) < 2:
+        return point, math.nan, math.nan
+    picks = rng.integers(0, len(arrays), size=(reps, len(arrays)))  # which seed fills each slot of each replicate
+    means = np.empty(picks.shape)
+    for g, a in enumerate(arrays):  # every slot that drew seed g redraws g's outcomes on its own
+        slots = picks == g
+        draws = rng.integers(0, len(a), size=(int(slots.sum()), len(a)))
+        means[slots] = a[draws].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means.mean(axis=1), [tail, 100 - tail])
+    return point, float(low), float(high)
+
+
 def minimum_detectable_difference(diffs: list[float], alpha: float = 0.05, power: float = 0.8) -> float:
     """The smallest true mean difference a two-sided paired t-test at level ``alpha`` detects with
     probability ``power``, given these paired differences' spread and count:

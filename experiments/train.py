@@ -393,7 +393,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                "damping": ap.damping if ap is not None else None, "ema_decay": tr.ema_decay,
                "ap_rows": None if ap is None else {"max_rows": ap.max_rows, "max_rows_per_dim": ap.max_rows_per_dim},
                "scale": cfg.scale.name, "steps": tr.steps, "world_size": world, "metric_name": task.metric, "git_commit": commit,
-               "higher_is_better": task.higher_is_better, "val_loss_label": getattr(task, "val_loss_label", None),
+               "higher_is_better": task.higher_is_better, "metric_range": getattr(task, "metric_range", None), "val_loss_label": getattr(task, "val_loss_label", None),
                "metric_label": getattr(task, "metric_label", None), "horizon_label": getattr(task, "horizon_label", None),
                "diagnostics": list(getattr(task, "diagnostics", ())),
                "final": final_row, "best": best, "status": "done"}

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from experiments.checkpoint import atomic_write_text  # noqa: E402
 from experiments.logging import git_commit  # noqa: E402
-from experiments.stats import mean_ci  # noqa: E402
+from experiments.stats import mean_ci, nested_bootstrap_ci  # noqa: E402
 
 # One colour per optimizer across every figure: the base GP's hue, dark with AP, light without.
 COLOURS = {"adamw": "#9ecae1", "dopr_adamw": "#08519c", "muon": "#fdae6b", "dopr_muon": "#a63603",
@@ -52,6 +52,46 @@ def load_runs(runs_dir: Path) -> tuple[list[dict], list[dict]]:
 
 def fmt(mean: float, half: float, digits: int) -> str:
     return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+# Metrics that are rates, for runs written before summary.json declared metric_range.
+RATE_METRICS = ("success",)
+
+
+def is_rate(summary: dict) -> bool:
+    return list(summary.get("metric_range") or []) == [0, 1] or summary["metric_name"] in RATE_METRICS
+
+
+def spread(values: list[float], rate: bool = False, groups: list[list[float]] | None = None) -> tuple[float, float, float]:
+    """(mean, low, high) over seeds: the 95% Student-t interval, or for a rate the two-level bootstrap over
+    seeds and each seed's episodes (``groups``; seeds only without them), which stays inside [0, 1]."""
+    if rate:
+        return nested_bootstrap_ci(groups if groups and all(groups) else [[v] for v in values])
+    mean, half = mean_ci(values)
+    return mean, mean - half, mean + half
+
+
+def fmt_spread(point: float, low: float, high: float, digits: int, rate: bool) -> str:
+    if math.isnan(low):
+        return f"{point:.{digits}f}"
+    return f"{point:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]" if rate else fmt(point, (high - low) / 2, digits)
+
+
+def episode_outcomes(runs_dir: Path, done: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """{run folder: {"final": outcomes, "best": outcomes}}: the per-episode (per-problem) outcomes of the
+    headline metric at the final and the best step, from the ``outcomes`` rows of metrics.jsonl."""
+    out = {}
+    for r in done:
+        path, s = runs_dir / r["dir"] / "metrics.jsonl", r["summary"]
+        if not path.exists():
+            continue
+        by_step = {}
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if isinstance(row.get("outcomes"), dict) and s["metric_name"] in row["outcomes"]:
+                by_step[row["step"]] = row["outcomes"][s["metric_name"]]
+        out[r["dir"]] = {k: by_step.get(s[k]["step"]) for k in ("final", "best")}
+    return out
 
 
 def run_damping(run: dict):
@@ -84,8 +124,9 @@ def per_run_rows(done: list[dict]) -> list[dict]:
                                        -1 if r["damping"] is None else r["damping"], r["seed"]))
 
 
-def summary_table(rows: list[dict], metric: str, by: tuple = ("optimizer",)) -> str:
-    """Mean and CI over seeds, one line per value of the ``by`` columns (optimizer, lr, damping)."""
+def summary_table(rows: list[dict], metric: str, by: tuple = ("optimizer",), rate: bool = False, episodes: dict | None = None) -> str:
+    """Mean and CI over seeds, one line per value of the ``by`` columns (optimizer, lr, damping); for a
+    rate metric (``rate``) its intervals come from the bootstrap over seeds and ``episodes`` (``spread``)."""
     groups = defaultdict(list)
     for row in rows:
         groups[tuple(row[k] for k in by)].append(row)
@@ -101,8 +142,10 @@ def summary_table(rows: list[dict], metric: str, by: tuple = ("optimizer",)) -> 
     for key, rs in groups.items():
         cells = [key[0]] + ["" if v is None else f"{v:g}" for v in key[1:]] + [str(len(rs))]
         cells += [fmt(*mean_ci([r["final_val_loss"] for r in rs]), 4), fmt(*mean_ci([r["min_val_loss"] for r in rs]), 4),
-                  fmt(*mean_ci([r[f"final_{metric}"] for r in rs]), 3), fmt(*mean_ci([r[f"best_{metric}"] for r in rs]), 3)]
-        cells += [fmt(*mean_ci([r[k] for r in rs if k in r]), 4 if "val_loss" in k else 3) if any(k in r for r in rs) else "" for k in extra]
+                  *(fmt_spread(*spread([r[f"{when}_{metric}"] for r in rs], rate, [(episodes or {}).get(r["run"], {}).get(when) for r in rs]), 3, rate)
+                    for when in ("final", "best"))]
+        cells += [(fmt_spread(*spread([r[k] for r in rs if k in r], rate), 3, rate) if rate and (k.startswith(f"final_{metric}_") or k == f"final_raw_{metric}")
+                   else fmt(*mean_ci([r[k] for r in rs if k in r]), 4 if "val_loss" in k else 3)) if any(k in r for r in rs) else "" for k in extra]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -147,15 +190,17 @@ def _optimizers(rows: list[dict]) -> list[str]:
     return sorted({r["optimizer"] for r in rows}, key=lambda o: ORDER.index(o) if o in ORDER else 99)
 
 
-def _band(ax, opt: str, xs: list, samples: list[list[float]], **plot_kw) -> None:
-    """One optimizer's line: the mean over seeds at each x, its 95% CI as a band."""
-    stats = [mean_ci(v) for v in samples]
-    means = [m for m, _ in stats]
-    halves = [0.0 if math.isnan(h) else h for _, h in stats]
+def _band(ax, opt: str, xs: list, samples: list[list[float]], rate: bool = False, **plot_kw) -> None:
+    """One optimizer's line: the mean over seeds at each x, its 95% CI as a band (``spread``: inside
+    [0, 1] for a rate)."""
+    stats = [spread(v, rate) for v in samples]
+    means = [m for m, _, _ in stats]
+    lows = [m if math.isnan(lo) else lo for m, lo, _ in stats]
+    highs = [m if math.isnan(hi) else hi for m, _, hi in stats]
     colour = COLOURS.get(opt, "#777777")
     ax.plot(xs, means, marker="o" if opt.startswith("dopr_") else "s", color=colour, label=opt,
             linestyle="-" if opt.startswith("dopr_") else "--", **plot_kw)
-    ax.fill_between(xs, [m - h for m, h in zip(means, halves)], [m + h for m, h in zip(means, halves)], color=colour, alpha=0.2, linewidth=0)
+    ax.fill_between(xs, lows, highs, color=colour, alpha=0.2, linewidth=0)
 
 
 def _finish(fig, axes, title: str, path: Path) -> None:
@@ -180,7 +225,7 @@ def horizon_series(rows: list[dict], metric: str) -> dict[str, list[tuple[int, s
     return {k: sorted(v) for k, v in sorted(series.items(), key=lambda kv: (kv[0] != "steps", kv[0]))}  # the main series first
 
 
-def horizon_figure(rows: list[dict], metric: str, path: Path, title: str, lab: dict) -> bool:
+def horizon_figure(rows: list[dict], metric: str, path: Path, title: str, lab: dict, rate: bool = False) -> bool:
     """The rollout metric against the rollout horizon (chain length, ODE steps, ...), one panel per
     series, one line per optimizer: mean over seeds with its 95% CI as a band."""
     series = horizon_series(rows, metric)
@@ -193,7 +238,7 @@ def horizon_figure(rows: list[dict], metric: str, path: Path, title: str, lab: d
             rs = [r for r in rows if r["optimizer"] == opt]
             kept = [(n, [r[key] for r in rs if key in r]) for n, key in points]
             kept = [(n, vals) for n, vals in kept if vals]
-            _band(ax, opt, [n for n, _ in kept], [vals for _, vals in kept])
+            _band(ax, opt, [n for n, _ in kept], [vals for _, vals in kept], rate)
         if max(n for n, _ in points) / max(1, min(n for n, _ in points)) >= 8:
             ax.set_xscale("log", base=2)
         ax.set_xticks([n for n, _ in points], [str(n) for n, _ in points])
@@ -230,7 +275,7 @@ def curve_table(series: dict[str, dict[int, list[float]]], key: str) -> str:
     return "\n".join(lines)
 
 
-def training_figure(runs_dir: Path, done: list[dict], metric: str, path: Path, title: str, lab: dict) -> bool:
+def training_figure(runs_dir: Path, done: list[dict], metric: str, path: Path, title: str, lab: dict, rate: bool = False) -> bool:
     """Validation loss and the rollout metric against the training step (every evaluation of the
     weights being evaluated), one line per optimizer: mean over seeds with its 95% CI as a band."""
     panels = [("val_loss", lab["val_loss_label"]), (metric, lab["metric_label"])]
@@ -242,7 +287,7 @@ def training_figure(runs_dir: Path, done: list[dict], metric: str, path: Path, t
     for ax, (key, label), series in zip(axes, panels, data):
         for opt in sorted(series, key=lambda o: ORDER.index(o) if o in ORDER else 99):
             steps = sorted(series[opt])
-            _band(ax, opt, steps, [series[opt][t] for t in steps], markersize=3)
+            _band(ax, opt, steps, [series[opt][t] for t in steps], rate and key == metric, markersize=3)
         ax.set_xlabel("training step")
         ax.set_ylabel(label, fontsize=9)
     _finish(fig, axes, title, path)
@@ -525,13 +570,16 @@ def main(argv=None) -> int:
     by = {"damping": ("optimizer", "lr", "damping"), "lr_sweep": ("optimizer", "lr"), "results": ("optimizer",),
           "tuning": ("optimizer", "lr", "damping", "weight_decay")}[stem]
     flag = {"damping": " --damping-sweep", "lr_sweep": " --lr-sweep", "results": "", "tuning": " --tuning"}[stem]
-    table = summary_table(rows, metric, by)
+    rate = is_rate(done[0]["summary"])
+    table = summary_table(rows, metric, by, rate, episode_outcomes(args.runs, done) if rate else None)
     what = {"damping": "damping sweep", "lr_sweep": "learning-rate sweep", "results": "results", "tuning": "tuning sweep"}[stem]
     parts = [f"# {task}: {what} (scale={scale})", "",
              f"Generated by `python scripts/report.py --runs {args.runs} --out {args.out}{flag}` "
              f"(report at commit {git_commit(ignore=('results',))}); runs trained at commit(s) {', '.join(commits)}.",
              *([f"The runs were made by `{args.command}`."] if args.command else []), "",
-             "Mean ± half-width of the 95% Student-t confidence interval over seeds. `final` is the last step's "
+             "Mean ± half-width of the 95% Student-t confidence interval over seeds" + (
+                 f"; {metric} is a rate: its mean and [low, high] of a 95% bootstrap interval that redraws seeds and then "
+                 "each seed's episodes (seeds only where per-episode outcomes were not logged), inside [0, 1]" if rate else "") + ". `final` is the last step's "
              f"weights; `best {metric}` is the best rollout evaluation during training (best checkpoint); "
              "`best val loss` the lowest validation loss seen.", "", table, ""]
     if args.lr_sweep:
@@ -568,9 +616,9 @@ def main(argv=None) -> int:
         others = other_metrics_table(rows, metric)
         if others:
             parts += ["## Other rollout numbers (final weights)", "", others, ""]
-        if horizon_figure(rows, metric, args.out / f"{metric}_vs_horizon.png", f"{task} (scale={scale})", lab):
+        if horizon_figure(rows, metric, args.out / f"{metric}_vs_horizon.png", f"{task} (scale={scale})", lab, rate):
             parts += [f"## {metric} against the rollout horizon", "", f"![{metric} against horizon]({metric}_vs_horizon.png)", ""]
-        if training_figure(args.runs, done, metric, args.out / "training_curves.png", f"{task} (scale={scale})", lab):
+        if training_figure(args.runs, done, metric, args.out / "training_curves.png", f"{task} (scale={scale})", lab, rate):
             parts += ["## Over training", "", f"Validation loss and {lab['metric_label']} at every evaluation during training "
                       "(from each run's metrics.jsonl); the tables give the means over seeds.", "", "![over training](training_curves.png)", ""]
             for key in ("val_loss", metric):
@@ -593,7 +641,8 @@ def main(argv=None) -> int:
     # What the cross-task summary (scripts/summary.py) needs to read the CSV without the run folders.
     meta = {"task": task, "scale": scale, "metric": metric, "higher_is_better": higher, **lab, "lr_sweep": args.lr_sweep, "damping_sweep": args.damping_sweep,
             "runs": len(done), "failed": [{"run": f["dir"], "status": f["summary"].get("status"), "error": f["summary"].get("error", "")} for f in failed],
-            "training_commits": commits, "command": args.command,
+            "training_commits": commits, "command": args.command, "metric_range": [0, 1] if rate else None,
+            "rollout_episodes": ((done[0]["config"].get("task") or {}).get("eval_episodes")),
             "horizons": {name: [n for n, _ in pts] for name, pts in horizon_series(rows, metric).items()}}
     atomic_write_text(args.out / f"{stem}_meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
     print(f"wrote {args.out / (stem + '.md')} ({len(done)} runs, {len(failed)} failed or unfinished)")

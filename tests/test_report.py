@@ -66,3 +66,34 @@ def test_tuning_report_selects_by_loss_and_by_metric_with_the_regret(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), "--runs", str(runs), "--out", str(out), "--tuning"],
                    check=True, capture_output=True, text=True, timeout=120)
     assert "**Unequal budgets**: adamw 3, dopr_adamw 4 trials" in (out / "tuning.md").read_text()
+
+
+def test_success_rate_intervals_stay_inside_the_unit_interval(tmp_path):
+    """A rate metric (metric_range [0, 1]) gets bootstrap intervals over seeds and episodes: inside [0, 1]
+    even where a t-interval over seeds would leave it (seeds at 1.0 and 0.6), and the meta file says how
+    many episodes each rollout had."""
+    import re
+
+    runs = tmp_path / "runs"
+    rates = {"adamw": [1.0, 1.0, 0.6], "dopr_adamw": [1.0, 1.0, 1.0]}
+    for opt, per_seed in rates.items():
+        for seed, rate in enumerate(per_seed):
+            run = runs / f"{opt}-s{seed}"
+            run.mkdir(parents=True)
+            episodes = [1] * round(20 * rate) + [0] * (20 - round(20 * rate))
+            summary = {"task": "robot", "scale": "cpu", "optimizer": opt, "lr": 1e-3, "seed": seed, "metric_name": "success",
+                       "metric_range": [0, 1], "higher_is_better": True, "git_commit": "abc1234", "status": "done",
+                       "final": {"step": 10, "val_loss": 0.5, "success": rate}, "best": {"step": 10, "metric": rate, "min_val_loss": 0.5}}
+            (run / "summary.json").write_text(json.dumps(summary))
+            (run / "config.json").write_text(json.dumps({"optimizer": {"name": opt}, "task": {"eval_episodes": 20}}))
+            (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "outcomes": {"success": episodes}}) + "\n")
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), "--runs", str(runs), "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=120)
+    text = (out / "results.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| adamw |"))
+    point, low, high = map(float, re.search(r"\| ([\d.]+) \[([\d.]+), ([\d.]+)\] \|", row).groups())
+    assert abs(point - 13 / 15) < 1e-3 and 0.0 <= low < point < high <= 1.0, row
+    assert "| dopr_adamw | 3 | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 | 1.000 [1.000, 1.000] |" in text, text
+    meta = json.loads((out / "results_meta.json").read_text())
+    assert meta["rollout_episodes"] == 20 and meta["metric_range"] == [0, 1]

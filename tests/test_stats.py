@@ -164,3 +164,34 @@ def test_minimum_detectable_difference_by_hand():
     expected = (stats.t.ppf(0.975, 4) + stats.t.ppf(0.8, 4)) * sd / n ** 0.5
     assert abs(minimum_detectable_difference(diffs) - expected) < 1e-12
     assert minimum_detectable_difference([0.3]) != minimum_detectable_difference([0.3])  # nan
+
+
+def test_nested_bootstrap_redraws_seeds_then_episodes_and_stays_in_the_unit_interval():
+    import numpy as np
+
+    from experiments.stats import nested_bootstrap_ci
+
+    # One seed of two episodes {0, 1}: a replicate's mean is 0, 0.5 or 1 with probability 1/4, 1/2, 1/4, so the
+    # 2.5th and 97.5th percentiles of many replicates are 0 and 1 (by hand).
+    assert nested_bootstrap_ci([[0, 1]], reps=4000, seed=1) == (0.5, 0.0, 1.0)
+    # Every episode a success: the interval collapses to [1, 1], never beyond.
+    assert nested_bootstrap_ci([[1] * 20] * 5) == (1.0, 1.0, 1.0)
+    # The point is the mean over seeds of the per-seed rates, the interval inside [0, 1] and around it.
+    seeds = [[1] * 18 + [0] * 2, [1] * 10 + [0] * 10, [1] * 19 + [0], [0] * 20, [1] * 20]
+    point, low, high = nested_bootstrap_ci(seeds, seed=3)
+    assert point == np.mean([0.9, 0.5, 0.95, 0.0, 1.0]) and 0.0 <= low < point < high <= 1.0
+    # The same draws by hand: seeds first, then each drawn seed's episodes, independently per slot.
+    rng = np.random.default_rng(3)
+    picks = rng.integers(0, 5, size=(2000, 5))
+    means = np.empty(picks.shape)
+    for g, a in enumerate(np.asarray(seeds, dtype=float)):
+        slots = picks == g
+        means[slots] = a[rng.integers(0, 20, size=(int(slots.sum()), 20))].mean(axis=1)
+    assert (low, high) == tuple(np.percentile(means.mean(axis=1), [2.5, 97.5]))
+    # Redrawing episodes too widens the interval over one that redraws seeds only (one value per seed).
+    seed_only = nested_bootstrap_ci([[np.mean(g)] for g in seeds], seed=3)
+    assert seed_only[0] == point and 0.0 <= seed_only[1] and seed_only[2] <= 1.0
+    wide = [[1] * 10 + [0] * 10] * 5  # no seed-to-seed spread: only the episodes make the interval
+    assert nested_bootstrap_ci([[0.5]] * 5)[1:] == (0.5, 0.5)
+    _, lo, hi = nested_bootstrap_ci(wide)
+    assert 0.35 < lo < 0.5 < hi < 0.65

@@ -12,6 +12,7 @@ class Task(Protocol):
     model: nn.Module  # the trained network (the loop moves it, optimises it, keeps an EMA copy)
     metric: str  # the headline rollout metric in evaluate()'s result, e.g. "accuracy"
     higher_is_better: bool
+    # optional: metric_range = (0, 1) marks a rate (success); the reports then use intervals that stay inside it
 
     def train_batch(self, step: int) -> Any:
         """The batch for this step: a function of (seed, step) only, so a resumed run sees the same data."""

@@ -301,6 +301,7 @@ class RobotPolicy:
     higher_is_better = True
     val_loss_label = "validation loss (denoising / flow objective)"
     metric_label = "success rate"
+    metric_range = (0, 1)  # a rate: the reports' intervals are bootstraps over seeds and episodes, inside [0, 1]
     horizon_label = "episode steps"
 
     def __init__(self, cfg, seed: int, device: torch.device):
