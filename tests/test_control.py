@@ -102,6 +102,23 @@ def test_committed_expert_return_is_printed_and_matches_the_task_doc():
     assert stored > 500, "the committed expert should hop (a Hopper that falls at once scores < 200)"
 
 
+def test_expert_training_checkpoints_and_resumes_where_it_stopped(tmp_path):
+    """scripts/expert.py train writes model + replay buffer every --checkpoint-every steps; the same
+    command with more --steps resumes there (not from 0) and the saved expert records the total."""
+    cmd = [sys.executable, "scripts/expert.py", "train", "--steps", "200", "--learning-starts", "50", "--checkpoint-every", "100",
+           "--threads", "1", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "expert.pt"), "--episodes", "1"]
+    first = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "checkpoint at step 100" in first and "resuming" not in first, first
+    cmd[cmd.index("200")] = "300"
+    second = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "resuming" in second and "at step 200 (replay buffer 200 transitions)" in second, second
+    trained = torch.load(tmp_path / "expert.pt", weights_only=False)["trained"]
+    assert trained["steps"] == 300 and trained["seconds"] >= 1
+    assert json.loads((tmp_path / "expert.json").read_text())["episodes"] == 1
+    assert json.loads((tmp_path / "work" / "elapsed.json").read_text())["steps"] == 300
+    assert not (ROOT / "experiments/assets/experts/expert.json").exists()
+
+
 def test_smoke_run_of_the_entry_point_with_a_short_rollout(tmp_path):
     run = tmp_path / "run"
     train("task=control", "optimizer=dopr_muon", f"task.data_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}")

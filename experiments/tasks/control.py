@@ -58,8 +58,8 @@ class ExpertActor(nn.Module):
         return self.low + (squashed + 1) * 0.5 * (self.high - self.low)
 
 
-def load_expert(env_id: str) -> ExpertActor:
-    path = EXPERT_DIR / f"{env_id}_sac.pt"
+def load_expert(env_id: str, path: Path | None = None) -> ExpertActor:
+    path = path or EXPERT_DIR / f"{env_id}_sac.pt"
     if not path.exists():
         raise FileNotFoundError(f"no expert for {env_id} at {path}: train one with `python scripts/expert.py train --env {env_id}` "
                                 f"(or use task.dataset=minari:<dataset id> with a local Minari dataset)")
