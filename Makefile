@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # its other dependencies are in pyproject's experiments extra.
 ROBOSUITE ?= robosuite==1.5.2
 
-.PHONY: setup test test-all test-slow bench report clean-venv tune-lm tune-lm-lora reproduce-lm reproduce-lm-lora sweep-lm-lr reproduce-flow sweep-flow-lr reproduce-control reproduce-robot sweep-lm-damping sweep-flow-damping sweep-control-damping sweep-robot-damping
+.PHONY: setup test test-all test-slow bench report clean-venv tune-lm tune-lm-lora tune-robot reproduce-lm reproduce-lm-lora sweep-lm-lr reproduce-flow sweep-flow-lr reproduce-control reproduce-robot sweep-lm-damping sweep-flow-damping sweep-control-damping sweep-robot-damping
 
 SCALE ?= cpu
 SEEDS ?= 0,1,2,3,4
@@ -95,6 +95,7 @@ endef
 # evaluation commands). tune-lm: 60 runs, about 1 h 40 min on 2 cores; LAUNCHER=slurm sends it to Slurm.
 TUNE_lm := dopr muon adamw
 TUNE_lm_lora := dopr base
+TUNE_robot := dopr base
 define tune
 tune-$(1): setup
 	$$(foreach p,$$(TUNE_$(2)),$$(PY) -m experiments.train -m +sweep=$(2)_tune_$$(p) $$(LAUNCH) && ) true
@@ -102,6 +103,7 @@ tune-$(1): setup
 endef
 $(eval $(call tune,lm,lm))
 $(eval $(call tune,lm-lora,lm_lora))
+$(eval $(call tune,robot,robot))
 
 $(eval $(call sweep_lr,lm))
 $(eval $(call sweep_lr,flow))
