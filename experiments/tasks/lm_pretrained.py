@@ -174,15 +174,17 @@ class PretrainedLM(TokenBatches):
 
     def _encode(self, rows):
         """Tokenised once with ``datasets.map`` (batched, ``task.num_proc`` processes, cached by
-        ``datasets``), stored unpadded; labels are -100 on the prompt (the loss covers the solution)."""
+        ``datasets``), stored unpadded with each one's ``length`` (for ``task.sampling=bucketed``); labels are
+        -100 on the prompt (the loss covers the solution)."""
         tok, max_len, eos = self.tok, self.cfg.max_len, self.tok.eos_token_id
 
         def tokenise(batch):
             prompts = tok([PROMPT.format(question=q) for q in batch["problem"]], add_special_tokens=True)["input_ids"]
             targets = tok([f"{s}\n#### {a}" for s, a in zip(batch["generated_solution"], batch["expected_answer"])],
                           add_special_tokens=False)["input_ids"]
-            return {"input_ids": [(p + t + [eos])[:max_len] for p, t in zip(prompts, targets)],
-                    "labels": [([-100] * len(p) + t + [eos])[:max_len] for p, t in zip(prompts, targets)]}
+            ids = [(p + t + [eos])[:max_len] for p, t in zip(prompts, targets)]
+            return {"input_ids": ids, "labels": [([-100] * len(p) + t + [eos])[:max_len] for p, t in zip(prompts, targets)],
+                    "length": [len(i) for i in ids]}
 
         return rows.map(tokenise, batched=True, num_proc=self.cfg.get("num_proc"), remove_columns=rows.column_names,
                         desc="tokenising")
