@@ -4,6 +4,8 @@ random Llama; nothing is downloaded."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from omegaconf import OmegaConf
 
@@ -79,3 +81,58 @@ def test_bucketed_batches_are_a_function_of_seed_and_step():
     assert not torch.equal(first.train_batch(0)[0], first.train_batch(per_epoch)[0])
     widths = [first.train_batch(k)[0].shape[1] for k in range(10)]
     assert widths != sorted(widths) and widths != sorted(widths, reverse=True)
+
+
+# --- task.train_files: only the requested OpenMathInstruct-2 split's files ------------------------
+
+
+def hub_like_folder(root):
+    """A folder laid out like the hub repo nvidia/OpenMathInstruct-2: data/<split>-NNNNN-of-NNNNN.parquet
+    per split and a README whose YAML header maps each split to its files (as push_to_hub writes it).
+    train_1M has two readable files; train_2M one of other rows; train's file is not parquet at all."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "data").mkdir(parents=True)
+    rows = lambda tag, n: [{"problem": f"{tag} {i}", "generated_solution": f"{i} + 1 = {i + 1}", "expected_answer": str(i + 1),  # noqa: E731
+                            "problem_source": "augmented_math"} for i in range(n)]
+    pq.write_table(pa.Table.from_pylist(rows("one", 3)), root / "data" / "train_1M-00000-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(rows("uno", 2)), root / "data" / "train_1M-00001-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(rows("two", 4)), root / "data" / "train_2M-00000-of-00001.parquet")
+    (root / "data" / "train-00000-of-00001.parquet").write_bytes(b"not parquet: reading it fails")
+    splits = "".join(f"  - split: {s}\n    path: data/{s}-*\n" for s in ("train", "train_1M", "train_2M"))
+    (root / "README.md").write_text(f"---\nconfigs:\n- config_name: default\n  data_files:\n{splits}---\n# fixture\n")
+    return root
+
+
+def test_train_files_reads_only_the_requested_splits_files(tmp_path, monkeypatch):
+    import datasets
+    import pytest
+
+    from experiments.tasks.lm_pretrained import load
+
+    repo = hub_like_folder(tmp_path / "OpenMathInstruct-2")
+    with pytest.raises(Exception, match="(?i)parquet"):
+        load(repo, "train_1M")  # without task.train_files every split is read: here the unreadable one fails
+    rows = load(repo, "train_1M", files="data/train_1M-*.parquet")
+    assert sorted(rows["problem"]) == ["one 0", "one 1", "one 2", "uno 0", "uno 1"]  # both of its files, nothing else
+    assert set(rows.column_names) == {"problem", "generated_solution", "expected_answer", "problem_source"}
+    # a hub id: load_dataset is asked for those files only, as the split of that name
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: calls.append((args, kwargs)))
+    load("nvidia/OpenMathInstruct-2", "train_1M", files="data/train_1M-*.parquet")
+    assert calls == [(("nvidia/OpenMathInstruct-2", None), {"data_files": {"train_1M": "data/train_1M-*.parquet"}, "split": "train_1M"})]
+
+
+def test_paper_scale_configs_set_bucketed_batches_and_only_train_1m_files():
+    from hydra import compose, initialize_config_dir
+
+    root = Path(__file__).resolve().parents[1]
+    with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
+        paper = compose("train", overrides=["task=lm", "scale=paper"]).task
+        eight_b = compose("train", overrides=["task=lm", "scale=paper", "+preset=lm_8b"]).task
+        cpu = [compose("train", overrides=[f"task={t}", "scale=cpu"]).task for t in ("lm", "lm_lora")]
+    for task in (paper, eight_b):
+        assert task.sampling == "bucketed" and task.bucket_batches == 50
+        assert task.train_split == "train_1M" and task.train_files == "data/train_1M-*.parquet"
+    assert all(t.sampling == "replacement" and not t.train_files for t in cpu)

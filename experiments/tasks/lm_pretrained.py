@@ -23,19 +23,25 @@ NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
 PROMPT = "Question: {question}\nAnswer: "
 
 
-def load(source: str, split: str, config: str | None = None):
-    """A ``datasets`` split from a local file (json, jsonl, parquet, csv) or a hub id."""
+def load(source: str, split: str, config: str | None = None, files=None):
+    """A ``datasets`` split from a local file (json, jsonl, parquet, csv), a hub id, or a local folder
+    laid out like a hub repo. ``files`` (a pattern or list of them inside the repo or folder, e.g.
+    ``data/train_1M-*.parquet``): only those files, read as split ``split``. Without it ``load_dataset``
+    downloads and prepares every split of the repo (all of OpenMathInstruct-2) to return one."""
     import datasets
 
     path = Path(str(source)).expanduser()
-    if path.exists():
+    if path.is_file():
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
         if kind is None:
             raise ValueError(f"{path}: unsupported data file type (use .json, .jsonl, .parquet or .csv)")
         return datasets.load_dataset(kind, data_files=str(path), split="train")
-    if str(source).startswith(("/", "./", "~")):
+    if not path.exists() and str(source).startswith(("/", "./", "~")):
         raise FileNotFoundError(f"data file {source} does not exist: check task.train_data / task.eval_data")
-    return datasets.load_dataset(str(source), config, split=split)
+    data_files = None
+    if files:
+        data_files = {split: str(files) if isinstance(files, str) else [str(f) for f in files]}
+    return datasets.load_dataset(str(path) if path.is_dir() else str(source), config, data_files=data_files, split=split)
 
 
 def final_answer(text: str) -> str | None:
@@ -153,7 +159,7 @@ class PretrainedLM(TokenBatches):
         lora = cfg.lora
         self.model = get_peft_model(base, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                      target_modules=list(lora.target_modules), task_type="CAUSAL_LM")).to(device)
-        data = load(cfg.train_data, cfg.train_split).shuffle(seed=0)
+        data = load(cfg.train_data, cfg.train_split, files=cfg.get("train_files")).shuffle(seed=0)
         need = cfg.train_size + cfg.val_size
         if len(data) < need:
             raise ValueError(f"{cfg.train_data} has {len(data)} examples but train_size + val_size = {need}: lower them")
