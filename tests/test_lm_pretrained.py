@@ -124,7 +124,7 @@ def test_train_files_reads_only_the_requested_splits_files(tmp_path, monkeypatch
     assert calls == [(("nvidia/OpenMathInstruct-2", None), {"data_files": {"train_1M": "data/train_1M-*.parquet"}, "split": "train_1M"})]
 
 
-def test_paper_scale_configs_set_bucketed_batches_and_only_train_1m_files():
+def test_paper_scale_configs_set_bucketed_batches_only_train_1m_files_and_merged_lora_eval():
     from hydra import compose, initialize_config_dir
 
     root = Path(__file__).resolve().parents[1]
@@ -135,4 +135,114 @@ def test_paper_scale_configs_set_bucketed_batches_and_only_train_1m_files():
     for task in (paper, eight_b):
         assert task.sampling == "bucketed" and task.bucket_batches == 50
         assert task.train_split == "train_1M" and task.train_files == "data/train_1M-*.parquet"
-    assert all(t.sampling == "replacement" and not t.train_files for t in cpu)
+        assert task.merge_lora_for_eval is True
+    assert all(t.sampling == "replacement" and not t.train_files and t.merge_lora_for_eval is False for t in cpu)
+
+
+# --- task.merge_lora_for_eval: merged_lora ---------------------------------------------------------
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_lora_llama(dtype: torch.dtype):
+    """A tiny random Llama (base in ``dtype``) with peft LoRA on every projection; the adapters are
+    random too (init_lora_weights=False: B is not zero), so merging them changes every base weight."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    base = LlamaForCausalLM(config).to(dtype)
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, init_lora_weights=False))
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_merged_lora_gives_the_same_outputs_and_restores_the_base_bitwise():
+    import pytest
+
+    from experiments.tasks.lm_pretrained import merged_lora
+
+    ids = torch.randint(3, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    # bf16 base (the paper's dtype; float32 adapters, as peft makes them): the merged weights are rounded
+    # to bf16, so logits agree to a few bf16 steps; float32: to rounding.
+    for dtype, tolerance in ((torch.bfloat16, 2e-2), (torch.float32, 1e-5)):
+        model = tiny_lora_llama(dtype).eval()
+        before = weights(model)
+        with torch.no_grad():
+            unmerged = model(input_ids=ids).logits.float()
+            with model.disable_adapter():
+                base_only = model(input_ids=ids).logits.float()
+            greedy = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+            with merged_lora(model):
+                assert all(m.merged for m in model.modules() if hasattr(m, "merged"))
+                merged = model(input_ids=ids).logits.float()
+                merged_greedy = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert (merged - unmerged).abs().max() < tolerance, (dtype, (merged - unmerged).abs().max())
+        assert (base_only - unmerged).abs().max() > 20 * tolerance  # the adapters matter, so the merge is tested
+        if dtype == torch.float32:
+            assert torch.equal(merged_greedy, greedy)
+        after = weights(model)
+        assert all(torch.equal(after[n], before[n]) for n in before)  # base and adapters bitwise as before
+        assert not any(m.merged for m in model.modules() if hasattr(m, "merged"))
+        # what the copies are for: peft's merge then unmerge alone leaves every base weight changed
+        with torch.no_grad():
+            model.merge_adapter()
+            model.unmerge_adapter()
+        drifted = [n for n, p in model.named_parameters() if "base_layer" in n and not torch.equal(p, before[n])]
+        assert len(drifted) == 2 * len(TARGETS), drifted
+        # an exception inside the block still unmerges and restores
+        model = tiny_lora_llama(dtype).eval()
+        before = weights(model)
+        with pytest.raises(RuntimeError, match="inside"), torch.no_grad(), merged_lora(model):
+            raise RuntimeError("inside the block")
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+        assert not any(m.merged for m in model.modules() if hasattr(m, "merged"))
+    plain = torch.nn.Linear(3, 3)
+    with merged_lora(plain) as same:  # not a peft model: left as it is
+        assert same is plain
+
+
+def same(a, b) -> bool:
+    """Nested dicts / lists / tensors equal, tensors bitwise."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_merged_evaluation_leaves_ap_statistics_and_the_optimizer_state_alone():
+    import copy
+
+    import dopr
+    from experiments.tasks.lm_pretrained import merged_lora
+
+    model = tiny_lora_llama(torch.bfloat16)
+    opt = dopr.build_optimizer(model, "dopr_adamw", lr=1e-3)
+    ap = opt.preconditioner
+    ids = torch.randint(3, 64, (4, 12), generator=torch.Generator().manual_seed(2))
+    for _ in range(2):  # a step, then the next step's forward and backward, before an evaluation
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        if _ == 0:
+            opt.step()
+    rows = {layer.name: sum(p.count for p in layer.parts) for layer in ap.layers}
+    assert rows and all(rows.values()) and all(".lora_" in name for name in rows)
+    state, before = copy.deepcopy(opt.state_dict()), weights(model)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.eval()
+    with torch.no_grad(), merged_lora(model):  # as PretrainedLM.evaluate
+        model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        model(input_ids=ids)
+    model.train()
+    assert {layer.name: sum(p.count for p in layer.parts) for layer in ap.layers} == rows  # no rows added
+    assert same(opt.state_dict(), state)  # the optimizer state (its base's and AP's), bitwise
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert grads and all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters() if p.grad is not None)
+    opt.step()  # and the step goes on from the statistics of the training forward

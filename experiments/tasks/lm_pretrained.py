@@ -10,6 +10,7 @@ Data sources are ``datasets`` hub ids (``nvidia/OpenMathInstruct-2``, ``openai/g
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -42,6 +43,33 @@ def load(source: str, split: str, config: str | None = None, files=None):
     if files:
         data_files = {split: str(files) if isinstance(files, str) else [str(f) for f in files]}
     return datasets.load_dataset(str(path) if path.is_dir() else str(source), config, data_files=data_files, split=split)
+
+
+@contextlib.contextmanager
+def merged_lora(model: nn.Module):
+    """Inside this block the LoRA adapters of a peft model are merged into their base layers
+    (peft's ``merge_adapter``: W + scale B A), so that generation runs one matmul per projection
+    instead of three. On exit (an exception included) ``unmerge_adapter`` subtracts them again, and
+    every adapted base layer's parameters are copied back from a CPU copy taken before the merge:
+    subtracting in bf16 does not give back the same bits, and without the copies the frozen base
+    would drift at every evaluation. The adapters themselves (and so the optimizer state, which
+    holds only theirs) are not changed. A model without adapters, or with them merged already, is
+    left as it is. Call it under ``torch.no_grad`` (as ``evaluate`` does)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers or any(m.merged for m in layers):
+        yield model
+        return
+    saved = [(p, p.detach().to("cpu", copy=True)) for m in layers for p in m.get_base_layer().parameters()]
+    try:
+        model.merge_adapter()
+        yield model
+    finally:
+        model.unmerge_adapter()
+        with torch.no_grad():
+            for p, original in saved:
+                p.copy_(original)
 
 
 def final_answer(text: str) -> str | None:
@@ -197,8 +225,17 @@ class PretrainedLM(TokenBatches):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Greedy accuracy on each evaluation set, with the LoRA weights merged into the base for the
+        duration when ``task.merge_lora_for_eval`` (see ``merged_lora``). Eval mode and no_grad: AP
+        records nothing here."""
         was = model.training
         model.eval()
+        with merged_lora(model) if self.cfg.get("merge_lora_for_eval") else contextlib.nullcontext():
+            out = self._evaluate(model)
+        model.train(was)
+        return out
+
+    def _evaluate(self, model: nn.Module) -> dict[str, float]:
         out = {}
         for name, items in self.eval_sets.items():
             correct = 0
@@ -216,5 +253,4 @@ class PretrainedLM(TokenBatches):
             out.update(self.lm_eval.evaluate(model, self.tok, self.cfg.eval_batch_size, self.device, self.cfg.get("eval_size")))
         headline = [v for k, v in out.items() if not k.endswith("_flexible")]  # strict extraction, as the paper's tables
         out["accuracy"] = sum(headline) / max(1, len(headline))
-        model.train(was)
         return out
