@@ -147,7 +147,8 @@ def write_jsonl(path: Path, records: list[dict]) -> str:
 
 def test_paper_scale_lora_path_on_local_fixtures(tmp_path):
     """A tiny random Llama saved with save_pretrained and tiny files in the schemas of
-    OpenMathInstruct-2, GSM8K and MATH-500 go through the real LoRA SFT path."""
+    OpenMathInstruct-2, GSM8K and MATH-500 go through the real LoRA SFT path (length-bucketed batches,
+    the LoRA weights merged for the rollout evaluation)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -175,7 +176,7 @@ def test_paper_scale_lora_path_on_local_fixtures(tmp_path):
           f"+task.eval_data.gsm8k_zeroshot={tmp_path / 'gsm8k.jsonl'}",
           f"+task.eval_data.math500={write_jsonl(tmp_path / 'math500.jsonl', math500)}",
           "task.max_len=96", "task.max_new_tokens=12", "task.lora.r=4", "task.lora.target_modules=[q_proj,v_proj]",
-          '+task.stop_strings=["Question:"]', "task.eval_size=2")
+          '+task.stop_strings=["Question:"]', "task.eval_size=2", "task.sampling=bucketed", "task.merge_lora_for_eval=true")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "done"
     final = summary["final"]

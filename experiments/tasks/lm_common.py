@@ -26,24 +26,53 @@ class TokenBatches:
     ``datasets.Dataset``s with ``input_ids`` and ``labels`` lists (the paper-scale path: tokenised once,
     stored unpadded, each batch padded to its own longest sequence). The step's batch is a function of
     (seed, step), so a resumed run sees the same batches: drawn with replacement
-    (``task.sampling: replacement``, the default) or as epochs of a fresh permutation each
-    (``task.sampling: epochs``: every example once per epoch)."""
+    (``task.sampling: replacement``, the default), as epochs of a fresh permutation each
+    (``task.sampling: epochs``: every example once per epoch), or as such epochs cut into batches of
+    similar lengths (``task.sampling: bucketed``, see ``_bucketed``)."""
 
     pad_id = 0
+    _buckets = None  # (epoch, that epoch's batches) under task.sampling=bucketed
+    _train_lengths = None
 
     def train_batch(self, step: int):
         n, size = self._rows(self.train), self.cfg.batch_size
-        if (self.cfg.get("sampling") or "replacement") == "epochs":
+        sampling = self.cfg.get("sampling") or "replacement"
+        if sampling not in ("replacement", "epochs", "bucketed"):
+            raise ValueError(f"task.sampling={sampling!r}: choose replacement, epochs or bucketed")
+        if sampling in ("epochs", "bucketed"):
             per_epoch = n // size
             if per_epoch == 0:
                 raise ValueError(f"task.batch_size={size} exceeds the {n} training examples: lower it or use task.sampling=replacement")
             epoch, k = divmod(step, per_epoch)
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + 7_919 * epoch + 1))
-            idx = order[k * size : (k + 1) * size]
+            idx = order[k * size : (k + 1) * size] if sampling == "epochs" else self._bucketed(order[: per_epoch * size], epoch)[k]
         else:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
             idx = torch.randint(0, n, (size,), generator=g)
         return self._gather(self.train, idx)
+
+    def _bucketed(self, order: torch.Tensor, epoch: int) -> torch.Tensor:
+        """The epoch's batches (one row of indices each) from its permutation ``order`` (the examples
+        ``task.sampling=epochs`` would use, in the same order): cut into mega-batches of
+        ``task.bucket_batches`` batches, each sorted by length and split into batches, then the batches
+        shuffled, so that each is padded to a length close to all of its sequences'. Kept for the epoch."""
+        if self._buckets is None or self._buckets[0] != epoch:
+            size, lengths = self.cfg.batch_size, self._lengths()
+            mega = size * int(self.cfg.get("bucket_batches") or 50)
+            batches = torch.cat([chunk[torch.argsort(lengths[chunk], stable=True)].view(-1, size) for chunk in order.split(mega)])
+            shuffle = torch.randperm(len(batches), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + 7_919 * epoch + 2))
+            self._buckets = (epoch, batches[shuffle])
+        return self._buckets[1]
+
+    def _lengths(self) -> torch.Tensor:
+        """Tokens per training example (computed once)."""
+        if self._train_lengths is None:
+            data = self.train
+            if isinstance(data, tuple):
+                self._train_lengths = data[2].sum(1)
+            else:  # the paper-scale path stores a "length" column (no token lists read)
+                self._train_lengths = torch.tensor(list(data["length"]) if "length" in data.column_names else [len(s) for s in data["input_ids"]])
+        return self._train_lengths
 
     def val_batches(self):
         n, size = self._rows(self.val), self.cfg.get("val_batch_size") or self.cfg.eval_batch_size

@@ -10,6 +10,7 @@ Data sources are ``datasets`` hub ids (``nvidia/OpenMathInstruct-2``, ``openai/g
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -23,19 +24,52 @@ NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
 PROMPT = "Question: {question}\nAnswer: "
 
 
-def load(source: str, split: str, config: str | None = None):
-    """A ``datasets`` split from a local file (json, jsonl, parquet, csv) or a hub id."""
+def load(source: str, split: str, config: str | None = None, files=None):
+    """A ``datasets`` split from a local file (json, jsonl, parquet, csv), a hub id, or a local folder
+    laid out like a hub repo. ``files`` (a pattern or list of them inside the repo or folder, e.g.
+    ``data/train_1M-*.parquet``): only those files, read as split ``split``. Without it ``load_dataset``
+    downloads and prepares every split of the repo (all of OpenMathInstruct-2) to return one."""
     import datasets
 
     path = Path(str(source)).expanduser()
-    if path.exists():
+    if path.is_file():
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
         if kind is None:
             raise ValueError(f"{path}: unsupported data file type (use .json, .jsonl, .parquet or .csv)")
         return datasets.load_dataset(kind, data_files=str(path), split="train")
-    if str(source).startswith(("/", "./", "~")):
+    if not path.exists() and str(source).startswith(("/", "./", "~")):
         raise FileNotFoundError(f"data file {source} does not exist: check task.train_data / task.eval_data")
-    return datasets.load_dataset(str(source), config, split=split)
+    data_files = None
+    if files:
+        data_files = {split: str(files) if isinstance(files, str) else [str(f) for f in files]}
+    return datasets.load_dataset(str(path) if path.is_dir() else str(source), config, data_files=data_files, split=split)
+
+
+@contextlib.contextmanager
+def merged_lora(model: nn.Module):
+    """Inside this block the LoRA adapters of a peft model are merged into their base layers
+    (peft's ``merge_adapter``: W + scale B A), so that generation runs one matmul per projection
+    instead of three. On exit (an exception included) ``unmerge_adapter`` subtracts them again, and
+    every adapted base layer's parameters are copied back from a CPU copy taken before the merge:
+    subtracting in bf16 does not give back the same bits, and without the copies the frozen base
+    would drift at every evaluation. The adapters themselves (and so the optimizer state, which
+    holds only theirs) are not changed. A model without adapters, or with them merged already, is
+    left as it is. Call it under ``torch.no_grad`` (as ``evaluate`` does)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers or any(m.merged for m in layers):
+        yield model
+        return
+    saved = [(p, p.detach().to("cpu", copy=True)) for m in layers for p in m.get_base_layer().parameters()]
+    try:
+        model.merge_adapter()
+        yield model
+    finally:
+        model.unmerge_adapter()
+        with torch.no_grad():
+            for p, original in saved:
+                p.copy_(original)
 
 
 def final_answer(text: str) -> str | None:
@@ -153,7 +187,7 @@ class PretrainedLM(TokenBatches):
         lora = cfg.lora
         self.model = get_peft_model(base, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                      target_modules=list(lora.target_modules), task_type="CAUSAL_LM")).to(device)
-        data = load(cfg.train_data, cfg.train_split).shuffle(seed=0)
+        data = load(cfg.train_data, cfg.train_split, files=cfg.get("train_files")).shuffle(seed=0)
         need = cfg.train_size + cfg.val_size
         if len(data) < need:
             raise ValueError(f"{cfg.train_data} has {len(data)} examples but train_size + val_size = {need}: lower them")
@@ -174,23 +208,34 @@ class PretrainedLM(TokenBatches):
 
     def _encode(self, rows):
         """Tokenised once with ``datasets.map`` (batched, ``task.num_proc`` processes, cached by
-        ``datasets``), stored unpadded; labels are -100 on the prompt (the loss covers the solution)."""
+        ``datasets``), stored unpadded with each one's ``length`` (for ``task.sampling=bucketed``); labels are
+        -100 on the prompt (the loss covers the solution)."""
         tok, max_len, eos = self.tok, self.cfg.max_len, self.tok.eos_token_id
 
         def tokenise(batch):
             prompts = tok([PROMPT.format(question=q) for q in batch["problem"]], add_special_tokens=True)["input_ids"]
             targets = tok([f"{s}\n#### {a}" for s, a in zip(batch["generated_solution"], batch["expected_answer"])],
                           add_special_tokens=False)["input_ids"]
-            return {"input_ids": [(p + t + [eos])[:max_len] for p, t in zip(prompts, targets)],
-                    "labels": [([-100] * len(p) + t + [eos])[:max_len] for p, t in zip(prompts, targets)]}
+            ids = [(p + t + [eos])[:max_len] for p, t in zip(prompts, targets)]
+            return {"input_ids": ids, "labels": [([-100] * len(p) + t + [eos])[:max_len] for p, t in zip(prompts, targets)],
+                    "length": [len(i) for i in ids]}
 
         return rows.map(tokenise, batched=True, num_proc=self.cfg.get("num_proc"), remove_columns=rows.column_names,
                         desc="tokenising")
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Greedy accuracy on each evaluation set, with the LoRA weights merged into the base for the
+        duration when ``task.merge_lora_for_eval`` (see ``merged_lora``). Eval mode and no_grad: AP
+        records nothing here."""
         was = model.training
         model.eval()
+        with merged_lora(model) if self.cfg.get("merge_lora_for_eval") else contextlib.nullcontext():
+            out = self._evaluate(model)
+        model.train(was)
+        return out
+
+    def _evaluate(self, model: nn.Module) -> dict[str, float]:
         out = {}
         for name, items in self.eval_sets.items():
             correct = 0
@@ -208,5 +253,4 @@ class PretrainedLM(TokenBatches):
             out.update(self.lm_eval.evaluate(model, self.tok, self.cfg.eval_batch_size, self.device, self.cfg.get("eval_size")))
         headline = [v for k, v in out.items() if not k.endswith("_flexible")]  # strict extraction, as the paper's tables
         out["accuracy"] = sum(headline) / max(1, len(headline))
-        model.train(was)
         return out
