@@ -3,7 +3,8 @@
 uses, and print its test accuracy. The flow task calls the same code on first use; this command
 makes the step explicit and forces a retrain with --retrain.
 
-    python scripts/train_feature_classifier.py                      # digits (scale=cpu config)
+    python scripts/train_feature_classifier.py                      # glyphs (scale=cpu config)
+    python scripts/train_feature_classifier.py task.dataset=digits task.image_size=8 task.classifier.epochs=30 task.classifier.batch_size=64
     python scripts/train_feature_classifier.py scale=paper           # CIFAR-10 settings
     python scripts/train_feature_classifier.py --retrain task.classifier.epochs=50
 

@@ -1,5 +1,6 @@
-"""The flow-matching task: the Frechet distance is honest, the ODE solvers are the methods they
-claim to be, the data paths load, and the real entry point runs (subprocess, smoke scale)."""
+"""The flow-matching task: the glyph generator is deterministic, the Frechet distance is honest
+and read against its floor, the memorisation check catches copies, the ODE solvers are the methods
+they claim to be, the data paths load, and the real entry point runs (subprocess, smoke scale)."""
 
 import json
 import math
@@ -23,13 +24,21 @@ def task_cfg(tmp_path, scale="cpu", *overrides):
     return cfg.task
 
 
+# Small enough for seconds: 4000 training glyphs, a 2000-image reference, samples of 500, and a
+# narrow classifier trained for 250 steps (test accuracy ~0.45; 0.99 at scale=cpu's settings).
+SMALL = ("task.train_size=4000", "task.val_size=500", "task.reference_size=2000", "task.eval_samples=500",
+         "task.classifier.epochs=4", "task.classifier.batch_size=64", "task.classifier.width=16")
+
+
 @pytest.fixture(scope="module")
-def digits_fd(tmp_path_factory):
-    """The cpu-scale feature classifier (trained once here, a few seconds) and its FD to the train split."""
-    cfg = task_cfg(tmp_path_factory.mktemp("flow"))
+def glyph_fd(tmp_path_factory):
+    """A small glyph data set, its feature classifier (trained once here, a few seconds), the
+    evaluation sets and the FD against the fresh reference."""
+    cfg = task_cfg(tmp_path_factory.mktemp("flow"), "cpu", *SMALL)
     data = flow.load_images(cfg)
     net, acc = flow.feature_classifier(cfg, data, torch.device("cpu"))
-    return data, net, acc, flow.FrechetDistance(net, data["train"][0]), cfg
+    sets = flow.evaluation_sets(cfg, data)
+    return data, net, acc, flow.FrechetDistance(net, sets["reference"]), cfg, sets
 
 
 def frechet_formula(a: np.ndarray, b: np.ndarray) -> float:
@@ -42,8 +51,42 @@ def frechet_formula(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * root))
 
 
-def test_digits_splits_are_disjoint_and_scaled(digits_fd):
-    data = digits_fd[0]
+def test_glyphs_are_deterministic_for_a_seed_and_differ_across_seeds(tmp_path):
+    from experiments.tasks import glyphs
+
+    spec = glyphs.spec_of({})
+    x, y = glyphs.generate(spec, 300, 11, 16)
+    assert x.dtype == torch.uint8 and x.shape == (300, 1, 16, 16) and int(x.max()) > 150 and int(x[:, :, 0, :].max()) < 255
+    assert set(y.tolist()) == set(range(10))
+    x2, y2 = glyphs.generate(spec, 300, 11, 16)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    x3, _ = glyphs.generate(spec, 300, 12, 16)  # another stream
+    x4, _ = glyphs.generate(glyphs.spec_of({"seed": 1}), 300, 11, 16)  # the same stream of another spec
+    for other in (x3, x4):
+        assert not torch.equal(x, other)
+        assert float(glyphs.to_float(x).sub(glyphs.to_float(other)).abs().mean()) > 0.1
+    # no two images of a stream are the same, and the cache returns what generate() makes
+    assert len({img.numpy().tobytes() for img in x}) == 300
+    cached_x, cached_y = glyphs.cached(spec, 300, 11, 16, tmp_path, log=lambda *_: None)
+    again_x, _ = glyphs.cached(spec, 300, 11, 16, tmp_path, log=lambda *_: None)
+    assert torch.equal(cached_x, x) and torch.equal(cached_y, y) and torch.equal(again_x, x)
+    assert len(list(tmp_path.glob("glyphs-*.pt"))) == 1
+    with pytest.raises(ValueError, match="task.glyphs.colour"):
+        glyphs.spec_of({"colour": 1})
+
+
+def test_glyph_sets_are_disjoint_streams(glyph_fd):
+    data, _, _, _, cfg, sets = glyph_fd
+    assert {k: len(v[1]) for k, v in data.items()} == {"train": 4000, "val": 500, "test": 500}
+    assert sets["reference"].shape == (2000, 1, 16, 16) and sets["holdout"].shape == (4000, 1, 16, 16)
+    assert len(sets["floor"]) == flow.FLOOR_DRAWS * 500 and torch.equal(sets["fresh"], sets["floor"][:500])
+    x = torch.cat([data["train"][0], data["val"][0], sets["reference"], sets["floor"], sets["select_reference"], sets["holdout"]])
+    assert float(x.min()) == -1.0 and float(x.max()) <= 1.0
+    assert len({img.numpy().tobytes() for img in x}) == len(x)  # no image in two sets (nor twice in one)
+
+
+def test_digits_remain_available(tmp_path):
+    data = flow.load_images(task_cfg(tmp_path, "cpu", "task.dataset=digits", "task.image_size=8"))
     sizes = {k: len(v[1]) for k, v in data.items()}
     assert sizes == {"train": 1439, "val": 179, "test": 179}
     x = torch.cat([v[0] for v in data.values()])
@@ -51,32 +94,61 @@ def test_digits_splits_are_disjoint_and_scaled(digits_fd):
     # no image appears in two splits (digits has a few exact duplicates overall; compare index sets instead)
     flat = {k: {tuple(img.flatten().tolist()) for img in v[0]} for k, v in data.items()}
     assert len(flat["val"] & flat["test"]) <= 2 and len(flat["train"] & flat["val"]) <= 2
+    sets = flow.evaluation_sets(task_cfg(tmp_path, "cpu", "task.dataset=digits", "task.image_size=8"), data, log=lambda *_: None)
+    assert torch.equal(sets["reference"], data["train"][0]) and len(sets["floor"]) == 358  # all held-out digits
+    with pytest.raises(ValueError, match="task.num_classes=10"):
+        flow.load_images(task_cfg(tmp_path, "cpu", "task.num_classes=26"))
 
 
-def test_feature_classifier_is_accurate_and_cached(digits_fd, tmp_path):
-    data, net, acc, _, cfg = digits_fd
-    assert acc > 0.9, f"the FD feature network must recognise held-out digits, got test accuracy {acc}"
+def test_feature_classifier_is_accurate_and_cached(glyph_fd):
+    data, net, acc, _, cfg, _ = glyph_fd
+    assert acc > 0.3, f"the FD feature network must recognise fresh glyphs (chance: 0.1), got test accuracy {acc}"
     assert flow.classifier_path(cfg).is_file()
     said = []
     again, acc_again = flow.feature_classifier(cfg, data, torch.device("cpu"), log=said.append)
     assert acc_again == acc and not any("training" in s for s in said), said  # loaded, not retrained
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+    # the cache is keyed by the data: another glyph seed is another classifier
+    assert flow.classifier_path(cfg) != flow.classifier_path(task_cfg(cfg.data_dir, "cpu", *SMALL, "+task.glyphs.seed=1"))
 
 
 @pytest.mark.filterwarnings("ignore:Matrix is singular")  # dead ReLU features: a singular covariance, still a valid FD
-def test_frechet_distance_matches_the_formula_and_is_honest(digits_fd):
-    data, net, _, fd, _ = digits_fd
-    train_x = data["train"][0]
-    held = torch.cat([data["val"][0], data["test"][0]])
+def test_frechet_distance_matches_the_formula_and_is_honest(glyph_fd):
+    data, net, _, fd, _, sets = glyph_fd
+    reference, floors = sets["reference"], sets["floor"].split(500)
+    fresh = data["test"][0]  # 500 images of another stream, like one sample
     with torch.no_grad():
-        f_train, f_held = net(train_x).double().numpy(), net(held).double().numpy()
-    ours = fd(held)
-    assert math.isclose(ours, frechet_formula(f_train, f_held), rel_tol=1e-3, abs_tol=1e-3)
-    assert abs(fd(train_x)) < 1e-3  # identical inputs: ~0
-    noise = torch.randn(held.shape, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
-    blurred = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(held, (1, 1, 1, 1), mode="replicate"), 3, 1)
-    real_vs_real, to_noise, to_blur = ours, fd(noise), fd(blurred)
-    assert real_vs_real < 0.1 * to_noise and real_vs_real < 0.1 * to_blur, (real_vs_real, to_noise, to_blur)
+        f_ref, f_fresh = net(reference).double().numpy(), net(fresh).double().numpy()
+    ours = fd(fresh)
+    assert math.isclose(ours, frechet_formula(f_ref, f_fresh), rel_tol=1e-3, abs_tol=1e-3)
+    assert abs(fd(reference)) < 1e-3  # identical inputs: ~0
+    floor = sum(map(fd, floors)) / len(floors)
+    assert ours < 2 * floor, (ours, floor)  # a fresh set is at the floor
+    assert fd(data["train"][0][:500]) < 2 * floor  # so are training images: the reference is not them
+    noised = (fresh + 0.3 * torch.randn(fresh.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    blurred = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(fresh, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    noise = torch.rand(fresh.shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    for name, bad in (("noised", noised), ("blurred", blurred), ("noise", noise)):
+        assert fd(bad) > 10 * floor, (name, fd(bad), floor)
+
+
+def test_memorisation_check_flags_a_model_that_returns_training_images(glyph_fd):
+    data, _, _, _, _, sets = glyph_fd
+    check = flow.MemorisationCheck(data["train"][0], sets["holdout"], sets["fresh"], torch.device("cpu"))
+    train = data["train"][0]
+    copies = check(train[:500])
+    assert copies["memorised_fraction"] == 1.0 and copies["memorisation_flag"] == 1.0 and copies["memorisation_ratio"] < 0.05, copies
+    # copies with a little noise are still copies
+    g = torch.Generator().manual_seed(0)
+    near = (train[500:1000] + 0.05 * torch.randn(train[500:1000].shape, generator=g)).clamp(-1, 1)
+    assert check(near)["memorisation_flag"] == 1.0, check(near)
+    # fresh images (another stream), blurred fresh images and half copies
+    fresh = check(data["test"][0])
+    assert fresh["memorisation_flag"] == 0.0 and fresh["memorised_fraction"] < 0.15 and 0.85 < fresh["memorisation_ratio"] < 1.15, fresh
+    blurred = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(data["test"][0], (1, 1, 1, 1), mode="replicate"), 3, 1)
+    assert check(blurred)["memorisation_flag"] == 0.0, check(blurred)  # blur is not memorisation
+    half = check(torch.cat([train[:250], data["test"][0][:250]]))
+    assert half["memorisation_flag"] == 1.0 and 0.4 < half["memorised_fraction"] < 0.7, half
 
 
 def _sampler(field, guidance=1.0, null_class=10):
@@ -193,10 +265,13 @@ def test_smoke_run_of_the_entry_point(tmp_path):
     assert summary["status"] == "done" and summary["metric_name"] == "fd" and summary["higher_is_better"] is False
     final = summary["final"]
     assert {f"fd_{s}_{n}" for s in ("euler", "midpoint") for n in (1, 2)} <= set(final)
-    assert all(math.isfinite(final[k]) and final[k] >= 0 for k in final if k.startswith("fd"))
-    assert 0 <= final["class_accuracy"] <= 1
+    assert all(math.isfinite(final[k]) and final[k] >= 0 for k in final if k.startswith("fd") or k.startswith("select_fd"))
+    assert 0 <= final["class_accuracy"] <= 1 and final["fd_floor"] > 0
+    assert final["fd_over_floor"] == pytest.approx(final["fd"] / final["fd_floor"])
+    assert {"memorisation_ratio", "memorised_fraction", "memorisation_flag", "select_fd"} <= set(final)
+    assert summary["best"]["chosen_on"] == "selection set"  # select_fd, not the reported fd, picks the best checkpoint
     samples = np.load(run / "samples.npy")
-    assert samples.shape == (80, 1, 8, 8) and samples.dtype == np.uint8
+    assert samples.shape == (80, 1, 16, 16) and samples.dtype == np.uint8
     coverage = next(r["ap_coverage"] for r in rows(run) if "ap_coverage" in r)
     covered = {k for k, v in coverage.items() if v.startswith("covered")}
     assert {"conv_in", "conv_out", "time_embedding.linear_1", "class_embedding"} <= covered

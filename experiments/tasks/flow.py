@@ -7,15 +7,23 @@ integrates ``dx/dt = v(x, t)`` from noise at t=0 to an image at t=1. Class-condi
 the UNet's class embedding; with ``label_dropout > 0`` the null class (index ``num_classes``) is
 trained too, so classifier-free guidance (``guidance != 1``) is available at sampling time.
 
-Rollout metric: the Frechet distance (FD) between generated and real training images in the
-penultimate features of a classifier the suite trains on the same data set (torchmetrics' FID
-with that network as the feature extractor), per ODE solver and number of steps, plus that
-classifier's accuracy on class-conditional samples (does the sample show the requested class?).
+Rollout metrics (``evaluate``), per ODE solver and number of steps: the Frechet distance (FD)
+between generated images and a reference set, in the penultimate features of a classifier the
+suite trains on the training set (torchmetrics' FID with that network as the feature extractor),
+and that classifier's accuracy on the class-conditional samples. Beside them: ``fd_floor``, the FD
+of real images of the same number against the same reference (what a perfect generator scores:
+the estimator's bias at this sample size); ``select_fd``, FD of other samples (other noise) against
+another reference set, on which the training loop chooses the best checkpoint; and a memorisation
+check (``MemorisationCheck``): are the samples closer to training images than fresh images are?
 With ``inception_weights`` set (a cluster where the weights are on disk), the real Inception FID
 too, through the same metric class.
 
-Embedded default: scikit-learn's handwritten digits (1797 images, 8x8, ship with the package).
-Paper scale: CIFAR-10 through ``datasets`` (hub id or a local folder/parquet in its format).
+Embedded default (``dataset: glyphs``): digits rendered from the fonts matplotlib ships under
+random stroke width and affine maps (``glyphs.py``), generated from a seed, so the reference, floor
+and selection sets are fresh draws of the true distribution, never the training images.
+``dataset: digits``: scikit-learn's 1797 handwritten 8x8 digits (the reference is then the training
+split, and the floor and selection sets the held-out splits). Paper scale: CIFAR-10 through
+``datasets`` (hub id or a local folder/parquet in its format), with the same roles as digits.
 """
 
 from __future__ import annotations
@@ -29,19 +37,44 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from . import glyphs
 
 SOLVERS = ("euler", "midpoint", "heun3", "rk4")  # torchdiffeq's fixed-grid methods we expose
 STAGES = {"euler": 1, "midpoint": 2, "heun3": 3, "rk4": 4}  # network evaluations per step
 
 
 # --------------------------------------------------------------------------------------- data
-def load_images(cfg) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+# The glyph generator's stream of each set and the config key of its size.
+GLYPH_SETS = {"train": (1, "train_size"), "val": (2, "val_size"), "test": (3, "val_size"), "reference": (4, "reference_size"),
+              "floor": (5, "eval_samples"), "select_reference": (6, "reference_size"), "holdout": (7, "train_size")}
+FLOOR_DRAWS = 5  # glyphs: fd_floor is the mean over this many fresh sets of eval_samples images (one is noisy: +-20%)
+
+
+def glyph_set(cfg, name: str, log=print) -> tuple[torch.Tensor, torch.Tensor]:
+    """One set of the glyph generator (images in [-1, 1], N x 1 x S x S float32; labels), cached in
+    ``task.data_dir`` (keyed by the generator's settings, the set's size and stream)."""
+    spec = glyphs.spec_of(cfg.get("glyphs"))
+    stream, size_key = GLYPH_SETS[name]
+    n = int(cfg[size_key]) * (FLOOR_DRAWS if name == "floor" else 1)
+    x, y = glyphs.cached(spec, n, stream, cfg.image_size, cfg.get("data_dir"), log)
+    return glyphs.to_float(x), y
+
+
+def load_images(cfg, log=print) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{"train", "val", "test"}: (images in [-1, 1], N x C x H x W float32; labels, N int64).
 
-    ``cfg.dataset == "digits"``: scikit-learn's digits, split 80/10/10 by a fixed permutation.
-    Otherwise a ``datasets`` source (hub id, or a local folder of parquet files / an imagefolder)
-    with ``cfg.train_split`` and ``cfg.val_split``; the held-out split is halved into val and test.
+    ``cfg.dataset == "glyphs"``: three streams of the glyph generator (``train_size``, ``val_size``
+    and ``val_size`` images). ``"digits"``: scikit-learn's digits, split 80/10/10 by a fixed
+    permutation. Otherwise a ``datasets`` source (hub id, or a local folder of parquet files / an
+    imagefolder) with ``cfg.train_split`` and ``cfg.val_split``; the held-out split is halved into
+    val and test.
     """
+    if cfg.dataset == "glyphs":
+        spec = glyphs.spec_of(cfg.get("glyphs"))
+        if cfg.channels != 1 or cfg.num_classes != len(spec["chars"]):
+            raise ValueError(f"task.dataset=glyphs draws grey images of {len(spec['chars'])} classes (task.glyphs.chars={spec['chars']!r}): "
+                             f"set task.channels=1 and task.num_classes={len(spec['chars'])}")
+        return {k: glyph_set(cfg, k, log) for k in ("train", "val", "test")}
     if cfg.dataset == "digits":
         from sklearn.datasets import load_digits
 
@@ -67,6 +100,35 @@ def load_images(cfg) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
+def evaluation_sets(cfg, data, log=print) -> dict[str, torch.Tensor]:
+    """The real images the rollout metrics compare with (all in [-1, 1]):
+
+    - ``reference``: FD is measured against it;
+    - ``floor``: real images the model never saw, scored against ``reference`` in sets of
+      ``eval_samples`` like a sample (the mean over the sets is ``fd_floor``): what a perfect
+      generator gets at this sample size;
+    - ``select_reference``: the reference of ``select_fd`` (checkpoint selection);
+    - ``holdout``: real images the model never saw, the memorisation check's yardstick;
+    - ``fresh``: other real images the model never saw (not in ``holdout``), which calibrate it.
+
+    Glyphs: each a fresh stream of the generator (reference and select reference of
+    ``reference_size`` images, floor of ``FLOOR_DRAWS`` sets of ``eval_samples``, holdout of
+    ``train_size``, as large as the training set; fresh is the floor's first set). Digits and
+    ``datasets`` sources have no more images than their splits: the reference is the training split
+    (as FID on CIFAR-10 is usually computed), the floor the held-out images (test, then val; fewer
+    than ``eval_samples`` on digits, so its floor is higher), and select reference and holdout the
+    val split, and fresh the test split.
+    """
+    if cfg.dataset == "glyphs":
+        out = {k: glyph_set(cfg, k, log)[0] for k in ("reference", "floor", "select_reference", "holdout")}
+        return {**out, "fresh": out["floor"][: cfg.eval_samples]}
+    held = torch.cat([data["test"][0], data["val"][0]])[: cfg.eval_samples]
+    if len(held) < cfg.eval_samples:
+        log(f"note: the floor set has {len(held)} held-out images, fewer than task.eval_samples={cfg.eval_samples}: fd_floor is biased upwards")
+    return {"reference": data["train"][0], "floor": held, "select_reference": data["val"][0], "holdout": data["val"][0],
+            "fresh": data["test"][0][: cfg.eval_samples]}
+
+
 def _hf_images(cfg, split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     import datasets
     import numpy as np
@@ -78,7 +140,7 @@ def _hf_images(cfg, split: str, limit: int | None) -> tuple[torch.Tensor, torch.
         ds = datasets.load_dataset(str(source) if source.exists() else cfg.dataset, split=split)
     except Exception as err:  # no network, wrong id, missing split: say what to change
         raise FileNotFoundError(f"cannot load image data set {cfg.dataset!r} split {split!r} ({type(err).__name__}: {err}). "
-                                f"Use task.dataset=digits (embedded), or a local folder in the same format "
+                                f"Use task.dataset=glyphs or task.dataset=digits (embedded), or a local folder in the same format "
                                 f"(parquet with columns {cfg.image_column!r} and {cfg.label_column!r}, or an imagefolder)") from None
     for col in (cfg.image_column, cfg.label_column):
         if col not in ds.column_names:
@@ -117,6 +179,8 @@ def classifier_path(cfg) -> Path:
     """Cache file of the feature classifier: keyed by everything that changes it."""
     key = {k: cfg[k] for k in ("dataset", "train_split", "val_split", "train_size", "val_size", "image_size", "channels", "num_classes") if k in cfg}
     key["classifier"] = dict(cfg.classifier)
+    if cfg.dataset == "glyphs":  # the generator's settings and version make the data
+        key["glyphs"] = {"spec": glyphs.spec_of(cfg.get("glyphs")), "version": glyphs.VERSION}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return Path(cfg.data_dir).expanduser() / f"feature_classifier-{digest}.pt"
 
@@ -221,6 +285,56 @@ def inception_fd(weights: str, real: torch.Tensor) -> FrechetDistance:
     return FrechetDistance(_Wrapped(), real, to_input=to_input)
 
 
+# ------------------------------------------------------------------------- memorisation check
+@torch.no_grad()
+def nearest_distance(x: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Euclidean distance (pixels, flattened) from each image of ``x`` to its nearest image in
+    ``bank`` (both on one device), by ||a||^2 - 2 a.b + ||b||^2 in chunks of the bank."""
+    a = x.flatten(1).float()
+    a2 = (a * a).sum(1, keepdim=True)
+    best = torch.full((len(a),), float("inf"), device=a.device)
+    for i in range(0, len(bank), chunk):
+        b = bank[i : i + chunk].flatten(1).float()
+        best = torch.minimum(best, (a2 - 2 * a @ b.T + (b * b).sum(1)).min(1).values)
+    return best.clamp_min(0).sqrt()
+
+
+class MemorisationCheck:
+    """Does the model return its training images? For each image, r = (distance to its nearest
+    training image) / (distance to its nearest holdout image): the holdout is real data of the same
+    distribution the model never saw, so an image that generalises is about as close to either
+    (r near 1 when both sets have the same size), a copy of a training image has r near 0, and a
+    blurred or averaged sample is near both (it is not mistaken for a copy, as a plain nearest-
+    neighbour distance would). Calibrated on ``fresh`` real images:
+
+    - ``memorisation_ratio``: median r of the samples / median r of fresh images (1: as fresh
+      data; towards 0: copies);
+    - ``memorised_fraction``: the fraction of samples with r below the ``quantile`` of fresh
+      images' r (``quantile`` for fresh data, 1 for a model that copies);
+    - ``memorisation_flag``: 1 when ``memorised_fraction`` exceeds ``flag_fraction``.
+    """
+
+    def __init__(self, train: torch.Tensor, holdout: torch.Tensor, fresh: torch.Tensor, device, quantile: float = 0.05,
+                 flag_fraction: float = 0.2):
+        self.device, self.flag_fraction = device, flag_fraction
+        self.train, self.holdout = train.flatten(1).to(device), holdout.flatten(1).to(device)
+        r = self.ratios(fresh)
+        self.fresh_median, self.threshold = float(r.median()), float(torch.quantile(r, quantile))
+
+    def ratios(self, images: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        out = []
+        for i in range(0, len(images), chunk):
+            x = images[i : i + chunk].to(self.device)
+            out.append((nearest_distance(x, self.train) / nearest_distance(x, self.holdout).clamp_min(1e-6)).cpu())
+        return torch.cat(out)
+
+    def __call__(self, images: torch.Tensor) -> dict[str, float]:
+        r = self.ratios(images)
+        frac = float((r < self.threshold).float().mean())
+        return {"memorisation_ratio": float(r.median()) / self.fresh_median, "memorised_fraction": frac,
+                "memorisation_flag": float(frac > self.flag_fraction)}
+
+
 # ------------------------------------------------------------------------------------ task
 def build_unet(cfg):
     from diffusers import UNet2DModel
@@ -257,19 +371,30 @@ class FlowMatching:
         self.data = load_images(cfg)
         self.null_class = cfg.num_classes
         self.classifier, self.classifier_accuracy = feature_classifier(cfg, self.data, device)
-        real = self.data["train"][0]
-        self.fd = FrechetDistance(self.classifier, real)
-        self.inception = inception_fd(cfg.inception_weights, real) if cfg.get("inception_weights") else None
+        sets = evaluation_sets(cfg, self.data)
+        self.fd = FrechetDistance(self.classifier, sets["reference"])
+        floors = sets["floor"].split(cfg.eval_samples)  # what real images of the sample's size score: the bar to read FD against
+        self.fd_floor = sum(map(self.fd, floors)) / len(floors)
+        self.select_fd = FrechetDistance(self.classifier, sets["select_reference"])
+        m = cfg.get("memorisation") or {}
+        self.memorisation = MemorisationCheck(self.data["train"][0], sets["holdout"], sets["fresh"], device,
+                                              m.get("quantile", 0.05), m.get("flag_fraction", 0.2))
+        self.inception = inception_fd(cfg.inception_weights, sets["reference"]) if cfg.get("inception_weights") else None
+        self.inception_floor = sum(map(self.inception, floors)) / len(floors) if self.inception is not None else None
         # Validation: held-out images, each with `val_draws` fixed (noise, t) pairs; identical in every run.
         g = torch.Generator().manual_seed(12345)
         xv, yv = self.data["val"]
         xv, yv = xv.repeat(cfg.val_draws, 1, 1, 1), yv.repeat(cfg.val_draws)
         self.val = (xv, yv, torch.randn(xv.shape, generator=g), torch.rand(len(yv), generator=g))
         # Rollout: fixed initial noise and balanced labels, the same for every run and solver.
-        g = torch.Generator().manual_seed(777)
+        shape = (cfg.channels, cfg.image_size, cfg.image_size)
         n = cfg.eval_samples
         self.eval_labels = torch.arange(n) % cfg.num_classes
-        self.eval_noise = torch.randn((n, cfg.channels, cfg.image_size, cfg.image_size), generator=g)
+        self.eval_noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(777))
+        # Checkpoint selection: other noise (and another reference set), so best_* is not chosen on what it reports.
+        n = cfg.get("select_samples") or cfg.eval_samples
+        self.select_labels = torch.arange(n) % cfg.num_classes
+        self.select_noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(4_242))
         torch.manual_seed(seed)
         self.model = build_unet(cfg).to(device)
 
@@ -329,6 +454,7 @@ class FlowMatching:
         was = model.training
         model.eval()
         out = {}
+        head = (self.cfg.headline_solver, self.cfg.headline_steps)
         for solver in self.cfg.solvers:
             for steps in self.cfg.ode_steps:
                 images = self.generate(model, solver, steps)
@@ -337,8 +463,15 @@ class FlowMatching:
                 out[f"class_accuracy_{tag}"] = classifier_accuracy(self.classifier, images, self.eval_labels, self.device)
                 if self.inception is not None:
                     out[f"fid_inception_{tag}"] = self.inception(images)
-        head = f"{self.cfg.headline_solver}_{self.cfg.headline_steps}"
-        out["fd"], out["class_accuracy"] = out[f"fd_{head}"], out[f"class_accuracy_{head}"]
+                if (solver, steps) == head:
+                    out.update(self.memorisation(images))  # the headline samples: copies of training images?
+        tag = "_".join(map(str, head))
+        out["fd"], out["class_accuracy"] = out[f"fd_{tag}"], out[f"class_accuracy_{tag}"]
+        out["fd_floor"] = self.fd_floor
+        out["fd_over_floor"] = out["fd"] / max(self.fd_floor, 1e-12)
+        if self.inception is not None:
+            out["fid_inception_floor"] = self.inception_floor
+        out["select_fd"] = self.select_fd(self.generate(model, *head, self.select_noise, self.select_labels))
         out["classifier_test_accuracy"] = self.classifier_accuracy
         model.train(was)
         return out
