@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # its other dependencies are in pyproject's experiments extra.
 ROBOSUITE ?= robosuite==1.5.2
 
-.PHONY: setup test test-all test-slow bench report clean-venv tune-lm tune-lm-lora tune-robot reproduce-lm reproduce-lm-lora sweep-lm-lr reproduce-flow sweep-flow-lr reproduce-control reproduce-robot sweep-lm-damping sweep-flow-damping sweep-control-damping sweep-robot-damping
+.PHONY: setup test test-all test-slow bench report clean-venv tune-lm tune-lm-lora tune-robot tune-flow reproduce-lm reproduce-lm-lora sweep-lm-lr reproduce-flow sweep-flow-lr reproduce-control reproduce-robot sweep-lm-damping sweep-flow-damping sweep-control-damping sweep-robot-damping
 
 SCALE ?= cpu
 SEEDS ?= 0,1,2,3,4
@@ -96,6 +96,7 @@ endef
 TUNE_lm := dopr muon adamw
 TUNE_lm_lora := dopr base
 TUNE_robot := dopr base
+TUNE_flow := dopr base
 define tune
 tune-$(1): setup
 	$$(foreach p,$$(TUNE_$(2)),$$(PY) -m experiments.train -m +sweep=$(2)_tune_$$(p) $$(LAUNCH) && ) true
@@ -104,6 +105,7 @@ endef
 $(eval $(call tune,lm,lm))
 $(eval $(call tune,lm-lora,lm_lora))
 $(eval $(call tune,robot,robot))
+$(eval $(call tune,flow,flow))
 
 $(eval $(call sweep_lr,lm))
 $(eval $(call sweep_lr,flow))
