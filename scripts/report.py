@@ -496,6 +496,9 @@ def tuning_section(rows: list[dict], metric: str, higher: bool, out: Path, title
             pts = sorted((t[0], mean(rs, f"final_{metric}")) for t, rs in trials.items() if t[1] == hp)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=("damping " if opt.startswith("dopr_") else "wd ") + f"{hp:g}")
         ax.set_xscale("log")
+        lrs = sorted({t[0] for t in trials})
+        ax.set_xticks(lrs, [f"{x:g}" for x in lrs])  # the grid's LRs, no overlapping minor labels
+        ax.set_xticks([], minor=True)
         ax.set_xlabel("learning rate")
         ax.set_ylabel(lab["metric_label"], fontsize=9)
         ax.set_title(opt, fontsize=10)
