@@ -73,10 +73,28 @@ def library_damping() -> float:
 OLD_DEFAULT_DAMPING = 1e-3
 
 
+def tuned_damping(task: str, optimizer: str) -> float | None:
+    """The damping the task's tuning selected for this optimizer (``task.tuned`` in configs/task/<task>.yaml),
+    None where the task has no tuned damping for it."""
+    from omegaconf import OmegaConf
+
+    path = ROOT / "configs" / "task" / f"{task}.yaml"
+    tuned = (OmegaConf.load(path).get("tuned") or {}).get(optimizer) if path.exists() else None
+    damping = ((tuned or {}).get("kwargs") or {}).get("damping")
+    return None if damping is None else float(damping)
+
+
 def stale_damping(entry: dict, default: float) -> list[float]:
-    """The dampings of an entry's DoPr runs that differ from the library default (empty: up to date)."""
-    used = {float(r.get("damping", OLD_DEFAULT_DAMPING)) for r in entry["runs"] if str(r["optimizer"]).startswith("dopr_")}
-    return sorted(d for d in used if not math.isclose(d, default, rel_tol=1e-9))
+    """The dampings of an entry's DoPr runs that differ from what a run gets now: the task's tuned damping
+    for that optimizer (``task.tuned``), else the library default (empty: up to date)."""
+    task = entry["meta"].get("task") or entry["folder"].parent.name
+    stale = set()
+    for r in entry["runs"]:
+        if str(r["optimizer"]).startswith("dopr_"):
+            used, now = float(r.get("damping", OLD_DEFAULT_DAMPING)), tuned_damping(task, str(r["optimizer"]))
+            if not math.isclose(used, default if now is None else now, rel_tol=1e-9):
+                stale.add(used)
+    return sorted(stale)
 
 
 def fmt(x: float, digits: int = 3) -> str:
@@ -155,15 +173,15 @@ def headline(entries: list[dict]) -> list[str]:
 
 def damping_guard(entries: list[dict], results: Path) -> list[str]:
     """A warning for every results folder whose DoPr runs used another damping than the library's
-    default, so that nobody reads an old-default number as the suite's answer."""
+    default (or the task's tuned one), so that nobody reads an old-default number as the suite's answer."""
     default = library_damping()
     stale = [(e, stale_damping(e, default)) for e in entries]
     stale = [(e, d) for e, d in stale if d]
     if not stale:
         return []
     lines = ["## Warning: DoPr runs made at another damping than the library default", "",
-             f"The library default is now `damping={default:g}` (chosen from the damping sweeps below). These folders' DoPr "
-             "runs used another value, so their DoPr-vs-base verdicts describe that damping, not the default; "
+             f"The library default is now `damping={default:g}` (chosen from the damping sweeps below; a task's tuning may "
+             "select another, `task.tuned` in configs/task/<task>.yaml). These folders' DoPr runs used another value, so their DoPr-vs-base verdicts describe that damping, not the default; "
              "regenerate them with their `make reproduce-<task>`:", ""]
     for e, used in stale:
         rel = e["folder"].relative_to(results)

@@ -195,3 +195,21 @@ def test_nested_bootstrap_redraws_seeds_then_episodes_and_stays_in_the_unit_inte
     assert nested_bootstrap_ci([[0.5]] * 5)[1:] == (0.5, 0.5)
     _, lo, hi = nested_bootstrap_ci(wide)
     assert 0.35 < lo < 0.5 < hi < 0.65
+
+
+def test_damping_guard_accepts_the_tasks_tuned_damping_and_flags_others():
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    spec = importlib.util.spec_from_file_location("summary", ROOT / "scripts" / "summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    tuned = float(OmegaConf.load(ROOT / "configs" / "task" / "lm.yaml").tuned.dopr_muon.kwargs.damping)
+    assert summary.tuned_damping("lm", "dopr_muon") == tuned and summary.tuned_damping("lm", "muon") is None
+    entry = lambda d: {"meta": {"task": "lm"}, "folder": ROOT / "results" / "lm" / "cpu",  # noqa: E731
+                       "runs": [{"optimizer": "dopr_muon", "damping": d}, {"optimizer": "muon", "damping": ""}]}
+    assert summary.stale_damping(entry(tuned), 1.0) == []  # the tuned value: up to date
+    assert summary.stale_damping(entry(tuned * 10), 1.0) == [tuned * 10]
+    other = {"meta": {"task": "no_such_task"}, "folder": ROOT, "runs": [{"optimizer": "dopr_adamw", "damping": 0.5}]}
+    assert summary.stale_damping(other, 0.5) == [] and summary.stale_damping(other, 1.0) == [0.5]  # no tuning: the library default
