@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import sys
@@ -73,13 +74,19 @@ def library_damping() -> float:
 OLD_DEFAULT_DAMPING = 1e-3
 
 
-def tuned_damping(task: str, optimizer: str) -> float | None:
-    """The damping the task's tuning selected for this optimizer (``task.tuned`` in configs/task/<task>.yaml),
-    None where the task has no tuned damping for it."""
+@functools.lru_cache(maxsize=None)
+def task_config(task: str):
+    """configs/task/<task>.yaml (an empty config when the task has none), read once per task."""
     from omegaconf import OmegaConf
 
     path = ROOT / "configs" / "task" / f"{task}.yaml"
-    tuned = (OmegaConf.load(path).get("tuned") or {}).get(optimizer) if path.exists() else None
+    return OmegaConf.load(path) if path.exists() else OmegaConf.create({})
+
+
+def tuned_damping(task: str, optimizer: str) -> float | None:
+    """The damping the task's tuning selected for this optimizer (``task.tuned`` in configs/task/<task>.yaml),
+    None where the task has no tuned damping for it."""
+    tuned = (task_config(task).get("tuned") or {}).get(optimizer)
     damping = ((tuned or {}).get("kwargs") or {}).get("damping")
     return None if damping is None else float(damping)
 
@@ -192,10 +199,7 @@ def damping_guard(entries: list[dict], results: Path) -> list[str]:
 def current_task_version(task: str) -> int:
     """``version`` in configs/task/<task>.yaml (1 when absent): bumped whenever a change to the task
     alters its numbers, so that results made with an older version are flagged."""
-    from omegaconf import OmegaConf
-
-    path = ROOT / "configs" / "task" / f"{task}.yaml"
-    return int(OmegaConf.load(path).get("version", 1)) if path.exists() else 1
+    return int(task_config(task).get("version", 1))
 
 
 def version_guard(entries: list[dict], results: Path) -> list[str]:
