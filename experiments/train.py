@@ -309,10 +309,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             row["raw_val_loss"] = validation_loss(task, model)
         if rollout:
             t0 = time.time()
-            row.update(task.evaluate(eval_model))
+            row.update(task.evaluate(eval_model, final=step == tr.steps))
             outcomes = getattr(task, "outcomes", None)  # per problem / episode, its own row (compact, not sent to W&B)
             if ema is not None:
-                row.update({f"raw_{k}": v for k, v in task.evaluate(model).items()})
+                row.update({f"raw_{k}": v for k, v in task.evaluate(model, final=step == tr.steps).items()})
             row["rollout_seconds"] = time.time() - t0
             metric = row[task.metric]
             # The best checkpoint is chosen on the task's selection problems/episodes when it has them

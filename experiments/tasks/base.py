@@ -23,5 +23,8 @@ class Task(Protocol):
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The one-step training objective (a scalar)."""
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Roll the model out on its own outputs and score it (the metric the paper cares about)."""
+    def evaluate(self, model: nn.Module, final: bool = True) -> dict[str, float]:
+        """Roll the model out on its own outputs and score it (the metric the paper cares about).
+        ``final``: the run's last evaluation. Before it a task may score less (the flow task scores
+        only its headline solver and step count there), but always the headline ``metric`` and its
+        ``select_<metric>``, since the best checkpoint is chosen and reported from them."""

@@ -225,7 +225,7 @@ class BehaviourCloning:
         return F.mse_loss(model(states), actions)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, final: bool = True) -> dict[str, float]:
         was = model.training
         model.eval()
         seeds = [20_000 + i for i in range(self.cfg.eval_episodes)]

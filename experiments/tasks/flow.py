@@ -450,21 +450,24 @@ class FlowMatching:
                           for i in range(0, len(labels), b)])
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, final: bool = True) -> dict[str, float]:
+        """FD, class accuracy (and Inception FID) per solver and step count, the memorisation check on
+        the headline samples, select_fd. Before the run's last evaluation only the headline point
+        unless ``task.grid_every_rollout`` (fd_* per solver and steps are reported from the last one)."""
         was = model.training
         model.eval()
         out = {}
         head = (self.cfg.headline_solver, self.cfg.headline_steps)
-        for solver in self.cfg.solvers:
-            for steps in self.cfg.ode_steps:
-                images = self.generate(model, solver, steps)
-                tag = f"{solver}_{steps}"
-                out[f"fd_{tag}"] = self.fd(images)
-                out[f"class_accuracy_{tag}"] = classifier_accuracy(self.classifier, images, self.eval_labels, self.device)
-                if self.inception is not None:
-                    out[f"fid_inception_{tag}"] = self.inception(images)
-                if (solver, steps) == head:
-                    out.update(self.memorisation(images))  # the headline samples: copies of training images?
+        grid = [(s, k) for s in self.cfg.solvers for k in self.cfg.ode_steps]
+        for solver, steps in grid if final or self.cfg.get("grid_every_rollout") else [head]:
+            images = self.generate(model, solver, steps)
+            tag = f"{solver}_{steps}"
+            out[f"fd_{tag}"] = self.fd(images)
+            out[f"class_accuracy_{tag}"] = classifier_accuracy(self.classifier, images, self.eval_labels, self.device)
+            if self.inception is not None:
+                out[f"fid_inception_{tag}"] = self.inception(images)
+            if (solver, steps) == head:
+                out.update(self.memorisation(images))  # the headline samples: copies of training images?
         tag = "_".join(map(str, head))
         out["fd"], out["class_accuracy"] = out[f"fd_{tag}"], out[f"class_accuracy_{tag}"]
         out["fd_floor"] = self.fd_floor

@@ -147,7 +147,7 @@ class ArithmeticLM(TokenBatches):
         self.model = build_llama(cfg, self.tok).to(device)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, final: bool = True) -> dict[str, float]:
         """Greedy generation (batched, left-padded, KV cache through ``generate``); exact match of
         the number after "####"."""
         was_training = model.training

@@ -224,7 +224,7 @@ class PretrainedLM(TokenBatches):
                         desc="tokenising")
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, final: bool = True) -> dict[str, float]:
         """Greedy accuracy on each evaluation set, with the LoRA weights merged into the base for the
         duration when ``task.merge_lora_for_eval`` (see ``merged_lora``). Eval mode and no_grad: AP
         records nothing here."""

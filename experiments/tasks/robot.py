@@ -414,7 +414,7 @@ class RobotPolicy:
         return self._envs
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, final: bool = True) -> dict[str, float]:
         from ..robot_sim import rollout
 
         was = model.training
