@@ -33,6 +33,8 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dopr  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def llama(vocab: int, width: int, layers: int, seq: int) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -60,14 +62,16 @@ class ResidualMLP(nn.Module):
 
 
 def flow_unet():
-    """The flow task's UNet at scale=cpu (configs/task/flow.yaml): 8x8 digits, batch 128."""
-    from diffusers import UNet2DModel
+    """The flow task's UNet at scale=cpu, built from configs/task/flow.yaml by the task's own
+    build_unet (so it follows the task: 16x16 glyphs since version 2), at its training batch."""
+    from hydra import compose, initialize_config_dir
 
-    model = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32, 32),
-                        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-                        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
-                        norm_num_groups=8, attention_head_dim=8, num_class_embeds=11)
-    return model, (torch.randn(128, 1, 8, 8), torch.rand(128) * 1000, torch.randint(0, 11, (128,)))
+    from experiments.tasks.flow import build_unet
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["task=flow", "scale=cpu"]).task
+    shape = (cfg.batch_size, cfg.channels, cfg.image_size, cfg.image_size)
+    return build_unet(cfg), (torch.randn(shape), torch.rand(cfg.batch_size) * 1000, torch.randint(0, cfg.num_classes + 1, (cfg.batch_size,)))
 
 
 def unet2d_workload(quick: bool):
@@ -120,7 +124,7 @@ def workloads(chosen: list[str], quick: bool, lm_batch: int):
             yield "flow", "flow UNet (tiny)", model, loss
         else:
             model, (x, t, y) = flow_unet()
-            yield "flow", "flow task UNet (scale=cpu), 8x8, batch 128", model, lambda m: nn.functional.mse_loss(m(x, t, class_labels=y).sample, x)
+            yield "flow", "flow task UNet (scale=cpu), 16x16, batch 128", model, lambda m: nn.functional.mse_loss(m(x, t, class_labels=y).sample, x)
     if "robot" in chosen:
         model, loss = robot_unet(quick)
         yield "robot", "robot task U-Net (scale=cpu widths 32/64/128, kernel 3), batch 128" if not quick else "robot U-Net (tiny)", model, loss
