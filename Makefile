@@ -94,7 +94,7 @@ endef
 # 100; results/<task>/cpu/tuning.md lists the selections, the regret of selecting by validation loss and the
 # evaluation commands). tune-lm: 60 runs, about 1 h 40 min on 2 cores; LAUNCHER=slurm sends it to Slurm.
 TUNE_lm := dopr muon adamw
-TUNE_lm_lora := dopr base
+TUNE_lm_lora := muon dopr_muon adamw dopr_adamw
 TUNE_robot := dopr base
 TUNE_flow := dopr base
 define tune
