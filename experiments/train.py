@@ -238,6 +238,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     finished = kept_summary(run_dir, tr.steps)
     if finished is not None:
         return finished
+    t_start, seconds_before = time.time(), 0.0  # wall time of this run, summed over its sittings (resumes)
     export_slurm_environment()
     device = pick_device(cfg.device)
     precision = tr.get("precision") or "fp32"
@@ -282,6 +283,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         start, best = state["step"], state["best"]
+        seconds_before = state.get("seconds", 0.0)
         print(f"resuming {run_dir} from step {start}", flush=True)
 
     if start >= tr.steps:  # already finished: train and evaluate nothing, return the summary the run wrote
@@ -382,6 +384,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             save_checkpoint(ckpt_path, {"model": model_state(model), "optimizer": opt.state_dict(),
                                         "scheduler": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                                         "rng": torch.get_rng_state(), "step": done, "best": best,
+                                        "seconds": seconds_before + time.time() - t_start,
                                         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
         if world > 1 and (done % tr.eval_every == 0 or rollout or done % tr.checkpoint_every == 0):
             torch.distributed.barrier()  # the others wait while the first process evaluates and saves
@@ -396,7 +399,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                "higher_is_better": task.higher_is_better, "metric_range": getattr(task, "metric_range", None), "val_loss_label": getattr(task, "val_loss_label", None),
                "metric_label": getattr(task, "metric_label", None), "horizon_label": getattr(task, "horizon_label", None),
                "diagnostics": list(getattr(task, "diagnostics", ())),
-               "final": final_row, "best": best, "status": "done"}
+               "final": final_row, "best": best, "status": "done",
+               # set-up, training and evaluations of the lead process, summed over sittings (a resumed
+               # run loses the time since its last checkpoint); the report averages it per optimizer
+               "wall_seconds": round(seconds_before + time.time() - t_start, 1)}
     atomic_write_json(run_dir / "summary.json", summary)
     logger.summary({**{f"final_{k}": v for k, v in final_row.items()}, **{f"best_{k}": v for k, v in best.items()}})
     logger.close()

@@ -117,7 +117,8 @@ def per_run_rows(done: list[dict]) -> list[dict]:
                "weight_decay": (r["config"].get("optimizer") or {}).get("weight_decay"),
                "task_version": (r["config"].get("task") or {}).get("version", 1), "seed": s["seed"], "final_val_loss": s["final"]["val_loss"],
                "min_val_loss": s["best"]["min_val_loss"], f"final_{s['metric_name']}": s["final"][s["metric_name"]],
-               f"best_{s['metric_name']}": s["best"]["metric"], "best_step": s["best"]["step"], "run": r["dir"]}
+               f"best_{s['metric_name']}": s["best"]["metric"], "best_step": s["best"]["step"], "run": r["dir"],
+               "wall_seconds": s.get("wall_seconds")}
         row.update({f"final_{k}": v for k, v in s["final"].items() if k not in ("step", "val_loss", s["metric_name"])})
         rows.append(row)
     return sorted(rows, key=lambda r: (ORDER.index(r["optimizer"]) if r["optimizer"] in ORDER else 99, r["lr"],
@@ -138,6 +139,8 @@ def summary_table(rows: list[dict], metric: str, by: tuple = ("optimizer",), rat
     head = list(by) + ["seeds", "final val loss", "best val loss",
             f"final {metric}", f"best {metric}"] + [k.replace(f"final_{metric}_", f"final {metric}, ").replace("final_raw_", "raw: final ").replace("_", " ")
                                                    for k in extra]
+    timed = any(row.get("wall_seconds") is not None for row in rows)  # runs from before summary.json had it: no column
+    head += ["minutes per run"] if timed else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, rs in groups.items():
         cells = [key[0]] + ["" if v is None else f"{v:g}" for v in key[1:]] + [str(len(rs))]
@@ -146,6 +149,9 @@ def summary_table(rows: list[dict], metric: str, by: tuple = ("optimizer",), rat
                     for when in ("final", "best"))]
         cells += [(fmt_spread(*spread([r[k] for r in rs if k in r], rate), 3, rate) if rate and (k.startswith(f"final_{metric}_") or k == f"final_raw_{metric}")
                    else fmt(*mean_ci([r[k] for r in rs if k in r]), 4 if "val_loss" in k else 3)) if any(k in r for r in rs) else "" for k in extra]
+        if timed:  # the mean wall time (set-up, training, evaluations) of the runs that recorded it
+            minutes = [r["wall_seconds"] / 60 for r in rs if r.get("wall_seconds") is not None]
+            cells.append(f"{sum(minutes) / len(minutes):.1f}" if minutes else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

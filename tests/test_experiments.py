@@ -100,8 +100,10 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "summary.json").exists(), "the run finished before it could be killed: make it longer"
+    first_sitting = torch.load(run / "checkpoint.pt", weights_only=False)["seconds"]
     out = train(*common, f"hydra.run.dir={run}")
     assert "resuming" in out.stdout
+    assert first_sitting > 0 and json.loads((run / "summary.json").read_text())["wall_seconds"] > first_sitting + 0.1  # both sittings
     whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["model"]
     resumed = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)

@@ -84,6 +84,8 @@ def test_success_rate_intervals_stay_inside_the_unit_interval(tmp_path):
             summary = {"task": "robot", "scale": "cpu", "optimizer": opt, "lr": 1e-3, "seed": seed, "metric_name": "success",
                        "metric_range": [0, 1], "higher_is_better": True, "git_commit": "abc1234", "status": "done",
                        "final": {"step": 10, "val_loss": 0.5, "success": rate}, "best": {"step": 10, "metric": rate, "min_val_loss": 0.5}}
+            if opt == "adamw":  # runs written before summary.json recorded the wall time have none (dopr_adamw here)
+                summary["wall_seconds"] = 60.0 * (seed + 1)
             (run / "summary.json").write_text(json.dumps(summary))
             (run / "config.json").write_text(json.dumps({"optimizer": {"name": opt}, "task": {"eval_episodes": 20}}))
             (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "outcomes": {"success": episodes}}) + "\n")
@@ -95,5 +97,9 @@ def test_success_rate_intervals_stay_inside_the_unit_interval(tmp_path):
     point, low, high = map(float, re.search(r"\| ([\d.]+) \[([\d.]+), ([\d.]+)\] \|", row).groups())
     assert abs(point - 13 / 15) < 1e-3 and 0.0 <= low < point < high <= 1.0, row
     assert "| dopr_adamw | 3 | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 | 1.000 [1.000, 1.000] |" in text, text
+    assert "minutes per run |" in text and row.endswith("| 2.0 |") and "| 1.000 [1.000, 1.000] |  |" in text, text  # mean of 1, 2, 3 minutes
+    import csv
+    with open(out / "results_runs.csv") as f:
+        assert sorted(r["wall_seconds"] for r in csv.DictReader(f) if r["optimizer"] == "adamw") == ["120.0", "180.0", "60.0"]
     meta = json.loads((out / "results_meta.json").read_text())
     assert meta["rollout_episodes"] == 20 and meta["metric_range"] == [0, 1]
