@@ -226,15 +226,21 @@ def rollout(policy, meta: dict, obs_keys: list[str], seeds: list[int], horizon: 
             image_size: int = 84, num_envs: int | None = None, vectorization: str = "sync", envs=None) -> dict:
     """Receding-horizon rollouts, one episode per seed, ``num_envs`` environments at a time
     (gymnasium's sync or async vector env over robosuite's GymWrapper), one batched policy call per
-    replanning step for all of them. ``policy(obs)`` takes {key: (n, obs_horizon, ...) array} and
-    returns an (n, k, action_dim) array of k actions to execute. An episode ends on success or at
-    ``horizon``. Returns per-episode arrays: success (bool), length (steps). ``envs`` (from
-    ``vector_env``) are used and left open; without them, ``num_envs`` are built and closed."""
+    replanning step for all of them. ``policy(obs)`` takes {key: (n, obs_horizon, ...)
+    array} and returns an (n, k, action_dim) array of k actions to execute. An episode ends on success
+    or at ``horizon``, and from then on costs nothing: with the sync vector env only the running
+    environments are stepped (gymnasium's vector step would step, and auto-reset, every one of them
+    until the wave's longest episode ends); the async one steps all of them (it cannot step a subset).
+    Returns per-episode arrays: success (bool), length (steps). ``envs`` (from ``vector_env``) are used
+    and left open; without them, ``num_envs`` are built and closed."""
+    import gymnasium as gym
+
     own = envs is None
     if own:
         num_envs = min(num_envs or len(seeds), len(seeds))
         envs = vector_env(meta, obs_keys, horizon, image_size, num_envs, vectorization)
     num_envs = envs.num_envs
+    single = envs.envs if isinstance(envs, gym.vector.SyncVectorEnv) else None
     success = np.zeros(len(seeds), dtype=bool)
     length = np.zeros(len(seeds), dtype=int)
     try:
@@ -247,14 +253,21 @@ def rollout(policy, meta: dict, obs_keys: list[str], seeds: list[int], horizon: 
             steps = np.zeros(num_envs, dtype=int)
             won = np.zeros(num_envs, dtype=bool)
             while alive.any():
-                chunk = policy(history)
+                chunk = policy(history)  # every row, finished ones too: the running rows' actions and noise stay as they were
                 for k in range(chunk.shape[1]):
-                    obs, _, terminated, truncated, info = envs.step(chunk[:, k])
+                    if single is not None:  # step the running environments only
+                        terminated, truncated = np.zeros(num_envs, dtype=bool), np.zeros(num_envs, dtype=bool)
+                        for i in np.flatnonzero(alive):
+                            o, _, terminated[i], truncated[i], _ = single[i].step(chunk[i, k])
+                            for key in obs_keys:
+                                history[key][i] = np.concatenate([history[key][i, 1:], o[key][None]], axis=0)
+                    else:
+                        obs, _, terminated, truncated, _ = envs.step(chunk[:, k])
+                        for key in obs_keys:
+                            history[key] = np.concatenate([history[key][:, 1:], obs[key][:, None]], axis=1)
                     steps += alive
                     won |= alive & terminated
                     alive &= ~(terminated | truncated)
-                    for key in obs_keys:
-                        history[key] = np.concatenate([history[key][:, 1:], obs[key][:, None]], axis=1)
                     if not alive.any():
                         break
             n = min(num_envs, len(seeds) - start)

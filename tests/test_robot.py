@@ -264,17 +264,24 @@ def test_rollouts_follow_the_seeds_and_end_on_the_envs_success_check():
     meta = robot_sim.suite_meta("Lift", horizon=100)
     keys = ["robot0_eef_pos", "robot0_eef_quat", "cube_pos", "cube_quat"]
 
-    def run(seeds):
+    def run(seeds, envs=None):
         experts = [robot_sim.ScriptedExpert("Lift") for _ in seeds]
 
         def policy(history):
             return np.stack([e.act({k: history[k][i, -1] for k in keys}) for i, e in enumerate(experts)])[:, None]
-        return robot_sim.rollout(policy, meta, keys, seeds, horizon=100, obs_horizon=2)
+        return robot_sim.rollout(policy, meta, keys, seeds, horizon=100, obs_horizon=2, envs=envs)
 
-    first, again, other = run([1, 2, 3]), run([1, 2, 3]), run([4, 5, 6])
+    envs = robot_sim.vector_env(meta, keys, 100, 84, 3)
+    first, again, other = run([1, 2, 3], envs), run([1, 2, 3]), run([4, 5, 6])
     assert first["success"].all() and (first["length"] < 100).all()
     np.testing.assert_array_equal(first["length"], again["length"])
     assert not np.array_equal(first["length"], other["length"])
+    # a finished episode is not stepped again (each environment's step count is its episode's length,
+    # where gymnasium's vector step would have auto-reset it and stepped on), and an episode is the same
+    # alone as in a batch
+    assert [e.t for e in envs.envs] == list(first["length"]) and len(set(first["length"])) > 1
+    envs.close()
+    np.testing.assert_array_equal(first["length"], [run([s])["length"][0] for s in (1, 2, 3)])
     # and a policy that does nothing never succeeds: the episode runs to the horizon
     idle = robot_sim.rollout(lambda h: np.zeros((len(h["cube_pos"]), 4, 7)), meta, keys, [1, 2], horizon=30, obs_horizon=2)
     assert not idle["success"].any() and (idle["length"] == 30).all()
