@@ -443,3 +443,21 @@ def test_lm_best_checkpoint_is_chosen_on_selection_problems_disjoint_from_the_re
     assert summary["best"]["chosen_on"] == "selection set"
     final = [r for r in rows(run) if "accuracy" in r]
     assert all("select_accuracy" in r for r in final)
+
+
+def test_lm_lora_does_not_inherit_the_lm_tasks_tuned_settings():
+    """task=lm_lora builds on configs/task/lm.yaml, whose `tuned` block was selected for training from
+    scratch: without lr=, a LoRA run gets its own task.lr and the optimizer's defaults, not lm's."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments.train import resolve
+
+    def resolved(task):
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose("train", overrides=[f"task={task}", "scale=cpu", "optimizer=adamw"])
+        return cfg, resolve(cfg, given=set())
+
+    lm, got = resolved("lm")
+    assert got.optimizer.weight_decay == lm.task.tuned.adamw.weight_decay != lm.optimizer.weight_decay  # lm's tuning applies
+    lora, got = resolved("lm_lora")
+    assert got.lr == lora.task.lr.adamw and got.optimizer.weight_decay == lora.optimizer.weight_decay == 0.1  # adamw.yaml's
