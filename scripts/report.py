@@ -120,6 +120,8 @@ def per_run_rows(done: list[dict]) -> list[dict]:
                f"best_{s['metric_name']}": s["best"]["metric"], "best_step": s["best"]["step"], "run": r["dir"],
                "wall_seconds": s.get("wall_seconds")}
         row.update({f"final_{k}": v for k, v in s["final"].items() if k not in ("step", "val_loss", s["metric_name"])})
+        # a metric's floor (flow: fd_floor, what real images of the sample's size score) also under its own name
+        row.update({k: v for k, v in s["final"].items() if k.endswith("_floor")})
         rows.append(row)
     return sorted(rows, key=lambda r: (ORDER.index(r["optimizer"]) if r["optimizer"] in ORDER else 99, r["lr"],
                                        -1 if r["damping"] is None else r["damping"], r["seed"]))

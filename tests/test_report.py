@@ -103,3 +103,23 @@ def test_success_rate_intervals_stay_inside_the_unit_interval(tmp_path):
         assert sorted(r["wall_seconds"] for r in csv.DictReader(f) if r["optimizer"] == "adamw") == ["120.0", "180.0", "60.0"]
     meta = json.loads((out / "results_meta.json").read_text())
     assert meta["rollout_episodes"] == 20 and meta["metric_range"] == [0, 1]
+
+
+def test_a_metrics_floor_gets_its_own_csv_column(tmp_path):
+    """The flow task reports fd_floor beside every FD: the per-run CSV carries it as `fd_floor`."""
+    import csv
+
+    runs = tmp_path / "runs"
+    for seed, (fd, floor) in enumerate([(2.0, 0.5), (3.0, 0.6)]):
+        run = runs / f"adamw-s{seed}"
+        run.mkdir(parents=True)
+        summary = {"task": "flow", "scale": "cpu", "optimizer": "adamw", "lr": 1e-2, "seed": seed, "metric_name": "fd",
+                   "higher_is_better": False, "git_commit": "abc1234", "status": "done",
+                   "final": {"step": 10, "val_loss": 0.3, "fd": fd, "fd_floor": floor}, "best": {"step": 10, "metric": fd, "min_val_loss": 0.3}}
+        (run / "summary.json").write_text(json.dumps(summary))
+        (run / "config.json").write_text(json.dumps({"optimizer": {"name": "adamw"}}))
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), "--runs", str(runs), "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=120)
+    with open(out / "results_runs.csv") as f:
+        assert [(r["final_fd"], r["fd_floor"]) for r in csv.DictReader(f)] == [("2.0", "0.5"), ("3.0", "0.6")]
