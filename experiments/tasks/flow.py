@@ -364,9 +364,10 @@ class FlowMatching:
         for s in cfg.solvers:
             if s not in SOLVERS:
                 raise ValueError(f"unknown ODE solver {s!r} in task.solvers: choose from {', '.join(SOLVERS)}")
-        if cfg.headline_solver not in cfg.solvers or cfg.headline_steps not in cfg.ode_steps:
+        self.grid = [(s, k) for s in cfg.solvers for k in (cfg.get("solver_steps") or {}).get(s, cfg.ode_steps)]
+        if (cfg.headline_solver, cfg.headline_steps) not in self.grid:
             raise ValueError(f"task.headline_solver={cfg.headline_solver} / headline_steps={cfg.headline_steps} must be "
-                             f"among task.solvers={list(cfg.solvers)} / task.ode_steps={list(cfg.ode_steps)}")
+                             f"among task.solvers={list(cfg.solvers)} / task.ode_steps={list(cfg.ode_steps)} (or its task.solver_steps)")
         self.cfg, self.seed, self.device = cfg, seed, device
         self.data = load_images(cfg)
         self.null_class = cfg.num_classes
@@ -458,8 +459,7 @@ class FlowMatching:
         model.eval()
         out = {}
         head = (self.cfg.headline_solver, self.cfg.headline_steps)
-        grid = [(s, k) for s in self.cfg.solvers for k in self.cfg.ode_steps]
-        for solver, steps in grid if final or self.cfg.get("grid_every_rollout") else [head]:
+        for solver, steps in self.grid if final or self.cfg.get("grid_every_rollout") else [head]:
             images = self.generate(model, solver, steps)
             tag = f"{solver}_{steps}"
             out[f"fd_{tag}"] = self.fd(images)
