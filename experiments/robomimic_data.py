@@ -138,6 +138,8 @@ def write_demos(path: str | Path, demos: list[dict], meta: dict, masks: dict[str
             g = data.create_group(f"demo_{k}")
             n = len(demo["actions"])
             g.attrs["num_samples"] = n
+            if "seed" in demo:  # the episode's seed (generate_demos): the demo can be re-run, e.g. to render images
+                g.attrs["seed"] = demo["seed"]
             for key, value in demo["obs"].items():
                 g.create_dataset(f"obs/{key}", data=value, compression="gzip" if is_image_key(key) else None)
             for key in ("actions", "rewards", "dones", "states"):

@@ -200,7 +200,7 @@ def generate_demos(env_name: str, episodes: int, seed: int, noise: float, horizo
                 break
         if success:
             keys = record["obs"][0].keys()
-            demos.append({"obs": {k: np.stack([o[k] for o in record["obs"]]) for k in keys},
+            demos.append({"obs": {k: np.stack([o[k] for o in record["obs"]]) for k in keys}, "seed": episode_seed,
                           **{k: np.asarray(record[k]) for k in ("actions", "rewards", "dones", "states")}})
         if log and attempts % 10 == 0:
             log(f"  {env_name}: {len(demos)}/{episodes} demos from {attempts} attempts ({time.time() - t0:.0f} s)")
@@ -208,8 +208,58 @@ def generate_demos(env_name: str, episodes: int, seed: int, noise: float, horizo
     return demos, meta, len(demos) / attempts
 
 
+def add_rendered_images(src, dst, image_keys: list[str], image_size: int = 84, fast_render: bool = False, log=print) -> None:
+    """Copy the robomimic file ``src`` to ``dst`` with camera frames (``<camera>_image``, uint8 H x W x 3)
+    added to every demo, by re-running the demo: reset from its episode seed (the demo's ``seed``
+    attribute, written by ``generate_demos``) and execute its recorded actions in a rollout
+    environment (``RobomimicGym``), so each frame is exactly what a rollout sees in that state; the
+    recorded states are checked on the way. robomimic's ``dataset_states_to_obs`` instead renders
+    after setting each recorded state: in robosuite 1.5 that shows the moving arm up to a hundred grey
+    levels off a rollout's frame (camera observables are sampled within a control step, and OSC keeps
+    its nullspace target from the reset), so it is not used here."""
+    import h5py
+
+    from .robomimic_data import env_meta, write_demos
+
+    meta = env_meta(src)
+    demos, t0 = [], time.time()
+    with h5py.File(src, "r") as f:
+        names = sorted(f["data"], key=lambda n: int(n.rsplit("_", 1)[1]))
+        if [f"demo_{k}" for k in range(len(names))] != names:
+            raise ValueError(f"{src}: demos must be named demo_0 .. demo_{len(names) - 1} to be copied with their masks")
+        masks = {k: [m.decode() for m in f["mask"][k][()]] for k in f["mask"]} if "mask" in f else None
+        longest = max(len(f["data"][n]["actions"]) for n in names)
+        env = RobomimicGym(meta, image_keys, longest + 1, image_keys, image_size, fast_render)
+        for i, name in enumerate(names):
+            g = f["data"][name]
+            if "seed" not in g.attrs or "states" not in g:
+                raise ValueError(f"{src}:{name} has no episode seed (attribute seed) or no states: only demos made by "
+                                 f"generate_demos can be re-run; regenerate the file (scripts/robot_demos.py, or delete "
+                                 f"it from task.data_dir and the task makes it again)")
+            states, actions = g["states"][()], g["actions"][()]
+            obs, _ = env.reset(seed=int(g.attrs["seed"]))
+            frames = {k: [obs[k]] for k in image_keys}
+            for t in range(1, len(states)):
+                obs = env.step(actions[t - 1])[0]
+                for k in image_keys:
+                    frames[k].append(obs[k])
+            drift = float(np.abs(env.env.sim.get_state().flatten() - states[-1]).max())
+            if drift > 1e-4:
+                raise ValueError(f"{src}:{name}: re-running its actions from its seed ends {drift:.2g} away from its recorded "
+                                 f"last state: the file was made by another simulator version; regenerate it")
+            demos.append({"obs": {**{k: g["obs"][k][()] for k in g["obs"]}, **{k: np.stack(v) for k, v in frames.items()}},
+                          "seed": int(g.attrs["seed"]), **{k: g[k][()] for k in ("actions", "rewards", "dones", "states") if k in g}})
+            if log and (i + 1) % 10 == 0:
+                log(f"  rendered {i + 1}/{len(names)} demos ({time.time() - t0:.0f} s)")
+        env.close()
+    write_demos(dst, demos, meta, masks)
+    if log:
+        log(f"rendered {', '.join(image_keys)} at {image_size}x{image_size} for {len(demos)} demos in {time.time() - t0:.0f} s; wrote {dst}")
+
+
 # ------------------------------------------------------------------------------------ rollouts
-def vector_env(meta: dict, obs_keys: list[str], horizon: int, image_size: int, num_envs: int, vectorization: str = "sync"):
+def vector_env(meta: dict, obs_keys: list[str], horizon: int, image_size: int, num_envs: int, vectorization: str = "sync",
+               fast_render: bool = False):
     """``num_envs`` environments stepped together: gymnasium's sync vector env, or its async one (one
     process per environment) over robosuite's GymWrapper. Build once and pass to ``rollout(envs=...)``
     to reuse them across evaluations (robosuite environments take seconds to build)."""
@@ -218,7 +268,7 @@ def vector_env(meta: dict, obs_keys: list[str], horizon: int, image_size: int, n
     if vectorization not in ("sync", "async"):
         raise ValueError(f"task.vectorization={vectorization!r}: choose sync or async")
     image_keys = [k for k in obs_keys if is_image_key(k)]
-    envs_fn = [lambda: RobomimicGym(meta, obs_keys, horizon, image_keys, image_size) for _ in range(num_envs)]
+    envs_fn = [lambda: RobomimicGym(meta, obs_keys, horizon, image_keys, image_size, fast_render) for _ in range(num_envs)]
     return gym.vector.SyncVectorEnv(envs_fn) if vectorization == "sync" else gym.vector.AsyncVectorEnv(envs_fn, context="spawn")
 
 
@@ -288,8 +338,8 @@ def _gym_wrapper():
         """robosuite's GymWrapper with robomimic's observation names and rollout protocol: seeded
         resets, terminated = the env's own success check, truncated at the horizon."""
 
-        def __init__(self, meta, obs_keys, horizon, image_keys, image_size):
-            self.horizon = horizon
+        def __init__(self, meta, obs_keys, horizon, image_keys, image_size, fast_render=False):
+            self.horizon, self.fast_render = horizon, fast_render and bool(image_keys)
             env = make_env(meta, image_keys, image_size)
             inverse = {v: k for k, v in ROBOSUITE_TO_ROBOMIMIC.items()}
             with warnings.catch_warnings():  # its float64 action Box: gymnasium warns about float32 casting
@@ -306,7 +356,11 @@ def _gym_wrapper():
             if seed is not None:
                 reseed(self.env, int(seed))
             self.t = 0
-            return robomimic_obs(self._filter_obs(self.env.reset())), {}
+            raw = self.env.reset()
+            if self.fast_render:  # the reset's renderer is new: set it up, and render the first frame again
+                fast_rendering(self.env.sim)
+                raw = self.env._get_observations(force_update=True)
+            return robomimic_obs(self._filter_obs(raw)), {}
 
         def step(self, action):
             raw, reward, _, info = self.env.step(action)
@@ -317,8 +371,24 @@ def _gym_wrapper():
     return _RobomimicGym
 
 
-def RobomimicGym(meta, obs_keys, horizon: int, image_keys=(), image_size: int = 84):
-    return _gym_wrapper()(meta, obs_keys, horizon, image_keys, image_size)
+def RobomimicGym(meta, obs_keys, horizon: int, image_keys=(), image_size: int = 84, fast_render: bool = False):
+    return _gym_wrapper()(meta, obs_keys, horizon, image_keys, image_size, fast_render)
+
+
+def fast_rendering(sim) -> None:
+    """Shadows, reflections and multisampling off in a robosuite sim's offscreen renderer: about 3.4x
+    the frames per second with the software (llvmpipe) renderer here, the same scene with aliased
+    edges and no shadows. robosuite re-creates the renderer at every (hard) reset, so this follows
+    each reset; it reaches into robosuite's render context (no public setting exists in 1.5)."""
+    import mujoco
+
+    ctx = sim._render_context_offscreen
+    ctx.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+    ctx.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+    if sim.model._model.vis.quality.offsamples:
+        sim.model._model.vis.quality.offsamples = 0
+        ctx.con.free()
+        ctx._set_mujoco_context_and_buffers()
 
 
 def write_expert_dataset(path, env_name: str, demos: int, val_demos: int, seed: int, noise: float, horizon: int, log=print) -> float:

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 
 import dopr
 from experiments import robot_sim
-from experiments.robomimic_data import read_demos
+from experiments.robomimic_data import env_meta, read_demos
 from experiments.tasks import robot
 from test_experiments import ENV, rows, train
 
@@ -117,7 +117,7 @@ def test_image_cache_gives_the_same_frames_and_batches_through_a_memory_map(tmp_
 
 LAZY_READ = """
 import os, sys, numpy as np, torch
-from experiments.robomimic_data import read_demos
+from experiments.robomimic_data import env_meta, read_demos
 from experiments.tasks.robot import DemoWindows
 def rss():  # the process's own (anonymous) resident memory now; pages of a mapped file are the kernel's page cache
     line = next(l for l in open("/proc/self/status") if l.startswith("RssAnon:"))
@@ -216,17 +216,21 @@ def test_ap_covers_the_unet_conv1d_layers_and_both_encoders(tmp_path, objective)
 
 
 def test_resnet18_encoder_crops_randomly_in_training_pools_to_keypoints_and_ap_covers_it(tmp_path):
-    enc = robot.ResNet18Encoder(16, crop_ratio=0.75, keypoints=8)
     images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
     x = robot.to_unit(images)
-    enc.train()
-    crops = [enc.crop(x) for _ in range(4)]
+    crops = [robot.crop(x, 0.75, training=True) for _ in range(4)]
     assert all(c.shape == (2, 3, 24, 24) for c in crops) and any(not torch.equal(crops[0], c) for c in crops[1:])
     for c in crops:  # every random crop is a window of its own image
         found = any(torch.equal(c[0], x[0, :, t : t + 24, l : l + 24]) for t in range(9) for l in range(9))
         assert found
-    enc.eval()
-    assert torch.equal(enc.crop(x), x[..., 4:28, 4:28]) and torch.equal(enc.crop(x), enc.crop(x))
+    assert torch.equal(robot.crop(x, 0.75, training=False), x[..., 4:28, 4:28]) and robot.crop(x, None, training=True) is x
+    # both encoders crop: the small CNN (crop_ratio set) sees only the window, ResNet-18 too
+    for enc in (robot.ImageEncoder(16, width=8, crop_ratio=0.75), robot.ResNet18Encoder(16, crop_ratio=0.75, keypoints=8)):
+        enc.eval()
+        outside = images.clone()
+        outside[:, :4] = 255 - outside[:, :4]  # change only rows the centre crop leaves out
+        with torch.no_grad():
+            assert torch.equal(enc(images), enc(outside))
     # spatial softmax: a map peaked at one pixel gives that pixel's coordinates
     pool = robot.SpatialSoftmax(4, keypoints=1)
     with torch.no_grad():
@@ -337,3 +341,55 @@ def test_image_observations_render_in_batched_rollouts():
         assert first[key].shape == (2, 2, 84, 84, 3) and first[key].dtype == np.uint8
         assert first[key].std() > 5  # a rendered scene, not a blank frame
         assert not np.array_equal(first[key][:, -1], second[key][:, -1])  # the wrist camera moved down
+
+
+def test_rendered_demo_images_are_what_a_rollout_sees(tmp_path):
+    """The image variant's demos (robot_sim.add_rendered_images): each demo re-run from its seed with its
+    actions gives frames identical to those a rollout environment shows when it starts from that seed
+    and executes those actions; the low-dim data, actions and masks are copied unchanged; a file whose
+    demos carry no seed is refused with the fix."""
+    low, images = tmp_path / "lift.hdf5", tmp_path / "lift_img.hdf5"
+    robot_sim.write_expert_dataset(low, "Lift", 2, 1, seed=1, noise=0.1, horizon=200, log=None)
+    robot_sim.add_rendered_images(low, images, ["agentview_image"], 84, log=None)
+    keys = ["robot0_eef_pos", "agentview_image"]
+    demo, plain = read_demos(images, keys)[0], read_demos(low, ["robot0_eef_pos"])[0]
+    frames = demo["obs"]["agentview_image"]
+    assert frames.dtype == np.uint8 and frames.shape == (len(demo["actions"]), 84, 84, 3) and frames.std() > 5
+    np.testing.assert_array_equal(demo["actions"], plain["actions"])
+    np.testing.assert_array_equal(demo["obs"]["robot0_eef_pos"], plain["obs"]["robot0_eef_pos"])
+    with h5py.File(images) as f, h5py.File(low) as g:
+        assert list(f["mask/train"][()]) == list(g["mask/train"][()])
+        seed = int(g["data/demo_0"].attrs["seed"])
+    env = robot_sim.RobomimicGym(env_meta(low), keys, 200, ["agentview_image"], 84)
+    obs, _ = env.reset(seed=seed)
+    for t in range(len(frames)):
+        # the same up to a grey level on a few pixels (the simulations agree to ~1e-8); rendering after
+        # setting each recorded state, robomimic's way, is off by up to ~100 levels on 5% of them
+        diff = np.abs(obs["agentview_image"].astype(int) - frames[t])
+        assert diff.max() <= 2 and (diff > 0).mean() < 1e-3, (t, diff.max(), (diff > 0).mean())
+        np.testing.assert_allclose(obs["robot0_eef_pos"], demo["obs"]["robot0_eef_pos"][t], atol=1e-6)
+        if t + 1 < len(frames):
+            obs = env.step(demo["actions"][t].astype(np.float64))[0]
+    env.close()
+    with h5py.File(low, "a") as f:
+        del f["data/demo_0"].attrs["seed"]
+    with pytest.raises(ValueError, match="regenerate"):
+        robot_sim.add_rendered_images(low, tmp_path / "again.hdf5", ["agentview_image"], 84, log=None)
+
+
+@pytest.mark.slow  # about a minute (rendering): keeps `make test` under 10 minutes; .ci/run runs it
+def test_image_variant_runs_from_pixels_through_the_entry_point(tmp_path):
+    """task=robot_image: the embedded demos get camera frames rendered once (cached beside the low-dim
+    file), the policy reads both cameras through cropping CNN encoders that AP covers, and the rollout
+    renders with the same fast settings."""
+    run = tmp_path / "run"
+    train("task=robot_image", "optimizer=dopr_adamw", f"task.data_dir={tmp_path / 'cache'}", f"task.image_cache={tmp_path / 'frames'}",
+          f"hydra.run.dir={run}")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["final"]["success"] in (0.0, 1.0)
+    [rendered] = list((tmp_path / "cache").glob("Lift_expert_*_img32fast_agentview-robot0_eye_in_hand.hdf5"))
+    with h5py.File(rendered) as f:
+        assert f["data/demo_0/obs/agentview_image"].shape[1:] == (32, 32, 3)
+    coverage = next(r["ap_coverage"] for r in rows(run) if "ap_coverage" in r)
+    for camera in ("agentview_image", "robot0_eye_in_hand_image"):
+        assert coverage[f"image_encoders.{camera}.net.0"].startswith("covered: conv")

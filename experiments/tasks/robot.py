@@ -100,19 +100,38 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-class ImageEncoder(nn.Module):
-    """A small CNN per camera: three stride-2 convs (GroupNorm, Mish), global average pool, Linear.
-    Trains on a CPU; ``task.model.encoder=resnet18`` is Diffusion Policy's recipe."""
+def crop(x: torch.Tensor, ratio: float | None, training: bool) -> torch.Tensor:
+    """Diffusion Policy's augmentation: a random crop of ``ratio`` of each side in training (one offset
+    per image), the centre crop in evaluation; ``ratio`` None: the whole image."""
+    if not ratio:
+        return x
+    h, w = x.shape[-2:]
+    ch, cw = max(1, int(round(h * ratio))), max(1, int(round(w * ratio)))
+    if training:
+        top = torch.randint(0, h - ch + 1, (x.shape[0],), device=x.device)
+        left = torch.randint(0, w - cw + 1, (x.shape[0],), device=x.device)
+        rows = (top[:, None] + torch.arange(ch, device=x.device))[:, None, :, None]
+        cols = (left[:, None] + torch.arange(cw, device=x.device))[:, None, None, :]
+        return x[torch.arange(x.shape[0], device=x.device)[:, None, None, None], torch.arange(x.shape[1], device=x.device)[None, :, None, None], rows, cols]
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return x[..., top : top + ch, left : left + cw]
 
-    def __init__(self, out_dim: int, width: int = 32):
+
+class ImageEncoder(nn.Module):
+    """A small CNN per camera: three stride-2 convs (GroupNorm, Mish), global average pool, Linear,
+    after the random crop (``crop_ratio``) of Diffusion Policy's recipe. Trains on a CPU;
+    ``task.model.encoder=resnet18`` is Diffusion Policy's encoder."""
+
+    def __init__(self, out_dim: int, width: int = 32, crop_ratio: float | None = None):
         super().__init__()
+        self.crop_ratio = crop_ratio
         self.net = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1), nn.GroupNorm(8, width), nn.Mish(),
                                  nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * width), nn.Mish(),
                                  nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * width), nn.Mish(),
                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, out_dim))
 
     def forward(self, images):  # (B, H, W, 3) uint8
-        return self.net(to_unit(images))
+        return self.net(crop(to_unit(images), self.crop_ratio, self.training))
 
 
 class BasicBlock(nn.Module):
@@ -165,22 +184,8 @@ class ResNet18Encoder(nn.Module):
         self.pool = SpatialSoftmax(512, keypoints)
         self.out = nn.Linear(2 * keypoints, out_dim)
 
-    def crop(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.crop_ratio:
-            return x
-        h, w = x.shape[-2:]
-        ch, cw = max(1, int(round(h * self.crop_ratio))), max(1, int(round(w * self.crop_ratio)))
-        if self.training:  # one random offset per image
-            top = torch.randint(0, h - ch + 1, (x.shape[0],), device=x.device)
-            left = torch.randint(0, w - cw + 1, (x.shape[0],), device=x.device)
-            rows = (top[:, None] + torch.arange(ch, device=x.device))[:, None, :, None]
-            cols = (left[:, None] + torch.arange(cw, device=x.device))[:, None, None, :]
-            return x[torch.arange(x.shape[0], device=x.device)[:, None, None, None], torch.arange(x.shape[1], device=x.device)[None, :, None, None], rows, cols]
-        top, left = (h - ch) // 2, (w - cw) // 2
-        return x[..., top : top + ch, left : left + cw]
-
     def forward(self, images):  # (B, H, W, 3) uint8
-        return self.out(self.pool(self.blocks(self.stem(self.crop(to_unit(images))))))
+        return self.out(self.pool(self.blocks(self.stem(crop(to_unit(images), self.crop_ratio, self.training)))))
 
 
 class DiffusionPolicy(nn.Module):
@@ -197,7 +202,7 @@ class DiffusionPolicy(nn.Module):
         kind = cfg.get("encoder") or "cnn"
         if kind not in ("cnn", "resnet18"):
             raise ValueError(f"task.model.encoder={kind!r}: choose cnn (small, CPU) or resnet18 (Diffusion Policy's)")
-        make = (lambda: ImageEncoder(feat)) if kind == "cnn" else (lambda: ResNet18Encoder(feat, cfg.get("crop_ratio", 0.9)))
+        make = (lambda: ImageEncoder(feat, crop_ratio=cfg.get("crop_ratio"))) if kind == "cnn" else (lambda: ResNet18Encoder(feat, cfg.get("crop_ratio", 0.9)))
         self.image_encoders = nn.ModuleDict({k: make() for k in image_keys})
         per_step = feat * (int(low_dim > 0) + len(image_keys))
         self.unet = ConditionalUnet1D(action_dim, per_step * obs_horizon, tuple(cfg.down_dims), cfg.kernel_size, cfg.groups)
@@ -284,15 +289,34 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def _has_seeds(path: Path) -> bool:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return all("seed" in g.attrs for g in f["data"].values())
+
+
 def embedded_dataset(cfg) -> Path:
-    """The scripted expert's demonstrations for ``cfg.env`` (generated on first use, then cached)."""
+    """The scripted expert's demonstrations for ``cfg.env`` (generated on first use, then cached). With
+    image keys in ``task.obs_keys``, a copy with those cameras rendered from the demos' states (cached
+    beside it; robot_sim.add_rendered_images)."""
     path = Path(cfg.data_dir).expanduser() / f"{cfg.env}_expert_n{cfg.demos}_s{cfg.demo_seed}_noise{cfg.demo_noise:g}_h{cfg.demo_horizon}.hdf5"
-    if not path.exists():
+    image_keys = sorted(k for k in cfg.obs_keys if is_image_key(k))
+    if not path.exists() or (image_keys and not _has_seeds(path)):  # files from before the seed attribute: made again (the same demos)
         from ..robot_sim import write_expert_dataset
 
         print(f"generating {cfg.demos} scripted-expert demos of {cfg.env} (robosuite) into {path}", flush=True)
         write_expert_dataset(path, cfg.env, cfg.demos, cfg.val_demos, cfg.demo_seed, cfg.demo_noise, cfg.demo_horizon)
-    return path
+    if not image_keys:
+        return path
+    fast = bool(cfg.get("fast_render"))
+    with_images = path.with_name(f"{path.stem}_img{cfg.image_size}{'fast' if fast else ''}_{'-'.join(k.removesuffix('_image') for k in image_keys)}.hdf5")
+    if not with_images.exists():
+        from ..robot_sim import add_rendered_images
+
+        print(f"rendering {', '.join(image_keys)} for the demos of {path.name} (once; cached as {with_images.name})", flush=True)
+        add_rendered_images(path, with_images, image_keys, cfg.image_size, fast)
+    return with_images
 
 
 # --------------------------------------------------------------------------------------- task
@@ -409,7 +433,7 @@ class RobotPolicy:
 
             cfg = self.cfg
             self._envs = vector_env(self.env_meta, list(cfg.obs_keys), cfg.horizon, cfg.image_size,
-                                    min(cfg.rollout_envs or episodes, episodes), cfg.vectorization)
+                                    min(cfg.rollout_envs or episodes, episodes), cfg.vectorization, bool(cfg.get("fast_render")))
             weakref.finalize(self, self._envs.close)
         return self._envs
 
