@@ -461,3 +461,28 @@ def test_lm_lora_does_not_inherit_the_lm_tasks_tuned_settings():
     assert got.optimizer.weight_decay == lm.task.tuned.adamw.weight_decay != lm.optimizer.weight_decay  # lm's tuning applies
     lora, got = resolved("lm_lora")
     assert got.lr == lora.task.lr.adamw and got.optimizer.weight_decay == lora.optimizer.weight_decay == 0.1  # adamw.yaml's
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "configs" / "sweep").glob("*.yaml")))
+def test_every_sweep_preset_composes_and_names_its_runs(preset):
+    """Each sweep preset's first and last grid points compose into a valid config (keys exist, values
+    parse), and the run-folder name it writes resolves: a typo in a preset would otherwise show only
+    when its sweep starts, possibly hours into a make target."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from experiments.train import resolve
+
+    params = OmegaConf.load(ROOT / "configs" / "sweep" / f"{preset}.yaml").hydra.sweeper.params
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    for pick in (0, -1):
+        overrides = []
+        for o in parsed:
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            overrides.append(f"{o.key_or_group}={values[pick]}")
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose("train", overrides=[f"+sweep={preset}", *overrides], return_hydra_config=True)
+        assert cfg.hydra.sweep.dir.startswith(f"runs/{cfg.task.name}/")
+        assert "${" not in OmegaConf.to_container(cfg.hydra.sweep, resolve=True)["subdir"]
+        resolve(cfg, given=set())
