@@ -399,6 +399,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                "higher_is_better": task.higher_is_better, "metric_range": getattr(task, "metric_range", None), "val_loss_label": getattr(task, "val_loss_label", None),
                "metric_label": getattr(task, "metric_label", None), "horizon_label": getattr(task, "horizon_label", None),
                "diagnostics": list(getattr(task, "diagnostics", ())),
+               "task_meta": getattr(task, "report_meta", None),  # the task's setting for the report (control: env, expert_return)
                "final": final_row, "best": best, "status": "done",
                # set-up, training and evaluations of the lead process, summed over sittings (a resumed
                # run loses the time since its last checkpoint); the report averages it per optimizer

@@ -655,6 +655,9 @@ def main(argv=None) -> int:
             "training_commits": commits, "command": args.command, "metric_range": [0, 1] if rate else None,
             "rollout_episodes": ((done[0]["config"].get("task") or {}).get("eval_episodes")),
             "horizons": {name: [n for n, _ in pts] for name, pts in horizon_series(rows, metric).items()}}
+    # what the task says about its setting (control: env, expert_return), where every run agrees
+    task_meta = [r["summary"].get("task_meta") or {} for r in done]
+    meta.update({k: v for k, v in task_meta[0].items() if all(m.get(k) == v for m in task_meta)} if task_meta else {})
     atomic_write_text(args.out / f"{stem}_meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
     print(f"wrote {args.out / (stem + '.md')} ({len(done)} runs, {len(failed)} failed or unfinished)")
     if args.wandb:

@@ -132,3 +132,10 @@ def test_smoke_run_of_the_entry_point_with_a_short_rollout(tmp_path):
     coverage = next(r["ap_coverage"] for r in rows(run) if "ap_coverage" in r)
     for name in ("inp", "blocks.0.1", "blocks.0.3", "out.1"):  # every Linear of the residual MLP (smoke: one block)
         assert coverage[name].startswith("covered: linear"), (name, coverage)
+    # the report records the environment and the expert's return beside the results
+    expert = json.loads((ROOT / "experiments/assets/experts/Hopper-v5_sac.json").read_text())["mean_return"]
+    assert summary["task_meta"] == {"env": "Hopper-v5", "expert_return": expert}
+    subprocess.run([sys.executable, "scripts/report.py", "--runs", str(tmp_path), "--out", str(tmp_path / "report")], cwd=ROOT, env=ENV,
+                   capture_output=True, text=True, timeout=300, check=True)
+    meta = json.loads((tmp_path / "report" / "results_meta.json").read_text())
+    assert meta["env"] == "Hopper-v5" and meta["expert_return"] == expert

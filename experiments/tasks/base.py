@@ -13,6 +13,8 @@ class Task(Protocol):
     metric: str  # the headline rollout metric in evaluate()'s result, e.g. "accuracy"
     higher_is_better: bool
     # optional: metric_range = (0, 1) marks a rate (success); the reports then use intervals that stay inside it
+    # optional: report_meta = {...}, facts about the task's setting that the report records in results_meta.json
+    # (control: env and expert_return)
 
     def train_batch(self, step: int) -> Any:
         """The batch for this step: a function of (seed, step) only, so a resumed run sees the same data."""

@@ -190,7 +190,11 @@ class BehaviourCloning:
 
     def __init__(self, cfg, seed: int, device: torch.device):
         self.cfg, self.seed, self.device = cfg, seed, device
+        self.report_meta = {"env": cfg.env}
         if cfg.dataset == "expert":
+            record = EXPERT_DIR / f"{cfg.env}_sac.json"  # written by scripts/expert.py with the expert
+            if record.exists():
+                self.report_meta["expert_return"] = json.loads(record.read_text())["mean_return"]
             train_eps = expert_demonstrations(cfg, cfg.env, cfg.train_episodes, seed=1)
             val_eps = expert_demonstrations(cfg, cfg.env, cfg.val_episodes, seed=2)
         elif str(cfg.dataset).startswith("minari:"):
