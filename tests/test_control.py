@@ -139,3 +139,21 @@ def test_smoke_run_of_the_entry_point_with_a_short_rollout(tmp_path):
                    capture_output=True, text=True, timeout=300, check=True)
     meta = json.loads((tmp_path / "report" / "results_meta.json").read_text())
     assert meta["env"] == "Hopper-v5" and meta["expert_return"] == expert
+
+
+def test_demo_steps_keeps_the_first_steps_of_each_training_episode(tmp_path):
+    """The data-limited regime (task.demo_steps): the training set is the first N steps of each training
+    episode, in order; the validation episodes stay whole."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments.tasks import build_task
+
+    def task(*overrides):
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose("train", overrides=["task=control", "scale=smoke", f"task.data_dir={tmp_path}", *overrides])
+        return build_task(cfg.task, 0, torch.device("cpu"))
+
+    whole, short = task(), task("task.demo_steps=7")
+    assert len(short.train_s) == 7 * 2 and len(whole.train_s) > len(short.train_s)  # 2 training episodes at scale=smoke
+    assert torch.equal(short.train_s[:7], whole.train_s[:7]) and torch.equal(short.train_a[:7], whole.train_a[:7])
+    assert torch.equal(short.val_s, whole.val_s)

@@ -203,6 +203,8 @@ class BehaviourCloning:
             train_eps, val_eps = episodes[n_val:], episodes[:n_val]
         else:
             raise ValueError(f"task.dataset={cfg.dataset!r}: use 'expert' (the committed expert's demonstrations) or 'minari:<dataset id>'")
+        if cfg.get("demo_steps"):  # the data-limited regime: only the first demo_steps steps of each training episode
+            train_eps = [(s[: cfg.demo_steps], a[: cfg.demo_steps]) for s, a in train_eps]
         self.train_s = torch.from_numpy(np.concatenate([e[0] for e in train_eps]))
         self.train_a = torch.from_numpy(np.concatenate([e[1] for e in train_eps]))
         self.val_s = torch.from_numpy(np.concatenate([e[0] for e in val_eps]))
