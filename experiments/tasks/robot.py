@@ -298,8 +298,8 @@ def _has_seeds(path: Path) -> bool:
 
 def embedded_dataset(cfg) -> Path:
     """The scripted expert's demonstrations for ``cfg.env`` (generated on first use, then cached). With
-    image keys in ``task.obs_keys``, a copy with those cameras rendered from the demos' states (cached
-    beside it; robot_sim.add_rendered_images)."""
+    image keys in ``task.obs_keys``, a copy with those cameras rendered by re-running each demo from its
+    seed with its actions (cached beside it; robot_sim.add_rendered_images)."""
     path = Path(cfg.data_dir).expanduser() / f"{cfg.env}_expert_n{cfg.demos}_s{cfg.demo_seed}_noise{cfg.demo_noise:g}_h{cfg.demo_horizon}.hdf5"
     image_keys = sorted(k for k in cfg.obs_keys if is_image_key(k))
     if not path.exists() or (image_keys and not _has_seeds(path)):  # files from before the seed attribute: made again (the same demos)
