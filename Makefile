@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # its other dependencies are in pyproject's experiments extra.
 ROBOSUITE ?= robosuite==1.5.2
 
-.PHONY: setup test test-all test-slow bench report clean-venv tune-lm tune-lm-lora tune-robot tune-flow reproduce-lm reproduce-lm-lora sweep-lm-lr reproduce-flow sweep-flow-lr reproduce-control reproduce-robot sweep-lm-damping sweep-flow-damping sweep-control-damping sweep-robot-damping
+.PHONY: setup test test-all test-slow bench report clean-venv tune-lm tune-lm-lora tune-robot tune-flow tune-control reproduce-lm reproduce-lm-lora sweep-lm-lr reproduce-flow sweep-flow-lr reproduce-control reproduce-robot sweep-lm-damping sweep-flow-damping sweep-control-damping sweep-robot-damping
 
 SCALE ?= cpu
 SEEDS ?= 0,1,2,3,4
@@ -97,6 +97,7 @@ TUNE_lm := dopr muon adamw
 TUNE_lm_lora := muon dopr_muon adamw dopr_adamw
 TUNE_robot := dopr base
 TUNE_flow := dopr base
+TUNE_control := base dopr
 define tune
 tune-$(1): setup
 	$$(foreach p,$$(TUNE_$(2)),$$(PY) -m experiments.train -m +sweep=$(2)_tune_$$(p) $$(LAUNCH) && ) true
@@ -106,6 +107,7 @@ $(eval $(call tune,lm,lm))
 $(eval $(call tune,lm-lora,lm_lora))
 $(eval $(call tune,robot,robot))
 $(eval $(call tune,flow,flow))
+$(eval $(call tune,control,control))
 
 $(eval $(call sweep_lr,lm))
 $(eval $(call sweep_lr,flow))

@@ -34,6 +34,30 @@ from .tasks import build_task
 OmegaConf.register_new_resolver("lr_tag", lambda lr: "" if lr is None else f"-lr{lr:g}", replace=True)
 
 
+def lr_ladder(lr: float, k: int) -> float:
+    """``lr`` moved ``k`` steps along the half-decade ladder 1, 3, 10, 30, ... (x 10^n): lr_ladder(1e-3, 1) = 3e-3,
+    lr_ladder(3e-3, -1) = 1e-3. An LR off the ladder is first snapped to its nearest rung (5e-4 -> 3e-4)."""
+    if not lr > 0:
+        raise ValueError(f"lr_ladder needs a positive learning rate, got {lr!r}: check task.lr in the task's config")
+    rung = round(2 * math.log10(lr)) + int(k)
+    return float(f"{1 if rung % 2 == 0 else 3}e{rung // 2}")  # parsed, not multiplied: 3e-4, not 3.0000000000000003e-4
+
+
+def task_lr(k: int, *, _root_: DictConfig) -> float:
+    """``lr=${task_lr:k}``: this optimizer's grid centre moved k rungs along the ladder; the centre is the sweep
+    preset's ``lr_centre`` entry (pinned, so pasting a tuned ``task.lr`` does not move a half-done grid) or else
+    its ``task.lr``. Tuning presets sweep lr over ${task_lr:-1},${task_lr:0},${task_lr:1}: every optimizer gets the
+    same 3-point grid around its own LR in one sweep file."""
+    name = _root_.optimizer.name
+    centres = _root_.get("lr_centre") or _root_.task.get("lr") or {}
+    if name not in centres:
+        raise ValueError(f"task_lr: no grid centre for optimizer {name!r}: add it to lr_centre in the sweep preset or to task.lr")
+    return lr_ladder(float(centres[name]), k)
+
+
+OmegaConf.register_new_resolver("task_lr", task_lr, replace=True)
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 

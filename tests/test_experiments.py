@@ -486,3 +486,24 @@ def test_every_sweep_preset_composes_and_names_its_runs(preset):
         assert cfg.hydra.sweep.dir.startswith(f"runs/{cfg.task.name}/")
         assert "${" not in OmegaConf.to_container(cfg.hydra.sweep, resolve=True)["subdir"]
         resolve(cfg, given=set())
+
+
+def test_task_lr_gives_every_optimizer_the_same_ladder_grid_around_its_pinned_centre():
+    """lr=${task_lr:k} in a tuning preset: the optimizer's centre (the preset's lr_centre, else task.lr) moved k
+    rungs along 1, 3, 10, 30, ...; the centre stays pinned when task.lr changes after a tuning is pasted."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments.train import lr_ladder
+
+    assert [lr_ladder(1e-3, k) for k in (-2, -1, 0, 1, 2)] == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+    assert [lr_ladder(3e-3, k) for k in (-1, 1)] == [1e-3, 1e-2] and lr_ladder(5e-4, 0) == 3e-4  # snapped to a rung
+    with pytest.raises(ValueError, match="positive learning rate"):
+        lr_ladder(0.0, 1)
+
+    def lr(preset_overrides, opt, k):
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            return compose("train", overrides=[*preset_overrides, "task=control", f"optimizer={opt}", f"lr=${{task_lr:{k}}}"]).lr
+
+    assert [lr(["+sweep=control_tune_base"], "signum", k) for k in (-1, 0, 1)] == [1e-4, 3e-4, 1e-3]
+    assert lr(["+sweep=control_tune_dopr", "task.lr.dopr_muon=0.1"], "dopr_muon", 1) == 1e-2  # lr_centre wins
+    assert lr(["task.lr.muon=0.1"], "muon", -1) == 3e-2  # without a preset: task.lr is the centre
