@@ -447,7 +447,7 @@ def test_lm_best_checkpoint_is_chosen_on_selection_problems_disjoint_from_the_re
 
 def test_lm_lora_does_not_inherit_the_lm_tasks_tuned_settings():
     """task=lm_lora builds on configs/task/lm.yaml, whose `tuned` block was selected for training from
-    scratch: without lr=, a LoRA run gets its own task.lr and the optimizer's defaults, not lm's."""
+    scratch: without lr=, a LoRA run gets its own task.lr and its own tuning's settings, not lm's."""
     from hydra import compose, initialize_config_dir
 
     from experiments.train import resolve
@@ -460,7 +460,8 @@ def test_lm_lora_does_not_inherit_the_lm_tasks_tuned_settings():
     lm, got = resolved("lm")
     assert got.optimizer.weight_decay == lm.task.tuned.adamw.weight_decay != lm.optimizer.weight_decay  # lm's tuning applies
     lora, got = resolved("lm_lora")
-    assert got.lr == lora.task.lr.adamw and got.optimizer.weight_decay == lora.optimizer.weight_decay == 0.1  # adamw.yaml's
+    assert got.lr == lora.task.lr.adamw and got.optimizer.weight_decay == lora.task.tuned.adamw.weight_decay  # its own tuning's
+    assert lora.task.tuned.adamw.weight_decay != lm.task.tuned.adamw.weight_decay
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "configs" / "sweep").glob("*.yaml")))
