@@ -505,6 +505,6 @@ def test_task_lr_gives_every_optimizer_the_same_ladder_grid_around_its_pinned_ce
         with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
             return compose("train", overrides=[*preset_overrides, "task=control", f"optimizer={opt}", f"lr=${{task_lr:{k}}}"]).lr
 
-    assert [lr(["+sweep=control_tune_base"], "signum", k) for k in (-1, 0, 1)] == [1e-4, 3e-4, 1e-3]
-    assert lr(["+sweep=control_tune_dopr", "task.lr.dopr_muon=0.1"], "dopr_muon", 1) == 1e-2  # lr_centre wins
+    assert [lr(["+sweep=control_tune_base"], "signum", k) for k in (-1, 0, 1)] == [3e-5, 1e-4, 3e-4]
+    assert lr(["+sweep=control_tune_dopr", "task.lr.dopr_muon=0.1"], "dopr_muon", 1) == 3e-3  # lr_centre (1e-3) wins
     assert lr(["task.lr.muon=0.1"], "muon", -1) == 3e-2  # without a preset: task.lr is the centre
