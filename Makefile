@@ -64,7 +64,7 @@ reproduce-$(1): setup
 	$$(PY) -m experiments.train -m task=$(2) scale=$$(SCALE) optimizer=$$($(3)) seed=$$(SEEDS) $$(LAUNCH)
 	$$(PY) scripts/report.py --runs runs/$(2)/$$(SCALE) --out results/$(2)/$$(SCALE) --wandb \
 		--command "make reproduce-$(1) SCALE=$$(SCALE) SEEDS=$$(SEEDS)"
-	$$(MAKE) report
+	$$(MAKE) -o $(VENV)/.installed report   # setup already ran as a prerequisite: no second pip install
 endef
 
 # make sweep-<task>-lr: the LR sweep behind task.lr in configs/task/<task>.yaml (results/<task>/cpu/lr_sweep.md).
@@ -72,7 +72,7 @@ define sweep_lr
 sweep-$(1)-lr: setup
 	$$(PY) -m experiments.train -m +sweep=$(1)_lr $$(LAUNCH)
 	$$(PY) scripts/report.py --runs runs/$(1)/lr_sweep --out results/$(1)/cpu --lr-sweep --wandb --command "make sweep-$(1)-lr"
-	$$(MAKE) report
+	$$(MAKE) -o $(VENV)/.installed report   # setup already ran as a prerequisite: no second pip install
 endef
 
 $(eval $(call reproduce,lm,lm,LM_OPTIMIZERS))
@@ -87,7 +87,7 @@ sweep-$(1)-damping: setup
 	$$(PY) -m experiments.train -m +sweep=$(1)_damping $$(LAUNCH)
 	$$(PY) -m experiments.train -m +sweep=$(1)_damping_base $$(LAUNCH)
 	$$(PY) scripts/report.py --runs runs/$(1)/damping_sweep --out results/$(1)/cpu --damping-sweep --command "make sweep-$(1)-damping"
-	$$(MAKE) report
+	$$(MAKE) -o $(VENV)/.installed report   # setup already ran as a prerequisite: no second pip install
 endef
 
 # make tune-<task>: the tuning protocol (equal trials per optimizer over LR x its own hyperparameter, tuning seed
