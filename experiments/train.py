@@ -46,8 +46,8 @@ def lr_ladder(lr: float, k: int) -> float:
 def task_lr(k: int, *, _root_: DictConfig) -> float:
     """``lr=${task_lr:k}``: this optimizer's grid centre moved k rungs along the ladder; the centre is the sweep
     preset's ``lr_centre`` entry (pinned, so pasting a tuned ``task.lr`` does not move a half-done grid) or else
-    its ``task.lr``. Tuning presets sweep lr over ${task_lr:-1},${task_lr:0},${task_lr:1}: every optimizer gets the
-    same 3-point grid around its own LR in one sweep file."""
+    its ``task.lr``. Tuning presets sweep ``+lr_step: -1,0,1`` and set ``lr: ${task_lr:${lr_step}}`` (resolved in each
+    job, with its optimizer): every optimizer gets the same 3-point grid around its own LR in one sweep file."""
     name = _root_.optimizer.name
     centres = _root_.get("lr_centre") or _root_.task.get("lr") or {}
     if name not in centres:
