@@ -582,6 +582,9 @@ def main(argv=None) -> int:
           "tuning": ("optimizer", "lr", "damping", "weight_decay")}[stem]
     flag = {"damping": " --damping-sweep", "lr_sweep": " --lr-sweep", "results": "", "tuning": " --tuning"}[stem]
     rate = is_rate(done[0]["summary"])
+    # what the task says about its setting (control: env, expert returns, evaluation noise), where every run agrees
+    task_meta = [r["summary"].get("task_meta") or {} for r in done]
+    setting = {k: v for k, v in task_meta[0].items() if all(m.get(k) == v for m in task_meta)}
     table = summary_table(rows, metric, by, rate, episode_outcomes(args.runs, done) if rate else None)
     what = {"damping": "damping sweep", "lr_sweep": "learning-rate sweep", "results": "results", "tuning": "tuning sweep"}[stem]
     parts = [f"# {task}: {what} (scale={scale})", "",
@@ -592,7 +595,9 @@ def main(argv=None) -> int:
                  f"; {metric} is a rate: its mean and [low, high] of a 95% bootstrap interval that redraws seeds and then "
                  "each seed's episodes (seeds only where per-episode outcomes were not logged), inside [0, 1]" if rate else "") + ". `final` is the last step's "
              f"weights; `best {metric}` is the best rollout evaluation during training (best checkpoint); "
-             "`best val loss` the lowest validation loss seen.", "", table, ""]
+             "`best val loss` the lowest validation loss seen.", "",
+             *([f"Task setting (the same in every run): {', '.join(f'{k} = {v:.6g}' if isinstance(v, float) else f'{k} = {v}' for k, v in sorted(setting.items()))}.", ""]
+               if setting else []), table, ""]
     if args.lr_sweep:
         parts += ["## Chosen learning rates", "",
                   f"Per optimizer, the LR with the {'highest' if higher else 'lowest'} mean final {metric} (the rollout metric the suite is about); "
@@ -655,9 +660,7 @@ def main(argv=None) -> int:
             "training_commits": commits, "command": args.command, "metric_range": [0, 1] if rate else None,
             "rollout_episodes": ((done[0]["config"].get("task") or {}).get("eval_episodes")),
             "horizons": {name: [n for n, _ in pts] for name, pts in horizon_series(rows, metric).items()}}
-    # what the task says about its setting (control: env, expert_return), where every run agrees
-    task_meta = [r["summary"].get("task_meta") or {} for r in done]
-    meta.update({k: v for k, v in task_meta[0].items() if all(m.get(k) == v for m in task_meta)} if task_meta else {})
+    meta.update(setting)
     atomic_write_text(args.out / f"{stem}_meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
     print(f"wrote {args.out / (stem + '.md')} ({len(done)} runs, {len(failed)} failed or unfinished)")
     if args.wandb:

@@ -134,11 +134,39 @@ def test_smoke_run_of_the_entry_point_with_a_short_rollout(tmp_path):
         assert coverage[name].startswith("covered: linear"), (name, coverage)
     # the report records the environment and the expert's return beside the results
     expert = json.loads((ROOT / "experiments/assets/experts/Hopper-v5_sac.json").read_text())["mean_return"]
-    assert summary["task_meta"] == {"env": "Hopper-v5", "expert_return": expert}
+    meta = summary["task_meta"]
+    assert meta["env"] == "Hopper-v5" and meta["expert_return"] == expert and meta["eval_action_noise"] == 0.0
+    assert 0 < meta["expert_eval_return"]  # the expert on the same evaluation episodes: the ceiling beside the results
     subprocess.run([sys.executable, "scripts/report.py", "--runs", str(tmp_path), "--out", str(tmp_path / "report")], cwd=ROOT, env=ENV,
                    capture_output=True, text=True, timeout=300, check=True)
-    meta = json.loads((tmp_path / "report" / "results_meta.json").read_text())
-    assert meta["env"] == "Hopper-v5" and meta["expert_return"] == expert
+    report = json.loads((tmp_path / "report" / "results_meta.json").read_text())
+    assert report["env"] == "Hopper-v5" and report["expert_return"] == expert
+    assert report["expert_eval_return"] == meta["expert_eval_return"]
+    assert f"expert_return = {expert:.6g}" in (tmp_path / "report" / "results.md").read_text()
+
+
+def test_evaluation_noise_is_fixed_per_episode_and_scored_against_the_expert_under_it(tmp_path):
+    """task.eval_action_noise: every evaluation draws the same noise (so every optimizer meets the same
+    perturbations), it changes what is measured, and expert_eval_return is the expert on those episodes
+    under that noise."""
+    from experiments.tasks import build_task
+
+    def task(noise):
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose("train", overrides=["task=control", "scale=smoke", f"task.data_dir={tmp_path}",
+                                              f"task.eval_action_noise={noise}", "task.eval_episodes=3"])
+        return build_task(cfg.task, 0, torch.device("cpu"))
+
+    clean, noisy = task(0.0), task(0.5)
+    expert = control.load_expert("Hopper-v5")
+    first, again = noisy.evaluate(expert), noisy.evaluate(expert)
+    assert first["return"] == again["return"] and noisy.outcomes["return"] == [round(float(r), 3) for r in
+                                                                                 control.rollout_returns("Hopper-v5", expert, [20_000, 20_001, 20_002], action_noise=0.5, noise_seed=20_000)[0]]
+    assert clean.evaluate(expert)["return"] != first["return"]
+    assert noisy.report_meta["eval_action_noise"] == 0.5 and clean.report_meta["eval_action_noise"] == 0.0
+    assert np.isclose(noisy.report_meta["expert_eval_return"], first["return"])  # the expert scored as a policy is the ceiling
+    assert np.isclose(clean.report_meta["expert_eval_return"], clean.evaluate(expert)["return"])
+    assert len(list(tmp_path.glob("expert-eval-Hopper-v5-*.json"))) == 2  # cached per noise
 
 
 def test_demo_steps_keeps_the_first_steps_of_each_training_episode(tmp_path):

@@ -11,7 +11,9 @@ states the expert never showed it (test-time feedback).
   datasets, ``MINARI_DATASETS_PATH``).
 - Validation loss: held-out expert episodes' action MSE.
 - Rollout metric: mean return over ``task.eval_episodes`` episodes with fixed seeds in a gymnasium
-  vector environment; mean episode length; the return accumulated up to several horizons
+  vector environment, optionally with Gaussian execution noise on the policy's actions
+  (``task.eval_action_noise``, fixed noise seed; the expert's return under the same episodes and
+  noise is recorded as ``expert_eval_return``); mean episode length; the return accumulated up to several horizons
   (``return_h<T>``); and the divergence between the state distribution of the expert's data and
   of the policy's rollouts (Prop 3.1 of the paper: test-time feedback is a covariance gap), as the
   Frechet distance between Gaussian fits (``state_fd``) and the relative Frobenius gap of the
@@ -30,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import atomic_write_bytes
+from ..checkpoint import atomic_write_bytes, atomic_write_text
 
 EXPERT_DIR = Path(__file__).resolve().parents[1] / "assets" / "experts"
 
@@ -132,6 +134,27 @@ def expert_demonstrations(cfg, env_id: str, episodes: int, seed: int) -> list[tu
     return [(e[0], e[1]) for e in eps]
 
 
+def eval_seeds(cfg) -> list[int]:
+    """The reported evaluation episodes' environment seeds (shared by every optimizer and run)."""
+    return [20_000 + i for i in range(cfg.eval_episodes)]
+
+
+def expert_eval_return(cfg, env_id: str, seeds: list[int]) -> float | None:
+    """The committed expert's mean return on the evaluation episodes under the evaluation's execution noise
+    (the ceiling a clone is measured against), computed once and cached beside the demonstrations."""
+    expert_path = EXPERT_DIR / f"{env_id}_sac.pt"
+    if not expert_path.exists():
+        return None
+    noise = float(cfg.get("eval_action_noise") or 0.0)
+    key = {"env": env_id, "seeds": seeds, "noise": noise, "expert": hashlib.sha1(expert_path.read_bytes()).hexdigest()[:12]}
+    cache = Path(cfg.data_dir).expanduser() / f"expert-eval-{env_id}-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())["mean_return"]
+    returns, _ = rollout_returns(env_id, load_expert(env_id), seeds, action_noise=noise, noise_seed=seeds[0])
+    atomic_write_text(cache, json.dumps({**key, "mean_return": float(returns.mean()), "returns": returns.tolist()}) + "\n")
+    return float(returns.mean())
+
+
 def minari_demonstrations(dataset_id: str) -> list[tuple]:
     """[(states, actions)] per episode of a local Minari dataset (observations[:-1], actions)."""
     try:
@@ -195,6 +218,9 @@ class BehaviourCloning:
             record = EXPERT_DIR / f"{cfg.env}_sac.json"  # written by scripts/expert.py with the expert
             if record.exists():
                 self.report_meta["expert_return"] = json.loads(record.read_text())["mean_return"]
+            # the ceiling under the evaluation's own conditions: the expert on the reported episodes, same noise
+            self.report_meta["eval_action_noise"] = float(cfg.get("eval_action_noise") or 0.0)
+            self.report_meta["expert_eval_return"] = expert_eval_return(cfg, cfg.env, eval_seeds(cfg))
             train_eps = expert_demonstrations(cfg, cfg.env, cfg.train_episodes, seed=1)
             val_eps = expert_demonstrations(cfg, cfg.env, cfg.val_episodes, seed=2)
         elif str(cfg.dataset).startswith("minari:"):
@@ -234,11 +260,16 @@ class BehaviourCloning:
     def evaluate(self, model: nn.Module, final: bool = True) -> dict[str, float]:
         was = model.training
         model.eval()
-        seeds = [20_000 + i for i in range(self.cfg.eval_episodes)]
-        returns, lengths, episodes = rollout_returns(self.cfg.env, lambda s: model(s.to(self.device)), seeds, record=True)
+        # Fixed episodes and fixed execution noise (task.eval_action_noise; its seed is the episodes' first seed),
+        # the same for every optimizer and every evaluation.
+        noise = float(self.cfg.get("eval_action_noise") or 0.0)
+        seeds = eval_seeds(self.cfg)
+        returns, lengths, episodes = rollout_returns(self.cfg.env, lambda s: model(s.to(self.device)), seeds, record=True,
+                                                     action_noise=noise, noise_seed=seeds[0])
         # Selection episodes (seeds 30000+, never reported) choose the best checkpoint.
         chosen = [30_000 + i for i in range(self.cfg.get("select_episodes") or 0)]
-        select = rollout_returns(self.cfg.env, lambda s: model(s.to(self.device)), chosen)[0] if chosen else None
+        select = rollout_returns(self.cfg.env, lambda s: model(s.to(self.device)), chosen, action_noise=noise,
+                                 noise_seed=chosen[0])[0] if chosen else None
         model.train(was)
         out = {"return": float(returns.mean()), "episode_return_sd": float(returns.std()), "episode_length": float(lengths.mean())}
         self.outcomes = {"return": [round(float(r), 3) for r in returns], "episode_length": [int(n) for n in lengths]}  # per episode
