@@ -434,6 +434,24 @@ def trial_key(row: dict) -> tuple:
     return (row["lr"], row["damping"] if row["damping"] is not None else row["weight_decay"])
 
 
+def extension_lrs(by_opt: dict, selections: dict, sign: int, metric: str) -> dict:
+    """Per optimizer, the learning rate a second tuning round adds: one rung of the half-decade ladder beyond
+    the grid, below it when the selected LR is the lowest or its lower neighbour scores at least as well as
+    its upper one, else above it. Every optimizer gets one, so budgets stay equal."""
+    from experiments.train import lr_ladder
+
+    out = {}
+    for opt, trials in by_opt.items():
+        lrs = sorted({t[0] for t in trials})
+        if len(lrs) < 2:
+            continue
+        score = lambda x: max(sign * sum(r[f"final_{metric}"] for r in rs) / len(rs) for t, rs in trials.items() if t[0] == x)  # noqa: E731
+        i = lrs.index(selections[opt]["by_metric"][0])
+        down = i == 0 or (i < len(lrs) - 1 and score(lrs[i - 1]) >= score(lrs[i + 1]))
+        out[opt] = lr_ladder(lrs[0], -1) if down else lr_ladder(lrs[-1], 1)
+    return out
+
+
 def tuning_section(rows: list[dict], metric: str, higher: bool, out: Path, title: str, lab: dict, task: str, scale: str):
     """The tuning protocol's report: per optimizer the trial count, the grid, the trial selected by
     mean final validation loss and by mean final rollout metric, and the regret of selecting by
@@ -463,17 +481,25 @@ def tuning_section(rows: list[dict], metric: str, higher: bool, out: Path, title
         lines.append(f"| {opt} | {len(trials)} | {'/'.join(map(str, seeds))} | {', '.join(f'{x:g}' for x in sorted({t[0] for t in trials}))} | "
                      f"{', '.join(f'{x:g}' for x in sorted({t[1] for t in trials if t[1] is not None}))} | "
                      f"{by_loss[0]:g}, {by_loss[1]:g} | {m_loss:.4g} | {by_metric[0]:g}, {by_metric[1]:g} | {m_metric:.4g} | {abs(m_metric - m_loss):.4g} |")
-    edges = []
+    edges, lr_edges = [], []
     for opt in opts:
         trials, (lr, hp) = by_opt[opt], selections[opt]["by_metric"]
         lrs, hps = sorted({t[0] for t in trials}), sorted({t[1] for t in trials if t[1] is not None})
         where = [f"LR {lr:g}"] if len(lrs) > 1 and lr in (lrs[0], lrs[-1]) else []
+        lr_edges += [opt] if where else []
         where += [f"{'damping' if opt.startswith('dopr_') else 'weight decay'} {hp:g}"] if hp is not None and len(hps) > 1 and hp in (hps[0], hps[-1]) else []
         if where:
             edges.append(f"{opt} ({', '.join(where)})")
     if edges:
         lines += ["", "**At the edge of the grid** (selected by the metric): " + "; ".join(edges) + ". The best setting may lie "
                   "outside the grid; a wider grid would tell."]
+    extend = extension_lrs(by_opt, selections, sign, metric)
+    if lr_edges and extend:
+        lines += ["", "**One more learning rate each** keeps the budgets equal: every optimizer gets one half-decade beyond its grid, "
+                  "on the side of its best (beyond the selected LR where it is at an edge, else beyond its better neighbour), "
+                  "crossed with the same hyperparameter values and seeds. As a sweep preset's grid centres with `+lr_step: 0` "
+                  f"(as in `configs/sweep/{task}_tune_extend_*.yaml` where it exists):", "", "```yaml",
+                  "lr_centre: {" + ", ".join(f"{opt}: {extend[opt]:g}" for opt in opts if opt in extend) + "}", "```"]
     horizon = [key for points in horizon_series(rows, metric).values() for _, key in points]
     if horizon:
         lines += ["", f"Per-horizon {metric} of each optimizer's trial selected by {metric}:", "",

@@ -509,4 +509,5 @@ def test_task_lr_gives_every_optimizer_the_same_ladder_grid_around_its_pinned_ce
     # an interpolation among the sweeper params is resolved once, with the default optimizer)
     assert [lr(["+sweep=control_tune_base", f"+lr_step={k}"], "signum") for k in (-1, 0, 1)] == [3e-5, 1e-4, 3e-4]
     assert lr(["+sweep=control_tune_dopr", "+lr_step=1", "task.lr.dopr_muon=0.1"], "dopr_muon") == 3e-3  # lr_centre (1e-3) wins
+    assert lr(["+sweep=control_tune_extend_base", "+lr_step=0"], "signum") == 1e-5  # the second round: one LR per optimizer
     assert lr(["task.lr.muon=0.1", "lr=${task_lr:-1}"], "muon") == 3e-2  # without a preset: task.lr is the centre

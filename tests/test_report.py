@@ -48,7 +48,7 @@ def test_tuning_report_selects_by_loss_and_by_metric_with_the_regret(tmp_path):
 
     from experiments.train import resolve
 
-    block = text.split("```yaml\n")[1].split("```")[0]
+    block = next(b.split("```")[0] for b in text.split("```yaml\n")[1:] if "tuned:" in b)
     task = OmegaConf.merge({"name": "lm"}, OmegaConf.create(block))
     for opt, wd, damping in (("adamw", 0.1, None), ("dopr_adamw", 0.1, 1.0)):
         cfg = OmegaConf.create({"lr": None, "task": task, "trainer": {"steps": 10}, "scale": {"name": "cpu"},
@@ -123,3 +123,21 @@ def test_a_metrics_floor_gets_its_own_csv_column(tmp_path):
                    check=True, capture_output=True, text=True, timeout=120)
     with open(out / "results_runs.csv") as f:
         assert [(r["final_fd"], r["fd_floor"]) for r in csv.DictReader(f)] == [("2.0", "0.5"), ("3.0", "0.6")]
+
+
+def test_tuning_report_offers_one_more_learning_rate_to_every_optimizer(tmp_path):
+    """At an LR edge, the report proposes a second round that keeps budgets equal: one more rung per optimizer,
+    beyond the selected edge, or from the middle beyond the better neighbour (adamw: 3e-3's 0.5 beats 1e-4's 0.3)."""
+    runs = tmp_path / "runs"
+    acc = {("adamw", 1e-4): 0.3, ("adamw", 3e-4): 0.6, ("adamw", 1e-3): 0.5,
+           ("muon", 1e-4): 0.7, ("muon", 3e-4): 0.5, ("muon", 1e-3): 0.4,
+           ("dopr_adamw", 1e-4): 0.2, ("dopr_adamw", 3e-4): 0.4, ("dopr_adamw", 1e-3): 0.9}
+    for (opt, lr), a in acc.items():
+        for hp in ((1.0, 10.0) if opt.startswith("dopr_") else (0.0, 0.1)):
+            write_run(runs / f"{opt}-lr{lr:g}-{hp:g}-s100", opt, lr, hp, 0.1, a - 0.01 * hp)
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), "--runs", str(runs), "--out", str(out), "--tuning"],
+                   check=True, capture_output=True, text=True, timeout=120)
+    text = (out / "tuning.md").read_text()
+    assert "**One more learning rate each**" in text
+    assert "lr_centre: {adamw: 0.003, dopr_adamw: 0.003, muon: 3e-05}" in text, text
