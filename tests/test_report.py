@@ -127,7 +127,7 @@ def test_a_metrics_floor_gets_its_own_csv_column(tmp_path):
 
 def test_tuning_report_offers_one_more_learning_rate_to_every_optimizer(tmp_path):
     """At an LR edge, the report proposes a second round that keeps budgets equal: one more rung per optimizer,
-    beyond the selected edge, or from the middle beyond the better neighbour (adamw: 3e-3's 0.5 beats 1e-4's 0.3)."""
+    beyond the selected edge, or from the middle beyond the better neighbour (adamw: its upper neighbour 1e-3 scores 0.5, its lower 1e-4 0.3, so 3e-3)."""
     runs = tmp_path / "runs"
     acc = {("adamw", 1e-4): 0.3, ("adamw", 3e-4): 0.6, ("adamw", 1e-3): 0.5,
            ("muon", 1e-4): 0.7, ("muon", 3e-4): 0.5, ("muon", 1e-3): 0.4,

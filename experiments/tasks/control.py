@@ -116,7 +116,7 @@ def expert_demonstrations(cfg, env_id: str, episodes: int, seed: int) -> list[tu
     """[(states, actions)] per episode, generated from the committed expert and cached."""
     expert_path = EXPERT_DIR / f"{env_id}_sac.pt"
     key = {"env": env_id, "episodes": episodes, "seed": seed, "noise": cfg.demo_action_noise,
-           "expert": hashlib.sha1(expert_path.read_bytes()).hexdigest()[:12] if expert_path.exists() else None}
+           "expert": expert_digest(expert_path) if expert_path.exists() else None}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     cache = Path(cfg.data_dir).expanduser() / f"demos-{env_id}-{digest}.npz"
     if cache.exists():
@@ -134,6 +134,16 @@ def expert_demonstrations(cfg, env_id: str, episodes: int, seed: int) -> list[tu
     return [(e[0], e[1]) for e in eps]
 
 
+def expert_digest(expert_path: Path) -> str:
+    """The expert file's short hash: part of every cache key computed from the expert."""
+    return hashlib.sha1(expert_path.read_bytes()).hexdigest()[:12]
+
+
+def eval_noise(cfg) -> float:
+    """task.eval_action_noise (absent or null: 0)."""
+    return float(cfg.get("eval_action_noise") or 0.0)
+
+
 def eval_seeds(cfg) -> list[int]:
     """The reported evaluation episodes' environment seeds (shared by every optimizer and run)."""
     return [20_000 + i for i in range(cfg.eval_episodes)]
@@ -145,8 +155,8 @@ def expert_eval_return(cfg, env_id: str, seeds: list[int]) -> float | None:
     expert_path = EXPERT_DIR / f"{env_id}_sac.pt"
     if not expert_path.exists():
         return None
-    noise = float(cfg.get("eval_action_noise") or 0.0)
-    key = {"env": env_id, "seeds": seeds, "noise": noise, "expert": hashlib.sha1(expert_path.read_bytes()).hexdigest()[:12]}
+    noise = eval_noise(cfg)
+    key = {"env": env_id, "seeds": seeds, "noise": noise, "expert": expert_digest(expert_path)}
     cache = Path(cfg.data_dir).expanduser() / f"expert-eval-{env_id}-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.json"
     if cache.exists():
         return json.loads(cache.read_text())["mean_return"]
@@ -219,7 +229,7 @@ class BehaviourCloning:
             if record.exists():
                 self.report_meta["expert_return"] = json.loads(record.read_text())["mean_return"]
             # the ceiling under the evaluation's own conditions: the expert on the reported episodes, same noise
-            self.report_meta["eval_action_noise"] = float(cfg.get("eval_action_noise") or 0.0)
+            self.report_meta["eval_action_noise"] = eval_noise(cfg)
             self.report_meta["expert_eval_return"] = expert_eval_return(cfg, cfg.env, eval_seeds(cfg))
             train_eps = expert_demonstrations(cfg, cfg.env, cfg.train_episodes, seed=1)
             val_eps = expert_demonstrations(cfg, cfg.env, cfg.val_episodes, seed=2)
@@ -262,8 +272,7 @@ class BehaviourCloning:
         model.eval()
         # Fixed episodes and fixed execution noise (task.eval_action_noise; its seed is the episodes' first seed),
         # the same for every optimizer and every evaluation.
-        noise = float(self.cfg.get("eval_action_noise") or 0.0)
-        seeds = eval_seeds(self.cfg)
+        noise, seeds = eval_noise(self.cfg), eval_seeds(self.cfg)
         returns, lengths, episodes = rollout_returns(self.cfg.env, lambda s: model(s.to(self.device)), seeds, record=True,
                                                      action_noise=noise, noise_seed=seeds[0])
         # Selection episodes (seeds 30000+, never reported) choose the best checkpoint.
