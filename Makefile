@@ -97,7 +97,8 @@ TUNE_lm := dopr muon adamw
 TUNE_lm_lora := muon dopr_muon adamw dopr_adamw
 TUNE_robot := dopr base
 TUNE_flow := dopr base
-TUNE_control := base dopr
+# control: round two (extend_*) gives every optimizer one more LR beyond its grid's edge (report.py extension_lrs)
+TUNE_control := base dopr extend_base extend_dopr
 define tune
 tune-$(1): setup
 	$$(foreach p,$$(TUNE_$(2)),$$(PY) -m experiments.train -m +sweep=$(2)_tune_$$(p) $$(LAUNCH) && ) true
