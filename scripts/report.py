@@ -434,6 +434,9 @@ def trial_key(row: dict) -> tuple:
     return (row["lr"], row["damping"] if row["damping"] is not None else row["weight_decay"])
 
 
+ROUND_ONE_LRS = 3  # the tuning presets' first round: +lr_step -1,0,1 around each optimizer's centre
+
+
 def extension_lrs(by_opt: dict, selections: dict, sign: int, metric: str) -> dict:
     """Per optimizer, the learning rate a second tuning round adds: one rung of the half-decade ladder beyond
     the grid, below it when the selected LR is the lowest or its lower neighbour scores at least as well as
@@ -494,7 +497,12 @@ def tuning_section(rows: list[dict], metric: str, higher: bool, out: Path, title
         lines += ["", "**At the edge of the grid** (selected by the metric): " + "; ".join(edges) + ". The best setting may lie "
                   "outside the grid; a wider grid would tell."]
     extend = extension_lrs(by_opt, selections, sign, metric)
-    if lr_edges and extend:
+    extended = all(len({t[0] for t in by_opt[o]}) > ROUND_ONE_LRS for o in opts)
+    if lr_edges and extended:
+        lines += ["", "**The second round is in** (every optimizer searched more than the first round's "
+                  f"{ROUND_ONE_LRS} LRs); the protocol extends once, so these selections stand, at the edge for "
+                  + ", ".join(lr_edges) + "."]
+    elif lr_edges and extend:
         lines += ["", "**One more learning rate each** keeps the budgets equal: every optimizer gets one half-decade beyond its grid, "
                   "on the side of its best (beyond the selected LR where it is at an edge, else beyond its better neighbour), "
                   "crossed with the same hyperparameter values and seeds. As a sweep preset's grid centres with `+lr_step: 0` "

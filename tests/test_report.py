@@ -141,3 +141,12 @@ def test_tuning_report_offers_one_more_learning_rate_to_every_optimizer(tmp_path
     text = (out / "tuning.md").read_text()
     assert "**One more learning rate each**" in text
     assert "lr_centre: {adamw: 0.003, dopr_adamw: 0.003, muon: 3e-05}" in text, text
+    # The second round in (one more LR each, as proposed): the protocol extends once, so no third proposal.
+    for (opt, lr), a in {("adamw", 3e-3): 0.55, ("dopr_adamw", 3e-3): 0.95, ("muon", 3e-5): 0.8}.items():
+        for hp in ((1.0, 10.0) if opt.startswith("dopr_") else (0.0, 0.1)):
+            write_run(runs / f"{opt}-lr{lr:g}-{hp:g}-s100", opt, lr, hp, 0.1, a - 0.01 * hp)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), "--runs", str(runs), "--out", str(out), "--tuning"],
+                   check=True, capture_output=True, text=True, timeout=120)
+    text = (out / "tuning.md").read_text()
+    assert "**One more learning rate each**" not in text and "lr_centre:" not in text, text
+    assert "the protocol extends once" in text and "at the edge for dopr_adamw, muon." in text, text
