@@ -96,7 +96,8 @@ endef
 TUNE_lm := dopr muon adamw
 TUNE_lm_lora := muon dopr_muon adamw dopr_adamw
 TUNE_robot := dopr base
-TUNE_flow := dopr base
+# flow: round two (extend_*) gives every optimizer one more LR beyond its grid (report.py extension_lrs)
+TUNE_flow := dopr base extend_base extend_dopr
 # control: round two (extend_*) gives every optimizer one more LR beyond its grid's edge (report.py extension_lrs)
 TUNE_control := base dopr extend_base extend_dopr
 define tune
