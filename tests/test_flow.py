@@ -288,3 +288,19 @@ def test_smoke_run_of_the_entry_point(tmp_path):
     unet = build_unet(task_cfg(tmp_path, "smoke"))
     convs = {n for n, m in unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     assert convs <= covered, f"Conv2d/Linear layers left to the GP alone: {convs - covered}"
+
+
+@pytest.mark.slow  # two entry-point runs: keeps `make test` under 10 minutes; .ci/run runs it
+def test_bf16_autocast_trains_the_flow_task_through_the_entry_point(tmp_path):
+    # trainer.precision=bf16 (the paper-scale option for CIFAR-10) runs the UNet's forward under autocast: the
+    # same seed's training losses move off the fp32 run's, stay close to them, and the rollout stays finite.
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        run = tmp_path / precision
+        train("task=flow", "optimizer=dopr_adamw", f"trainer.precision={precision}", f"task.data_dir={tmp_path / 'cache'}",
+              f"hydra.run.dir={run}", "logger=none")
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["status"] == "done" and math.isfinite(summary["final"]["val_loss"]) and math.isfinite(summary["final"]["fd"])
+        losses[precision] = [r["train_loss"] for r in rows(run) if "train_loss" in r]
+    assert losses["fp32"] != losses["bf16"]  # autocast was in effect
+    assert all(abs(a - b) < 0.1 * abs(a) for a, b in zip(losses["fp32"], losses["bf16"]))
