@@ -95,7 +95,7 @@ endef
 # evaluation commands). tune-lm: 60 runs, about 1 h 40 min on 2 cores; LAUNCHER=slurm sends it to Slurm.
 TUNE_lm := dopr muon adamw
 TUNE_lm_lora := muon dopr_muon adamw dopr_adamw
-TUNE_robot := dopr base
+TUNE_robot := dopr base extend_base extend_dopr
 # flow: round two (extend_*) gives every optimizer one more LR beyond its grid (report.py extension_lrs)
 TUNE_flow := dopr base extend_base extend_dopr
 # control: round two (extend_*) gives every optimizer one more LR beyond its grid's edge (report.py extension_lrs)

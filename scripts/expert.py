@@ -103,6 +103,11 @@ def train(args) -> int:
     return evaluate(args, write=True)
 
 
+def expert_return_tolerance(stored: dict) -> float:
+    """Two standard errors of the stored mean return: the largest drift that still counts as the same expert."""
+    return 2 * stored["std_return"] / stored["episodes"] ** 0.5
+
+
 def evaluate(args, write: bool = False) -> int:
     path = expert_path(args)
     seeds = EVAL_SEEDS[: args.episodes]
@@ -118,8 +123,12 @@ def evaluate(args, write: bool = False) -> int:
     if not write and record.exists():
         stored = json.loads(record.read_text())
         if stored["episodes"] == result["episodes"]:
+            # Physics and BLAS rounding differ slightly across mujoco / gymnasium / numpy builds, so "the same
+            # expert" means: within two standard errors of the stored mean (sd / sqrt(episodes)).
+            diff, tol = abs(stored["mean_return"] - result["mean_return"]), expert_return_tolerance(stored)
             print(f"stored with the expert: mean return {stored['mean_return']}" +
-                  ("" if abs(stored["mean_return"] - result["mean_return"]) < 1e-6 else "  (DIFFERENT from now: mujoco or torch version?)"))
+                  ("" if diff < 1e-6 else f"  (differs by {diff:.1f}, within the tolerance {tol:.1f} = 2 standard errors)" if diff <= tol
+                   else f"  (DIFFERENT from now by {diff:.1f} > {tol:.1f} = 2 standard errors: mujoco, gymnasium or torch version?)"))
     return 0
 
 

@@ -96,7 +96,12 @@ def test_committed_expert_return_is_printed_and_matches_the_task_doc():
                          capture_output=True, text=True, timeout=300, check=True).stdout
     printed = float(re.search(r"mean return (-?[\d.]+)", out)[1])
     stored = json.loads((ROOT / "experiments/assets/experts/Hopper-v5_sac.json").read_text())["mean_return"]
-    assert printed == stored, out
+    record = json.loads((ROOT / "experiments/assets/experts/Hopper-v5_sac.json").read_text())
+    # not bitwise: mujoco / gymnasium / numpy builds move the mean by a few tenths (3418.9 stored, 3418.5 on a
+    # later install); two standard errors of the stored mean is the tolerance, the same one expert.py prints
+    tol = 2 * record["std_return"] / record["episodes"] ** 0.5
+    assert 0 < tol < 0.01 * stored and abs(printed - stored) <= tol, out
+    assert "DIFFERENT" not in out, out
     doc = (ROOT / "docs" / "tasks" / "control.md").read_text()
     assert f"mean return {stored}" in doc, "docs/tasks/control.md must quote the committed expert's return"
     assert stored > 500, "the committed expert should hop (a Hopper that falls at once scores < 200)"
