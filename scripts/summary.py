@@ -202,24 +202,36 @@ def current_task_version(task: str) -> int:
     return int(task_config(task).get("version", 1))
 
 
+def versions(runs: list[dict]) -> list[int]:
+    """The task versions a CSV's runs were made with (a CSV without the column predates versions: 1)."""
+    return sorted({int(r.get("task_version", 1)) for r in runs})
+
+
+def stale_version(task: str, runs: list[dict]) -> str:
+    """'' when every run is of the task's current version, else e.g. ' (version 1; current 3)' for a table cell."""
+    used, now = versions(runs), current_task_version(task)
+    return "" if used == [now] else f" (version {', '.join(map(str, used))}; current {now})"
+
+
 def version_guard(entries: list[dict], results: Path) -> list[str]:
-    """A warning for every results folder made with another version of its task than the current one."""
+    """A warning for every results folder, LR sweep and damping sweep made with another version of its
+    task than the current one."""
     old = []
     for e in entries:
         task = e["meta"].get("task") or e["folder"].parent.name
-        used = sorted({int(r.get("task_version", 1)) for r in e["runs"]})
-        if used != [current_task_version(task)]:
-            old.append((e, task, used))
+        rel = e["folder"].relative_to(results)
+        for name, runs in (("results.md", e["runs"]), ("lr_sweep.md", (e["sweep"] or (None, None))[1]),
+                           ("damping.md", (e["damping"] or (None, None))[1])):
+            if runs and stale_version(task, runs):
+                old.append(f"- [{rel}/{name}]({rel}/{name}): version {', '.join(map(str, versions(runs)))}, "
+                           f"current {current_task_version(task)}")
     if not old:
         return []
     lines = ["## Warning: results made with an older version of their task", "",
-             "These folders' runs were made with another version of the task than the current configs/task/<task>.yaml "
+             "These reports' runs were made with another version of the task than the current configs/task/<task>.yaml "
              "(its `version`; the task's doc says what changed). Their numbers describe that version; regenerate them with "
-             "their `make reproduce-<task>`:", ""]
-    for e, task, used in old:
-        rel = e["folder"].relative_to(results)
-        lines.append(f"- [{rel}]({rel}/results.md): version {', '.join(map(str, used))}, current {current_task_version(task)}")
-    return lines + [""]
+             "their `make reproduce-<task>` (a sweep: its make target in docs/experiments.md). Sweep rows below say so too.", ""]
+    return lines + old + [""]
 
 
 def damping_sweeps(entries: list[dict], results: Path) -> list[str]:
@@ -235,6 +247,7 @@ def damping_sweeps(entries: list[dict], results: Path) -> list[str]:
         meta, runs = e["damping"]
         key, sign = f"final_{meta['metric']}", 1 if meta["higher_is_better"] else -1
         rel = e["folder"].relative_to(results)
+        old = stale_version(meta["task"], runs)
         for opt in sorted({r["optimizer"] for r in runs if str(r["optimizer"]).startswith("dopr_")}):
             for lr in sorted({r["lr"] for r in runs if r["optimizer"] == opt}):
                 rs = [r for r in runs if r["optimizer"] == opt and r["lr"] == lr]
@@ -242,7 +255,7 @@ def damping_sweeps(entries: list[dict], results: Path) -> list[str]:
                 by_loss = min(rs, key=lambda r: r["final_val_loss"])
                 base = [r[key] for r in runs if r["optimizer"] == opt.removeprefix("dopr_") and r["lr"] == lr]
                 grid = ", ".join(f"{d:g}" for d in sorted(r["damping"] for r in rs))
-                lines.append(f"| [{meta['task']}]({rel}/damping.md) | {opt} | {lr:g} | {grid} | "
+                lines.append(f"| [{meta['task']}]({rel}/damping.md){old} | {opt} | {lr:g} | {grid} | "
                              f"{by_metric['damping']:g} | {by_metric[key]:.4g} | {by_loss['damping']:g} | {(sum(base) / len(base)) if base else math.nan:.4g} |")
     return lines
 
@@ -299,6 +312,7 @@ def main(argv=None) -> int:
             continue
         sweep_meta, sweep_runs = e["sweep"]
         key = f"final_{sweep_meta['metric']}"
+        old = stale_version(sweep_meta["task"], sweep_runs)
         by_opt = defaultdict(list)
         for r in sweep_runs:
             by_opt[r["optimizer"]].append(r)
@@ -311,7 +325,7 @@ def main(argv=None) -> int:
             rho = spearman([r["final_val_loss"] for r in rs], [r[key] for r in rs])
             own = seed_runs.get(opt, [])
             rho_seeds = spearman([r["final_val_loss"] for r in own], [r[key] for r in own]) if own else math.nan
-            parts.append(f"| {sweep_meta['task']} | {opt} | {sel['lrs']} | {sel['lr_by_loss']:g} | {sel['lr_by_metric']:g} | "
+            parts.append(f"| {sweep_meta['task']}{old} | {opt} | {sel['lrs']} | {sel['lr_by_loss']:g} | {sel['lr_by_metric']:g} | "
                          f"{sel['metric_at_loss_choice']:.4g} | {sel['metric_at_metric_choice']:.4g} | {sel['regret']:.4g} | "
                          f"{'n/a' if math.isnan(rho) else f'{rho:+.2f}'} | {'n/a' if math.isnan(rho_seeds) else f'{rho_seeds:+.2f}'} |")
     parts += damping_sweeps(entries, args.results)

@@ -75,7 +75,8 @@ def test_summary_on_synthetic_reports_is_right_and_deterministic(tmp_path):
         runs.append({"optimizer": "dopr_adamw", "lr": 0.001, "seed": seed, "final_val_loss": loss + d_loss,
                      "final_accuracy": acc + 0.19 + 0.01 * seed})
     _write_report(results / "alpha" / "cpu", "accuracy", True, runs)
-    sweep = [{"optimizer": "adamw", "lr": lr, "seed": 100, "final_val_loss": loss, "final_accuracy": acc}
+    # made with version 2 of a task whose current version is 1 (alpha has no configs/task/alpha.yaml): flagged
+    sweep = [{"optimizer": "adamw", "lr": lr, "seed": 100, "final_val_loss": loss, "final_accuracy": acc, "task_version": 2}
              for lr, loss, acc in [(1e-3, 1.0, 0.3), (1e-2, 0.8, 0.5), (1e-1, 0.7, 0.2)]]
     _write_report(results / "alpha" / "cpu", "accuracy", True, sweep, stem="lr_sweep")
     # task "beta": FD (lower is better), AP worse by exactly 1.0 on each seed -> CI of width 0
@@ -99,7 +100,7 @@ def test_summary_on_synthetic_reports_is_right_and_deterministic(tmp_path):
     beta = next(line for line in text.splitlines() if line.startswith("| [beta]"))
     assert "+1.0000 [+1.0000, +1.0000]" in beta and "**worse**" in beta.split("|")[10]
     # the sweep: val loss picks 0.1 (loss 0.7, accuracy 0.2), accuracy picks 0.01 (0.5): regret 0.3
-    sweep_line = next(line for line in text.splitlines() if line.startswith("| alpha | adamw |"))
+    sweep_line = next(line for line in text.splitlines() if line.startswith("| alpha (version 2; current 1) | adamw |"))
     cells = [c.strip() for c in sweep_line.strip("|").split("|")]
     assert cells[2:8] == ["3", "0.1", "0.01", "0.2", "0.5", "0.3"]
     # the damping guard: alpha's CSV has no damping column (made at the old default 1e-3) and is flagged;
@@ -107,7 +108,10 @@ def test_summary_on_synthetic_reports_is_right_and_deterministic(tmp_path):
     guard = text.split("## Warning: DoPr runs made at another damping")[1].split("## Did AP help")[0]
     assert "alpha/cpu" in guard and "damping 0.001" in guard and "beta/cpu" not in guard
     assert "DoPr was better in 1, worse in 1 and not distinguishable in 0" in text
-    assert cells[8] == "+0.50"  # Spearman over the 3 sweep runs: loss ranks 3,2,1 vs accuracy ranks 2,3,1: 1 - 6*2/(3*8)
+    assert cells[8] == "+0.50"
+    # the version guard names the stale sweep, not the current seed runs of the same folder
+    versions = text.split("## Warning: results made with an older version")[1].split("## Did AP help")[0]
+    assert "alpha/cpu/lr_sweep.md" in versions and "alpha/cpu/results.md" not in versions and "beta" not in versions  # Spearman over the 3 sweep runs: loss ranks 3,2,1 vs accuracy ranks 2,3,1: 1 - 6*2/(3*8)
 
 
 def test_summary_without_reports_names_the_fix(tmp_path):
