@@ -169,12 +169,14 @@ def p_text(p: float) -> str:
 def headline(entries: list[dict]) -> list[str]:
     """One paragraph the front README quotes: how the paired comparisons came out."""
     verdicts = [c["metric_verdict"] for e in entries for c in comparisons(e)]
+    few = verdicts.count("too few seeds")  # one seed (e.g. robot_image's one-seed table): no interval, not counted
+    verdicts = [v for v in verdicts if v != "too few seeds"]
     better, worse = verdicts.count("**better**"), verdicts.count("**worse**")
     stale = sum(1 for e in entries if stale_damping(e, library_damping()))
     return ["## Headline", "",
             f"Of {len(verdicts)} paired DoPr-X vs X comparisons on the rollout metric (over {len(entries)} results folders), "
             f"DoPr was better in {better}, worse in {worse} and not distinguishable in {len(verdicts) - better - worse} "
-            "(95% t-interval over seeds)." + (f" {stale} of the folders were made at another damping than the library default "
+            "(95% t-interval over seeds)." + (f" Left out: {few} with one seed (no interval)." if few else "") + (f" {stale} of the folders were made at another damping than the library default "
                                                "(warning below): their DoPr rows describe that damping." if stale else ""), ""]
 
 

@@ -86,6 +86,10 @@ def test_summary_on_synthetic_reports_is_right_and_deterministic(tmp_path):
         runs.append({"optimizer": "dopr_muon", "lr": 0.01, "seed": seed, "final_val_loss": 0.3, "final_fd": 3.0 + seed,
                      "damping": 1.0})
     _write_report(results / "beta" / "cpu", "fd", False, runs)
+    # task "gamma": one seed (a one-seed table): no interval, left out of the headline's count
+    _write_report(results / "gamma" / "cpu", "accuracy", True,
+                  [{"optimizer": o, "lr": 0.001, "seed": 0, "final_val_loss": 1.0, "final_accuracy": a, "damping": 1.0}
+                   for o, a in (("adamw", 0.5), ("dopr_adamw", 0.9))])
 
     def make():
         subprocess.run([sys.executable, "scripts/summary.py", "--results", str(results)], cwd=ROOT, check=True, capture_output=True)
@@ -107,7 +111,9 @@ def test_summary_on_synthetic_reports_is_right_and_deterministic(tmp_path):
     # beta's DoPr runs say damping 1.0, the library default, and are not
     guard = text.split("## Warning: DoPr runs made at another damping")[1].split("## Did AP help")[0]
     assert "alpha/cpu" in guard and "damping 0.001" in guard and "beta/cpu" not in guard
-    assert "DoPr was better in 1, worse in 1 and not distinguishable in 0" in text
+    assert "Of 2 paired DoPr-X vs X comparisons on the rollout metric (over 3 results folders), DoPr was better in 1, worse in 1 " \
+           "and not distinguishable in 0" in text and "Left out: 1 with one seed (no interval)." in text
+    assert "too few seeds" in next(line for line in text.splitlines() if line.startswith("| [gamma]"))
     assert cells[8] == "+0.50"
     # the version guard names the stale sweep, not the current seed runs of the same folder
     versions = text.split("## Warning: results made with an older version")[1].split("## Did AP help")[0]
