@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import logging
 import sys
 import time
@@ -340,7 +341,7 @@ def _gym_wrapper():
         resets, terminated = the env's own success check, truncated at the horizon."""
 
         def __init__(self, meta, obs_keys, horizon, image_keys, image_size, fast_render=False):
-            self.horizon, self.fast_render = horizon, fast_render and bool(image_keys)
+            self.horizon, self.fast_render, self.renders = horizon, fast_render and bool(image_keys), bool(image_keys)
             env = make_env(meta, image_keys, image_size)
             inverse = {v: k for k, v in ROBOSUITE_TO_ROBOMIMIC.items()}
             with warnings.catch_warnings():  # its float64 action Box: gymnasium warns about float32 casting
@@ -358,6 +359,12 @@ def _gym_wrapper():
                 reseed(self.env, int(seed))
             self.t = 0
             raw = self.env.reset()
+            if self.renders:
+                # robosuite's hard reset builds a new MjSim and offscreen render context (~0.3 GB with two 84x84
+                # cameras) and drops the old ones in reference cycles, which only the cyclic collector frees:
+                # without this, 10 rendering environments over a 70-episode evaluation grew one process to 13 GB
+                # (out of memory). Measured here: 0.15 s per reset, against ~2.7 s for the reset itself.
+                gc.collect()
             if self.fast_render:  # the reset's renderer is new: set it up, and render the first frame again
                 fast_rendering(self.env.sim)
                 raw = self.env._get_observations(force_update=True)

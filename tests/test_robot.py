@@ -343,6 +343,28 @@ def test_image_observations_render_in_batched_rollouts():
         assert not np.array_equal(first[key][:, -1], second[key][:, -1])  # the wrist camera moved down
 
 
+def test_resets_of_a_rendering_environment_leave_no_old_simulations_behind(tmp_path):
+    """robosuite's hard reset replaces the MjSim and its offscreen render context (~0.3 GB each with two
+    cameras) and leaves the old ones in reference cycles; the image variant's rollouts ran out of memory
+    on them. After any number of resets, one simulation (the live one) exists."""
+    import gc
+
+    from robosuite.utils.binding_utils import MjSim
+
+    low = tmp_path / "lift.hdf5"
+    robot_sim.write_expert_dataset(low, "Lift", 2, 1, seed=1, noise=0.1, horizon=200, log=None)
+    env = robot_sim.RobomimicGym(env_meta(low), ["robot0_eef_pos", "agentview_image"], 200, ["agentview_image"], 32)
+    gc.disable()  # the collector must not run by chance between resets: what frees the old sims is the reset's own collect
+    try:
+        for seed in range(3):
+            env.reset(seed=seed)
+        sims = [o for o in gc.get_objects() if isinstance(o, MjSim)]
+    finally:
+        gc.enable()
+    assert len(sims) == 1 and sims[0] is env.env.sim
+    env.close()
+
+
 def test_rendered_demo_images_are_what_a_rollout_sees(tmp_path):
     """The image variant's demos (robot_sim.add_rendered_images): each demo re-run from its seed with its
     actions gives frames identical to those a rollout environment shows when it starts from that seed
