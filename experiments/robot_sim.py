@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import gc
 import logging
 import sys
 import time
@@ -358,17 +357,25 @@ def _gym_wrapper():
             if seed is not None:
                 reseed(self.env, int(seed))
             self.t = 0
+            if self.renders and self.env.hard_reset and not self.env.deterministic_reset:
+                self._free_sim()
             raw = self.env.reset()
-            if self.renders:
-                # robosuite's hard reset builds a new MjSim and offscreen render context (~0.3 GB with two 84x84
-                # cameras) and drops the old ones in reference cycles, which only the cyclic collector frees:
-                # without this, 10 rendering environments over a 70-episode evaluation grew one process to 13 GB
-                # (out of memory). Measured here: 0.15 s per reset, against ~2.7 s for the reset itself.
-                gc.collect()
             if self.fast_render:  # the reset's renderer is new: set it up, and render the first frame again
                 fast_rendering(self.env.sim)
                 raw = self.env._get_observations(force_update=True)
             return robomimic_obs(self._filter_obs(raw)), {}
+
+        def _free_sim(self):
+            """Free the simulation and offscreen renderer that the coming hard reset replaces. robosuite 1.5
+            frees them there only for renderer="mujoco" (environments/base.py, reset); with its default it
+            drops them in reference cycles (~0.3 GB with two 84x84 cameras), which 10 rendering environments
+            over a 70-episode evaluation grew to 13 GB per run (out of memory). MjrContext.free() deletes GL
+            objects of whichever context is current, so this one is made current first: freed later by the
+            collector, it deleted the live renderer's textures (black frames)."""
+            ctx = getattr(self.env.sim, "_render_context_offscreen", None)
+            if ctx is not None:
+                ctx.gl_ctx.make_current()
+            self.env._destroy_sim()  # robosuite's own: MjSim.free() (drops the render context, collects) and sim = None
 
         def step(self, action):
             raw, reward, _, info = self.env.step(action)

@@ -346,22 +346,27 @@ def test_image_observations_render_in_batched_rollouts():
 def test_resets_of_a_rendering_environment_leave_no_old_simulations_behind(tmp_path):
     """robosuite's hard reset replaces the MjSim and its offscreen render context (~0.3 GB each with two
     cameras) and leaves the old ones in reference cycles; the image variant's rollouts ran out of memory
-    on them. After any number of resets, one simulation (the live one) exists."""
+    on them. After any number of resets, one simulation and one render context (the live ones) exist, and
+    the frames still show the scene (freeing an old renderer in the wrong GL context blanks the live one)."""
     import gc
 
-    from robosuite.utils.binding_utils import MjSim
+    from robosuite.utils.binding_utils import MjRenderContext, MjSim
 
     low = tmp_path / "lift.hdf5"
     robot_sim.write_expert_dataset(low, "Lift", 2, 1, seed=1, noise=0.1, horizon=200, log=None)
     env = robot_sim.RobomimicGym(env_meta(low), ["robot0_eef_pos", "agentview_image"], 200, ["agentview_image"], 32)
-    gc.disable()  # the collector must not run by chance between resets: what frees the old sims is the reset's own collect
+    gc.disable()  # the collector must not run by chance between resets: the reset itself must free the old sim
     try:
         for seed in range(3):
             env.reset(seed=seed)
         sims = [o for o in gc.get_objects() if isinstance(o, MjSim)]
+        contexts = [o for o in gc.get_objects() if isinstance(o, MjRenderContext)]
     finally:
         gc.enable()
     assert len(sims) == 1 and sims[0] is env.env.sim
+    assert len(contexts) == 1 and contexts[0] is env.env.sim._render_context_offscreen
+    first = env.reset(seed=0)[0]["agentview_image"]
+    assert first.std() > 5 and env.step(np.zeros(env.action_space.shape))[0]["agentview_image"].std() > 5
     env.close()
 
 
