@@ -398,7 +398,7 @@ def fast_rendering(sim) -> None:
     import mujoco
 
     ctx = sim._render_context_offscreen
-    ctx.gl_ctx.make_current()  # another context may be current (the collector can free old ones in between); robosuite's render does the same
+    ctx.gl_ctx.make_current()  # its con is rebuilt below, in whichever context is current: make it this sim's (robosuite's render assumes it)
     ctx.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
     ctx.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
     if sim.model._model.vis.quality.offsamples:
