@@ -30,6 +30,25 @@ MIN_RELATIVE_EIGENVALUE = 1e-6
 _UNFOLD_CHUNK_ELEMENTS = 1 << 25
 
 FALLBACK_KINDS = ("float64", "eigh", "previous", "skipped", "nonfinite_stats")
+# Inputs at least this wide get their Z^T Z from two column halves (below, _gram_sym).
+_SPLIT_GRAM_MIN_D = 192
+
+
+def _gram_sym(z: torch.Tensor) -> torch.Tensor:
+    """Z^T Z for z of shape (groups, n, d). For d >= _SPLIT_GRAM_MIN_D it is built
+    from the two column halves [A B]: A^T [A B] and B^T B, the lower-left block mirrored, so 3/4 of the
+    full product's flops (a BLAS syrk would do 1/2, but torch exposes none; written here for that).
+    On 2 CPU cores this takes 0.75-0.9 of the time of ``z.mT @ z`` (docs/benchmark.md)."""
+    d = z.shape[-1]
+    if d < _SPLIT_GRAM_MIN_D:
+        return z.transpose(1, 2) @ z
+    h = d // 2
+    top = z[:, :, :h].transpose(1, 2) @ z  # (g, h, d): the first h rows of Z^T Z
+    out = torch.empty(z.shape[0], d, d, dtype=top.dtype, device=top.device)
+    out[:, :h] = top
+    out[:, h:, :h] = top[:, :, h:].transpose(1, 2)
+    out[:, h:, h:] = z[:, :, h:].transpose(1, 2) @ z[:, :, h:]
+    return out
 
 
 @dataclass
@@ -384,7 +403,7 @@ class ActivationPreconditioner:
             merged = _Part(count=count, rows=torch.cat([previous.rows, part.rows], dim=1))
         else:
             def as_sum(p):
-                return p.sum if p.sum is not None else p.rows.transpose(1, 2) @ p.rows
+                return p.sum if p.sum is not None else _gram_sym(p.rows)
 
             merged = _Part(count=count, sum=as_sum(previous) + as_sum(part))
         self._merged[(id(previous), id(part))] = (weakref.ref(previous), weakref.ref(part), merged)
@@ -458,7 +477,7 @@ class ActivationPreconditioner:
         if self.stats_precision == "bfloat16" and rows.is_cuda:
             z = rows.view(rows.shape[0], -1, blocks.shape[-1]).transpose(0, 1)
             return torch.bmm(z.transpose(1, 2), z, out_dtype=torch.float32)
-        return blocks.transpose(1, 2) @ blocks
+        return _gram_sym(blocks)
 
     def _accumulate(self, chunks, g: int, d: int) -> _Part:
         total, kept, count = None, [], 0
@@ -480,7 +499,7 @@ class ActivationPreconditioner:
             rows = kept[0] if len(kept) == 1 else torch.cat(kept, dim=1)
             if total is None:
                 return _Part(count=count, rows=rows)
-            total = total + rows.transpose(1, 2) @ rows
+            total = total + _gram_sym(rows)
         return _Part(count=count, sum=total)
 
     # ------------------------------------------------------------------ the update
@@ -558,7 +577,7 @@ class ActivationPreconditioner:
                 continue
             total = None
             for p in parts:
-                s = p.sum if p.sum is not None else p.rows.transpose(1, 2) @ p.rows
+                s = p.sum if p.sum is not None else _gram_sym(p.rows)
                 total = s if total is None else total + s
             entries.append({"members": members, "sum": total, "count": float(count)})
         if self._use_distributed():
@@ -736,7 +755,7 @@ class ActivationPreconditioner:
         out = {}
         for layer in self.layers:
             if layer.parts:
-                total = sum(p.sum if p.sum is not None else p.rows.transpose(1, 2) @ p.rows for p in layer.parts)
+                total = sum(p.sum if p.sum is not None else _gram_sym(p.rows) for p in layer.parts)
                 out[layer.name] = total / float(sum(p.count for p in layer.parts))
         return out
 

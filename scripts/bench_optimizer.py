@@ -20,6 +20,7 @@ steps, so the refreshes of update_every=10 are counted, not hidden. "AP state" i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import inspect
 import statistics
@@ -32,6 +33,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dopr  # noqa: E402
+import dopr.preconditioner as pre  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,6 +151,21 @@ def workloads(chosen: list[str], quick: bool, lm_batch: int):
 
 
 VARIANTS = (("exact", {"max_rows": None, "max_rows_per_dim": None}), ("default", {}), ("default@10", {"update_every": 10}))
+# --compare-gram: the defaults with every Z^T Z as one product (the library before its split gram) against the
+# defaults, interleaved in one run; "full" variants run with dopr.preconditioner's split threshold out of reach.
+GRAM_VARIANTS = (("default, full gram", {}), ("default", {}), ("default@10, full gram", {"update_every": 10}), ("default@10", {"update_every": 10}))
+
+
+@contextlib.contextmanager
+def gram(name: str):
+    if "full gram" not in name:
+        yield
+        return
+    saved, pre._SPLIT_GRAM_MIN_D = pre._SPLIT_GRAM_MIN_D, 1 << 62
+    try:
+        yield
+    finally:
+        pre._SPLIT_GRAM_MIN_D = saved
 
 
 def bench(model: nn.Module, loss_fn, bases, rounds: int, warmup: int, device: str, settings=VARIANTS):
@@ -163,11 +180,12 @@ def bench(model: nn.Module, loss_fn, bases, rounds: int, warmup: int, device: st
             variants[(base, name)] = [m, dopr.build_optimizer(m, f"dopr_{base}", lr=1e-4, **kw), []]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for r in range(warmup + rounds):
-        for m, opt, times in variants.values():
+        for (_, name), (m, opt, times) in variants.items():
             sync()
             t0 = time.perf_counter()
-            loss_fn(m).backward()
-            opt.step()
+            with gram(name):
+                loss_fn(m).backward()
+                opt.step()
             opt.zero_grad(set_to_none=True)
             sync()
             if r >= warmup:
@@ -190,6 +208,8 @@ def main(argv=None):
     parser.add_argument("--bases", default="adamw", help="comma-separated GPs (default adamw; all: " + ",".join(dopr.BASES) + ")")
     parser.add_argument("--workloads", default="flow,robot,unet2d,llama,lora,mlp", help="comma-separated subset of the default")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compare-gram", action="store_true", help="time the defaults with Z^T Z as one product against "
+                        "the library's split product (dopr.preconditioner._gram_sym), in place of the usual variants")
     args = parser.parse_args(argv)
     rounds = args.rounds or (10 if args.quick else 20)
     if rounds % 10:
@@ -209,7 +229,16 @@ def main(argv=None):
     for _, title, model, loss_fn in workloads(chosen, args.quick, 2 if args.quick else args.lm_batch):
         print(f"\n### {title}\n", flush=True)
         t0 = time.perf_counter()
-        times, state = bench(model, loss_fn, bases, rounds, args.warmup, args.device)
+        settings = GRAM_VARIANTS if args.compare_gram else VARIANTS
+        times, state = bench(model, loss_fn, bases, rounds, args.warmup, args.device, settings)
+        if args.compare_gram:
+            print("| GP | X (ms/step) | " + " | ".join(f"DoPr-X {name} (ms) | ratio" for name, _ in settings) + " |")
+            print("|---|---:|" + "---:|---:|" * len(settings))
+            for base in bases:
+                x = times[(base, "")]
+                print(f"| {base} | {1e3 * x:.2f} | " + " | ".join(f"{1e3 * times[(base, n)]:.2f} | {times[(base, n)] / x:.3f}" for n, _ in settings) + " |")
+            print(f"\n({time.perf_counter() - t0:.0f} s)", flush=True)
+            continue
         print("| GP | X (ms/step) | DoPr-X exact (ms) | ratio | DoPr-X default (ms) | ratio | DoPr-X default, update_every=10 (ms) | ratio "
               "| AP state exact / default / @10 (MiB) |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---|")

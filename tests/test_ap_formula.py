@@ -468,3 +468,25 @@ def test_row_mask_keeps_padding_out_of_sigma_whatever_the_padding():
         assert torch.allclose(sigmas[0][name], sigmas[1][name], rtol=1e-5, atol=1e-6), name
     assert not torch.allclose(sigmas[1]["model.embed_tokens"], sigmas[2]["model.embed_tokens"])
     assert not torch.allclose(sigmas[1]["model.layers.0.mlp.down_proj"], sigmas[2]["model.layers.0.mlp.down_proj"])
+
+
+def test_wide_inputs_take_the_split_gram_and_stay_the_formula():
+    # d_in >= _SPLIT_GRAM_MIN_D: Z^T Z is built from two column halves (3/4 of the flops). Its
+    # product is checked against float64 (3 groups, widths around the threshold and an odd one:
+    # unequal halves), and so is the preconditioned gradient of a wide layer whose rows come from
+    # two forwards (the first under d_in, kept for Woodbury, then merged into a sum).
+    from dopr.preconditioner import _SPLIT_GRAM_MIN_D, _gram_sym
+
+    for d in (_SPLIT_GRAM_MIN_D - 1, _SPLIT_GRAM_MIN_D, 301):
+        z = torch.randn(3, 500, d)
+        want = z.double().transpose(1, 2) @ z.double()
+        assert rel_err(_gram_sym(z), want) < 1e-6
+    d = 257
+    model = nn.Sequential(nn.Linear(d, 16), nn.Tanh(), nn.Linear(16, 3))
+    seen = capture_inputs(model[0])
+    ap = dopr.ActivationPreconditioner(model, damping=1.0, max_rows_per_dim=None)
+    for n in (100, 400):  # 100 rows < d_in, then 500 in all
+        model(torch.randn(n, d)).pow(2).sum().backward()
+    g = model[0].weight.grad.clone()
+    ap.step()
+    assert rel_err(model[0].weight.grad, expected_ap(g, torch.cat(seen), 1.0)) < TOL

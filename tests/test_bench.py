@@ -33,3 +33,24 @@ def test_rows_error_is_zero_without_subsampling_and_grows_with_fewer_rows():
     for ratio, _, _, _, whole in tables:
         by_ratio.setdefault(ratio, []).append(float(whole))
     assert all(a > b for a, b in zip(by_ratio["0.5"], by_ratio["2"])), out
+
+
+def test_compare_gram_times_the_full_product_against_the_split_one():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_optimizer
+
+    import dopr.preconditioner as pre
+
+    split = pre._SPLIT_GRAM_MIN_D
+    with bench_optimizer.gram("default, full gram"):
+        assert pre._SPLIT_GRAM_MIN_D > 1 << 40  # no input is that wide: one product
+    with bench_optimizer.gram("default"):
+        assert pre._SPLIT_GRAM_MIN_D == split
+    assert pre._SPLIT_GRAM_MIN_D == split
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_optimizer.py"), "--quick", "--workloads", "mlp", "--compare-gram"],
+                         check=True, capture_output=True, text=True, timeout=300).stdout
+    rows = re.findall(rf"^\| adamw \| {NUMBER} \| " + r" \| ".join([NUMBER] * 8) + r" \|$", out, re.M)
+    assert len(rows) == 1 and "DoPr-X default, full gram (ms)" in out, out
+    x, *cells = map(float, rows[0])
+    for t, r in zip(cells[::2], cells[1::2]):
+        assert abs(t / x - r) < 0.02 * r + 0.002
