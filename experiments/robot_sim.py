@@ -47,7 +47,7 @@ def suite_meta(env_name: str, horizon: int) -> dict:
     return {"env_name": env_name, "type": 1, "env_kwargs": kwargs}
 
 
-def make_env(meta: dict, image_keys=(), image_size: int = 84, seed: int | None = None):
+def make_env(meta: dict, image_keys=(), image_size: int = 84, seed: int | None = None, hard_reset: bool = True):
     """A robosuite environment from env metadata (ours or a robomimic dataset's). Controller configs
     in robosuite <= 1.4's format (robomimic's datasets) are converted to 1.5's composite form.
     Image keys (``<camera>_image``) turn on the offscreen renderer for those cameras."""
@@ -65,7 +65,25 @@ def make_env(meta: dict, image_keys=(), image_size: int = 84, seed: int | None =
                   ignore_done=True)  # the rollout loop owns the horizon
     if cameras:
         kwargs.update(camera_names=cameras, camera_heights=image_size, camera_widths=image_size)
-    return suite.make(meta["env_name"], seed=seed, **kwargs)
+    return suite.make(meta["env_name"], seed=seed, **{**kwargs, "hard_reset": hard_reset})
+
+
+def soft_reset_matches(meta: dict, seed: int = 0) -> bool:
+    """Whether a soft reset (robosuite's hard_reset=False: the loaded model is reset, not rebuilt from XML;
+    1 ms instead of ~0.2 s) starts a seed's episode from the hard reset's state. True for Stack, where
+    the episodes are then the same, bitwise (tests/test_robot.py); False for Lift, which draws its cube's
+    size from the env's rng when it builds the model, so soft resets would keep one size and shift the draws."""
+    env = make_env(meta)
+    try:
+        states = []
+        for hard in (True, False):
+            env.hard_reset = hard
+            reseed(env, seed)
+            env.reset()
+            states.append(env.sim.get_state().flatten())
+        return bool(np.array_equal(*states))
+    finally:
+        env.close()
 
 
 def reseed(env, seed: int) -> None:
@@ -269,7 +287,10 @@ def vector_env(meta: dict, obs_keys: list[str], horizon: int, image_size: int, n
     if vectorization not in ("sync", "async"):
         raise ValueError(f"task.vectorization={vectorization!r}: choose sync or async")
     image_keys = [k for k in obs_keys if is_image_key(k)]
-    envs_fn = [lambda: RobomimicGym(meta, obs_keys, horizon, image_keys, image_size, fast_render) for _ in range(num_envs)]
+    # Environments without cameras reset softly where that gives the hard reset's episodes (checked once
+    # here); camera environments keep robosuite's hard reset (their renderer handling expects it).
+    soft = not image_keys and soft_reset_matches(meta)
+    envs_fn = [lambda: RobomimicGym(meta, obs_keys, horizon, image_keys, image_size, fast_render, soft_reset=soft) for _ in range(num_envs)]
     return gym.vector.SyncVectorEnv(envs_fn) if vectorization == "sync" else gym.vector.AsyncVectorEnv(envs_fn, context="spawn")
 
 
@@ -339,9 +360,9 @@ def _gym_wrapper():
         """robosuite's GymWrapper with robomimic's observation names and rollout protocol: seeded
         resets, terminated = the env's own success check, truncated at the horizon."""
 
-        def __init__(self, meta, obs_keys, horizon, image_keys, image_size, fast_render=False):
+        def __init__(self, meta, obs_keys, horizon, image_keys, image_size, fast_render=False, soft_reset=False):
             self.horizon, self.fast_render, self.renders = horizon, fast_render and bool(image_keys), bool(image_keys)
-            env = make_env(meta, image_keys, image_size)
+            env = make_env(meta, image_keys, image_size, hard_reset=not soft_reset)
             inverse = {v: k for k, v in ROBOSUITE_TO_ROBOMIMIC.items()}
             with warnings.catch_warnings():  # its float64 action Box: gymnasium warns about float32 casting
                 warnings.simplefilter("ignore", UserWarning)
@@ -386,8 +407,8 @@ def _gym_wrapper():
     return _RobomimicGym
 
 
-def RobomimicGym(meta, obs_keys, horizon: int, image_keys=(), image_size: int = 84, fast_render: bool = False):
-    return _gym_wrapper()(meta, obs_keys, horizon, image_keys, image_size, fast_render)
+def RobomimicGym(meta, obs_keys, horizon: int, image_keys=(), image_size: int = 84, fast_render: bool = False, soft_reset: bool = False):
+    return _gym_wrapper()(meta, obs_keys, horizon, image_keys, image_size, fast_render, soft_reset)
 
 
 def fast_rendering(sim) -> None:

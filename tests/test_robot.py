@@ -291,6 +291,30 @@ def test_rollouts_follow_the_seeds_and_end_on_the_envs_success_check():
     assert not idle["success"].any() and (idle["length"] == 30).all()
 
 
+def test_soft_resets_are_used_only_where_they_give_the_hard_reset_episodes():
+    """Rollout environments without cameras reset softly (the model is reset, not rebuilt from XML) when
+    that starts each seed where a hard reset does: on Stack the episodes are then the same, bitwise, as
+    under robosuite's hard reset; Lift draws its cube's size when it builds the model, so it keeps hard resets."""
+    assert not robot_sim.soft_reset_matches(robot_sim.suite_meta("Lift", horizon=50))
+    meta = robot_sim.suite_meta("Stack", horizon=50)
+    assert robot_sim.soft_reset_matches(meta)
+    keys = ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object"]
+    envs = robot_sim.vector_env(meta, keys, 50, 84, 1)
+    soft, hard = envs.envs[0], robot_sim.RobomimicGym(meta, keys, 50)
+    assert not soft.env.hard_reset and hard.env.hard_reset
+    actions = np.random.default_rng(0).uniform(-1, 1, (20, 7))
+    for seed in (50000, 70001, 50000):  # the same seed again after other episodes: the same episode
+        a, _ = soft.reset(seed=seed)
+        b, _ = hard.reset(seed=seed)
+        for act in actions:
+            for k in keys:
+                np.testing.assert_array_equal(a[k], b[k])
+            a, *_ = soft.step(act)
+            b, *_ = hard.step(act)
+    assert not np.array_equal(soft.reset(seed=1)[0]["object"], soft.reset(seed=2)[0]["object"])
+    envs.close()
+
+
 def test_evaluations_reuse_one_set_of_rollout_environments(tmp_path, monkeypatch):
     built = []
     original = robot_sim.RobomimicGym

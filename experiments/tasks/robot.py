@@ -300,22 +300,28 @@ def embedded_dataset(cfg) -> Path:
     """The scripted expert's demonstrations for ``cfg.env`` (generated on first use, then cached). With
     image keys in ``task.obs_keys``, a copy with those cameras rendered by re-running each demo from its
     seed with its actions (cached beside it; robot_sim.add_rendered_images)."""
+    from filelock import FileLock
+
     path = Path(cfg.data_dir).expanduser() / f"{cfg.env}_expert_n{cfg.demos}_s{cfg.demo_seed}_noise{cfg.demo_noise:g}_h{cfg.demo_horizon}.hdf5"
     image_keys = sorted(k for k in cfg.obs_keys if is_image_key(k))
-    if not path.exists() or (image_keys and not _has_seeds(path)):  # files from before the seed attribute: made again (the same demos)
-        from ..robot_sim import write_expert_dataset
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Runs of one sweep start together: the first generates (renders) a missing file, the others wait for it.
+    with FileLock(str(path) + ".lock"):
+        if not path.exists() or (image_keys and not _has_seeds(path)):  # files from before the seed attribute: made again (the same demos)
+            from ..robot_sim import write_expert_dataset
 
-        print(f"generating {cfg.demos} scripted-expert demos of {cfg.env} (robosuite) into {path}", flush=True)
-        write_expert_dataset(path, cfg.env, cfg.demos, cfg.val_demos, cfg.demo_seed, cfg.demo_noise, cfg.demo_horizon)
+            print(f"generating {cfg.demos} scripted-expert demos of {cfg.env} (robosuite) into {path}", flush=True)
+            write_expert_dataset(path, cfg.env, cfg.demos, cfg.val_demos, cfg.demo_seed, cfg.demo_noise, cfg.demo_horizon)
     if not image_keys:
         return path
     fast = bool(cfg.get("fast_render"))
     with_images = path.with_name(f"{path.stem}_img{cfg.image_size}{'fast' if fast else ''}_{'-'.join(k.removesuffix('_image') for k in image_keys)}.hdf5")
-    if not with_images.exists():
-        from ..robot_sim import add_rendered_images
+    with FileLock(str(with_images) + ".lock"):
+        if not with_images.exists():
+            from ..robot_sim import add_rendered_images
 
-        print(f"rendering {', '.join(image_keys)} for the demos of {path.name} (once; cached as {with_images.name})", flush=True)
-        add_rendered_images(path, with_images, image_keys, cfg.image_size, fast)
+            print(f"rendering {', '.join(image_keys)} for the demos of {path.name} (once; cached as {with_images.name})", flush=True)
+            add_rendered_images(path, with_images, image_keys, cfg.image_size, fast)
     return with_images
 
 
