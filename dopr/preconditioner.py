@@ -14,6 +14,7 @@ their own update rule), so it is written here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ _UNFOLD_CHUNK_ELEMENTS = 1 << 25
 FALLBACK_KINDS = ("float64", "eigh", "previous", "skipped", "nonfinite_stats")
 # Inputs at least this wide get their Z^T Z from two column halves (below, _gram_sym).
 _SPLIT_GRAM_MIN_D = 192
+# Stride-1 conv grams from shifted products of the input (_shifted_conv_gram) when that is cheaper,
+# counting each of its small matmuls as this many flops more (their per-call overhead on a CPU).
+_SHIFTED_GRAM_CALL_FLOPS = 2e6
 
 
 def _gram_sym(z: torch.Tensor) -> torch.Tensor:
@@ -91,14 +95,11 @@ class _Layer:
         return self.module.weight
 
 
-def _conv_rows(module: nn.Module, x: torch.Tensor, index=None):
-    """(rows per sample, an iterator of chunks of patches (rows, C_in * prod(kernel)) in the
-    weight's column order). ``index=None``: every patch, unfolded whole samples per chunk;
-    otherwise (sorted global row numbers, or a callable that gets the total row count and returns
-    them or None) only those patches, gathered straight from the padded input without unfolding
-    the rest (so a subsampled statistic costs what its rows cost)."""
+def _conv_input(module: nn.Module, x: torch.Tensor):
+    """The input as (B, C, H, W), padded exactly as the module's forward pads it (a Conv1d is a Conv2d
+    of height 1), with the kernel, stride, dilation and output size as (height, width) pairs."""
     if isinstance(module, nn.Conv1d):
-        x = x.unsqueeze(-2)  # (B, C, 1, L): a Conv1d is a Conv2d of height 1
+        x = x.unsqueeze(-2)  # (B, C, 1, L)
         kernel, stride = (1, module.kernel_size[0]), (1, module.stride[0])
         dilation = (1, module.dilation[0])
         padding = (0, module.padding[0]) if not isinstance(module.padding, str) else None
@@ -114,12 +115,23 @@ def _conv_rows(module: nn.Module, x: torch.Tensor, index=None):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = F.pad(x, pad, mode=mode)
         padding = (0, 0)
-    out = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)]
+    if any(padding):
+        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    out = tuple((x.shape[2 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2))
+    return x, kernel, stride, dilation, out
+
+
+def _conv_rows(module: nn.Module, x: torch.Tensor, index=None, padded=None):
+    """(rows per sample, an iterator of chunks of patches (rows, C_in * prod(kernel)) in the
+    weight's column order). ``index=None``: every patch, unfolded whole samples per chunk;
+    otherwise (sorted global row numbers, or a callable that gets the total row count and returns
+    them or None) only those patches, gathered straight from the padded input without unfolding
+    the rest (so a subsampled statistic costs what its rows cost). ``padded``: ``_conv_input``'s
+    result for this input, if already computed."""
+    x, kernel, stride, dilation, out = padded if padded is not None else _conv_input(module, x)
     per_sample = out[0] * out[1]
     if callable(index):
         index = index(x.shape[0] * per_sample)
-    if any(padding):
-        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
     if index is not None:
         index = index.to(x.device)
         b, pos = index // per_sample, index % per_sample
@@ -140,6 +152,74 @@ def _conv_rows(module: nn.Module, x: torch.Tensor, index=None):
             yield cols.view(-1, cols.shape[3] * cols.shape[4])
 
     return per_sample, chunks()
+
+
+@functools.lru_cache(maxsize=256)
+def _shift_plan(kernel: tuple, dilation: tuple, out: tuple):
+    """The products behind a stride-1 convolution's patch gram (``_shifted_conv_gram``): for each
+    kernel offset difference (di, dj) of one half (the other half are transposes), the rows and
+    columns of the padded input where some block of that difference starts and ends (its cells are
+    the rectangles between them), the blocks (i, j) it serves, and the summed area of its cells."""
+    (kh, kw), (dh, dw), (oh, ow) = kernel, dilation, out
+    plan, area = [], 0
+    for di in range(kh):
+        for dj in range(-(kw - 1), kw):
+            if di == 0 and dj < 0:
+                continue
+            rows_i = [i for i in range(kh) if i + di < kh]
+            cols_j = [j for j in range(kw) if 0 <= j + dj < kw]
+            rb = sorted({i * dh for i in rows_i} | {i * dh + oh for i in rows_i})
+            cb = sorted({j * dw for j in cols_j} | {j * dw + ow for j in cols_j})
+            plan.append((di, dj, rows_i, cols_j, rb, cb))
+            area += (rb[-1] - rb[0]) * (cb[-1] - cb[0])
+    cells = sum((len(rb) - 1) * (len(cb) - 1) for *_, rb, cb in plan)
+    return plan, area, cells
+
+
+def _shifted_conv_gram(x: torch.Tensor, kernel: tuple, dilation: tuple, out: tuple, groups: int) -> torch.Tensor:
+    """Z^T Z of the patches of a stride-1 convolution, (groups, C/g * kh * kw, same), from the padded
+    input x (B, C, H, W) without forming the patches. The block of kernel offsets (i, j), (i', j') sums
+    x[u, v] x[u + a, v + b]^T over the output rectangle shifted by (i dh, j dw), with (a, b) =
+    ((i' - i) dh, (j' - j) dw): it depends on (i, j) only through that rectangle. So each offset
+    difference is one set of C x C products over the cells between the rectangles' edges, and each
+    block the sum of its rectangle's cells: about (2 kh - 1)(2 kw - 1) / 2 products over the input
+    instead of (kh kw)^2 over the patches (a 3x3 conv: 13 instead of 81). Written here: no library
+    computes a conv's input second moment this way (KFAC libraries unfold the patches)."""
+    b, c, _, _ = x.shape
+    cg = c // groups
+    xs = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+    kh, kw = kernel
+    dh, dw = dilation
+    gram = x.new_empty(groups, cg, kh, kw, cg, kh, kw)
+    plan, _, _ = _shift_plan(tuple(kernel), tuple(dilation), tuple(out))
+    for di, dj, rows_i, cols_j, rb, cb in plan:
+        a, e = di * dh, dj * dw
+        cells = {}
+        for r0, r1 in zip(rb[:-1], rb[1:]):
+            for c0, c1 in zip(cb[:-1], cb[1:]):
+                left = xs[:, r0:r1, c0:c1].reshape(-1, groups, cg).transpose(0, 1)  # (g, rows, C/g)
+                right = xs[:, r0 + a : r1 + a, c0 + e : c1 + e].reshape(-1, groups, cg).transpose(0, 1)
+                cells[r0, c0] = left.transpose(1, 2) @ right  # (g, C/g, C/g)
+        for i in rows_i:
+            band = [r for r in rb[:-1] if i * dh <= r < i * dh + out[0]]
+            for j in cols_j:
+                block = sum(cells[r, q] for r in band for q in cb[:-1] if j * dw <= q < j * dw + out[1])
+                gram[:, :, i, j, :, i + di, j + dj] = block
+                if di or dj:
+                    gram[:, :, i + di, j + dj, :, i, j] = block.transpose(1, 2)
+    return gram.view(groups, cg * kh * kw, cg * kh * kw)
+
+
+def _shifted_gram_flops(batch: int, c_per_group: int, groups: int, kernel, dilation, out) -> float:
+    """The flops of ``_shifted_conv_gram``, counting each of its small matmuls as
+    ``_SHIFTED_GRAM_CALL_FLOPS`` more (their per-call overhead, which decides for small inputs)."""
+    _, area, cells = _shift_plan(tuple(kernel), tuple(dilation), tuple(out))
+    return groups * 2.0 * batch * area * c_per_group**2 + cells * _SHIFTED_GRAM_CALL_FLOPS
+
+
+def _gram_flops(rows: int, d: int, groups: int) -> float:
+    """The flops of ``_gram_sym`` on ``rows`` rows of width ``d`` per group."""
+    return groups * 2.0 * rows * d * d * (0.75 if d >= _SPLIT_GRAM_MIN_D else 1.0)
 
 
 class ActivationPreconditioner:
@@ -173,7 +253,9 @@ class ActivationPreconditioner:
             rows; with both caps the smaller one holds. Default 8: the cheapest value whose median
             relative error of the preconditioned gradient over the layers stays within 10% of every
             row's on the suite's conv U-Nets (docs/benchmark.md, "Row subsampling"); ``None``
-            together with ``max_rows=None`` is the exact statistic.
+            together with ``max_rows=None`` is the exact statistic. A stride-1 conv whose exact
+            statistic costs fewer flops from shifted products of its input than from its (capped)
+            patch rows takes the exact one that way (docs/benchmark.md, "The shifted conv gram").
         solver: "auto" (the Woodbury identity when a statistic has fewer rows than d_in, which
             needs ``damping > 0``, ``stats="batch"`` and no all-reduce; the d x d Cholesky
             otherwise) or "dense" (always the d x d Cholesky).
@@ -462,12 +544,26 @@ class ActivationPreconditioner:
                     cap = self._row_cap(d)
                     if cap is not None and rows.shape[0] > cap:
                         rows = rows.index_select(0, self._draw(rows.shape[0], cap, rows.device))
-                    chunks = [rows]
+                    part = self._accumulate([rows], g, d)
                 else:
-                    cap = self._row_cap(d)  # rows are drawn once their count is known: one pass over the input
-                    draw = None if cap is None else (lambda total: self._draw(total, cap, x.device) if total > cap else None)
-                    _, chunks = _conv_rows(module, x, draw)
-                part = self._accumulate(chunks, g, d)
+                    cap = self._row_cap(d)
+                    padded = _conv_input(module, x)
+                    xp, kernel, stride, dilation, out = padded
+                    n = xp.shape[0] * out[0] * out[1]
+                    shifted = math.inf if tuple(stride) != (1, 1) else \
+                        _shifted_gram_flops(xp.shape[0], d // (kernel[0] * kernel[1]), g, kernel, dilation, out)
+                    if n < d and self._woodbury_possible():  # Woodbury (Z Z^T and its factor) against the d x d route
+                        cheaper = shifted + g * d**3 / 3 < g * (2.0 * n * n * d + n**3 / 3)
+                    else:  # the gram of the unfolded (or subsampled) rows
+                        cheaper = shifted < _gram_flops(n if cap is None else min(n, cap), d, g)
+                    if cheaper:
+                        # every patch's product, exact, for fewer flops than the unfolded (or subsampled) rows
+                        z = xp.to(torch.bfloat16).float() if self.stats_precision == "bfloat16" else xp.float()
+                        part = _Part(count=n, sum=_shifted_conv_gram(z, kernel, dilation, out, g))
+                    else:  # rows are drawn once their count is known: one pass over the input
+                        draw = None if cap is None else (lambda total: self._draw(total, cap, x.device) if total > cap else None)
+                        _, chunks = _conv_rows(module, x, draw, padded)
+                        part = self._accumulate(chunks, g, d)
         self._cache[key] = (ref, part)
         return part
 

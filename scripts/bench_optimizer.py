@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import copy
 import inspect
+import math
 import statistics
 import sys
 import time
@@ -154,18 +155,24 @@ VARIANTS = (("exact", {"max_rows": None, "max_rows_per_dim": None}), ("default",
 # --compare-gram: the defaults with every Z^T Z as one product (the library before its split gram) against the
 # defaults, interleaved in one run; "full" variants run with dopr.preconditioner's split threshold out of reach.
 GRAM_VARIANTS = (("default, full gram", {}), ("default", {}), ("default@10, full gram", {"update_every": 10}), ("default@10", {"update_every": 10}))
+# --compare-shifted: exact and default AP with every conv statistic from unfolded patch rows (the library before
+# its shifted conv gram, dopr.preconditioner._shifted_conv_gram) against the library's choice, in one run.
+SHIFTED_VARIANTS = (("exact, unfolded", VARIANTS[0][1]), ("exact", VARIANTS[0][1]), ("default, unfolded", {}), ("default", {}))
 
 
 @contextlib.contextmanager
 def gram(name: str):
-    if "full gram" not in name:
-        yield
-        return
-    saved, pre._SPLIT_GRAM_MIN_D = pre._SPLIT_GRAM_MIN_D, 1 << 62
+    """Run a variant named "... full gram" with every Z^T Z as one product, and one named "... unfolded"
+    with every conv statistic from unfolded patch rows; the others as the library chooses."""
+    saved = pre._SPLIT_GRAM_MIN_D, pre._SHIFTED_GRAM_CALL_FLOPS
+    if "full gram" in name:
+        pre._SPLIT_GRAM_MIN_D = 1 << 62
+    if "unfolded" in name:
+        pre._SHIFTED_GRAM_CALL_FLOPS = math.inf
     try:
         yield
     finally:
-        pre._SPLIT_GRAM_MIN_D = saved
+        pre._SPLIT_GRAM_MIN_D, pre._SHIFTED_GRAM_CALL_FLOPS = saved
 
 
 def bench(model: nn.Module, loss_fn, bases, rounds: int, warmup: int, device: str, settings=VARIANTS):
@@ -210,6 +217,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compare-gram", action="store_true", help="time the defaults with Z^T Z as one product against "
                         "the library's split product (dopr.preconditioner._gram_sym), in place of the usual variants")
+    parser.add_argument("--compare-shifted", action="store_true", help="time exact and default AP with conv statistics from "
+                        "unfolded patches against the library's choice (dopr.preconditioner._shifted_conv_gram), in place of the usual variants")
     args = parser.parse_args(argv)
     rounds = args.rounds or (10 if args.quick else 20)
     if rounds % 10:
@@ -229,9 +238,9 @@ def main(argv=None):
     for _, title, model, loss_fn in workloads(chosen, args.quick, 2 if args.quick else args.lm_batch):
         print(f"\n### {title}\n", flush=True)
         t0 = time.perf_counter()
-        settings = GRAM_VARIANTS if args.compare_gram else VARIANTS
+        settings = GRAM_VARIANTS if args.compare_gram else SHIFTED_VARIANTS if args.compare_shifted else VARIANTS
         times, state = bench(model, loss_fn, bases, rounds, args.warmup, args.device, settings)
-        if args.compare_gram:
+        if args.compare_gram or args.compare_shifted:
             print("| GP | X (ms/step) | " + " | ".join(f"DoPr-X {name} (ms) | ratio" for name, _ in settings) + " |")
             print("|---|---:|" + "---:|---:|" * len(settings))
             for base in bases:

@@ -490,3 +490,70 @@ def test_wide_inputs_take_the_split_gram_and_stay_the_formula():
     g = model[0].weight.grad.clone()
     ap.step()
     assert rel_err(model[0].weight.grad, expected_ap(g, torch.cat(seen), 1.0)) < TOL
+
+
+def test_stride_one_conv_grams_from_shifted_inputs_are_the_patch_grams():
+    # _shifted_conv_gram sums products of the padded input with shifted copies of itself instead of
+    # unfolding the patches: in float64 it must be F.unfold's Z^T Z per group, for kernels that are
+    # square, oblong, even, 1x1, dilated, grouped, and every padding mode.
+    from dopr.preconditioner import _conv_input, _shifted_conv_gram
+
+    convs = [nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2),
+             nn.Conv2d(3, 4, (3, 5), padding="same"), nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect", groups=2),
+             nn.Conv1d(3, 5, 5, padding=2), nn.Conv1d(3, 5, 3, padding=1, padding_mode="circular"),
+             nn.Conv2d(3, 4, (2, 3), padding=(1, 0), dilation=(2, 1)), nn.Conv2d(3, 4, 1), nn.Conv2d(2, 3, 4, padding=1)]
+    for conv in convs:
+        one_d = isinstance(conv, nn.Conv1d)
+        x = torch.randn(5, conv.in_channels, *((9,) if one_d else (9, 8)), dtype=torch.float64)
+        xp, kernel, stride, dilation, out = _conv_input(conv, x)
+        g = conv.groups
+        cols = F.unfold(xp, kernel, dilation=dilation)  # (B, C * kh * kw, positions), independent of the padding code
+        rows = cols.transpose(1, 2).reshape(-1, g, cols.shape[1] // g).transpose(0, 1)
+        want = rows.transpose(1, 2) @ rows
+        assert rel_err(_shifted_conv_gram(xp, kernel, dilation, out, g), want) < 1e-12, conv
+
+
+def test_large_stride_one_convs_take_the_shifted_gram_and_stay_the_formula(monkeypatch):
+    # A 3x3 conv on 16x16 maps with 32 channels, exact statistic: 13 shifted products cost fewer
+    # flops than its 9216 unfolded rows, so AP takes them; its gradient is the formula on every
+    # patch. A stride-2 conv keeps the unfolded rows, and so do inputs too small for the products'
+    # per-call overhead to pay.
+    from dopr import preconditioner as pre
+
+    calls = []
+    original = pre._shifted_conv_gram
+    monkeypatch.setattr(pre, "_shifted_conv_gram", lambda *a: calls.append(a[1]) or original(*a))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.Tanh(), nn.Conv2d(32, 8, 3, stride=2, padding=1))
+    seen = capture_inputs(model[2])
+    ap = dopr.ActivationPreconditioner(model, damping=GAMMA, max_rows_per_dim=None)
+    x = torch.randn(36, 32, 16, 16)
+    model(x).pow(2).sum().backward()
+    g0 = model[0].weight.grad.clone().reshape(32, -1)
+    ap.step()
+    assert len(calls) == 1  # the first layer only
+    assert rel_err(model[0].weight.grad.reshape(32, -1), expected_ap(g0, conv2d_patches(x, 3, 1, 1), GAMMA)) < TOL
+    assert seen  # the stride-2 layer took the unfolded path (and is covered by the tests above)
+    shifted = lambda b, c, size: pre._shifted_gram_flops(b, c, 1, (3, 3), (1, 1), (size, size))  # noqa: E731
+    assert shifted(2, 3, 6) > pre._gram_flops(72, 27, 1)  # tiny: the matmuls' overhead decides
+    assert shifted(128, 64, 16) < pre._gram_flops(128 * 256, 576, 1)  # every row: shifted
+    assert shifted(128, 64, 16) > pre._gram_flops(8 * 576, 576, 1)  # 8 rows per input: fewer flops
+
+
+def test_a_wide_conv_with_fewer_rows_than_inputs_takes_the_dense_route_when_cheaper(monkeypatch):
+    # 4x4 maps, 128 channels, batch 60: 960 rows < d_in = 1152, where Woodbury's Z Z^T (2 n^2 d) costs
+    # more than the shifted gram plus a d x d factor; the gradient is still the formula.
+    from dopr import preconditioner as pre
+
+    calls = []
+    original = pre._shifted_conv_gram
+    monkeypatch.setattr(pre, "_shifted_conv_gram", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(0)
+    conv = nn.Conv2d(128, 4, 3, padding=1)
+    # (damping 1, the default: a rank-deficient Sigma at damping 1e-3 has cond ~1e4, which float32 resolves to ~3e-4)
+    ap = dopr.ActivationPreconditioner(conv, damping=1.0)
+    x = torch.randn(60, 128, 4, 4)
+    conv(x).pow(2).sum().backward()
+    g = conv.weight.grad.clone().reshape(4, -1)
+    ap.step()
+    assert calls and rel_err(conv.weight.grad.reshape(4, -1), expected_ap(g, conv2d_patches(x, 3, 1, 1), 1.0)) < TOL

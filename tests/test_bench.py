@@ -54,3 +54,21 @@ def test_compare_gram_times_the_full_product_against_the_split_one():
     x, *cells = map(float, rows[0])
     for t, r in zip(cells[::2], cells[1::2]):
         assert abs(t / x - r) < 0.02 * r + 0.002
+
+
+def test_compare_shifted_times_unfolded_conv_statistics_against_the_shifted_ones():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_optimizer
+
+    import dopr.preconditioner as pre
+
+    call = pre._SHIFTED_GRAM_CALL_FLOPS
+    with bench_optimizer.gram("exact, unfolded"):
+        assert pre._SHIFTED_GRAM_CALL_FLOPS == float("inf")  # never cheaper: every conv statistic from patch rows
+    with bench_optimizer.gram("exact"):
+        assert pre._SHIFTED_GRAM_CALL_FLOPS == call
+    assert pre._SHIFTED_GRAM_CALL_FLOPS == call
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_optimizer.py"), "--quick", "--workloads", "robot", "--compare-shifted"],
+                         check=True, capture_output=True, text=True, timeout=300).stdout
+    rows = re.findall(rf"^\| adamw \| {NUMBER} \| " + r" \| ".join([NUMBER] * 8) + r" \|$", out, re.M)
+    assert len(rows) == 1 and "DoPr-X exact, unfolded (ms)" in out and "DoPr-X default, unfolded (ms)" in out, out
