@@ -34,7 +34,10 @@ FALLBACK_KINDS = ("float64", "eigh", "previous", "skipped", "nonfinite_stats")
 # Inputs at least this wide get their Z^T Z from two column halves (below, _gram_sym).
 _SPLIT_GRAM_MIN_D = 192
 # Stride-1 conv grams from shifted products of the input (_shifted_conv_gram) when that is cheaper,
-# counting each of its small matmuls as this many flops more (their per-call overhead on a CPU).
+# counting each of its flops as _SHIFTED_GRAM_FLOP_COST of one large product's (its matmuls run on
+# sliced copies, at about a third of the speed on 2 CPU threads: docs/benchmark.md, "The shifted conv
+# gram") and each of its small matmuls as _SHIFTED_GRAM_CALL_FLOPS more (per-call overhead).
+_SHIFTED_GRAM_FLOP_COST = 3.0
 _SHIFTED_GRAM_CALL_FLOPS = 2e6
 
 
@@ -211,10 +214,11 @@ def _shifted_conv_gram(x: torch.Tensor, kernel: tuple, dilation: tuple, out: tup
 
 
 def _shifted_gram_flops(batch: int, c_per_group: int, groups: int, kernel, dilation, out) -> float:
-    """The flops of ``_shifted_conv_gram``, counting each of its small matmuls as
-    ``_SHIFTED_GRAM_CALL_FLOPS`` more (their per-call overhead, which decides for small inputs)."""
+    """The cost of ``_shifted_conv_gram`` in flops of one large product: its flops times
+    ``_SHIFTED_GRAM_FLOP_COST``, and each of its small matmuls as ``_SHIFTED_GRAM_CALL_FLOPS`` more
+    (their per-call overhead, which decides for small inputs)."""
     _, area, cells = _shift_plan(tuple(kernel), tuple(dilation), tuple(out))
-    return groups * 2.0 * batch * area * c_per_group**2 + cells * _SHIFTED_GRAM_CALL_FLOPS
+    return _SHIFTED_GRAM_FLOP_COST * groups * 2.0 * batch * area * c_per_group**2 + cells * _SHIFTED_GRAM_CALL_FLOPS
 
 
 def _gram_flops(rows: int, d: int, groups: int) -> float:

@@ -541,7 +541,7 @@ def test_large_stride_one_convs_take_the_shifted_gram_and_stay_the_formula(monke
 
 
 def test_a_wide_conv_with_fewer_rows_than_inputs_takes_the_dense_route_when_cheaper(monkeypatch):
-    # 4x4 maps, 128 channels, batch 60: 960 rows < d_in = 1152, where Woodbury's Z Z^T (2 n^2 d) costs
+    # 8x8 maps, 128 channels, batch 15: 960 rows < d_in = 1152, where Woodbury's Z Z^T (2 n^2 d) costs
     # more than the shifted gram plus a d x d factor; the gradient is still the formula.
     from dopr import preconditioner as pre
 
@@ -552,7 +552,7 @@ def test_a_wide_conv_with_fewer_rows_than_inputs_takes_the_dense_route_when_chea
     conv = nn.Conv2d(128, 4, 3, padding=1)
     # (damping 1, the default: a rank-deficient Sigma at damping 1e-3 has cond ~1e4, which float32 resolves to ~3e-4)
     ap = dopr.ActivationPreconditioner(conv, damping=1.0)
-    x = torch.randn(60, 128, 4, 4)
+    x = torch.randn(15, 128, 8, 8)
     conv(x).pow(2).sum().backward()
     g = conv.weight.grad.clone().reshape(4, -1)
     ap.step()
