@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 NUMBER = r"([\d.]+)"
 
@@ -35,40 +37,26 @@ def test_rows_error_is_zero_without_subsampling_and_grows_with_fewer_rows():
     assert all(a > b for a, b in zip(by_ratio["0.5"], by_ratio["2"])), out
 
 
-def test_compare_gram_times_the_full_product_against_the_split_one():
+@pytest.mark.parametrize("flag, workload, older, switch", [
+    ("--compare-gram", "mlp", "default, full gram", "_SPLIT_GRAM_MIN_D"),  # Z^T Z as one product
+    ("--compare-shifted", "robot", "exact, unfolded", "_SHIFTED_GRAM_CALL_FLOPS"),  # conv statistics from patch rows
+])
+def test_compare_flags_time_the_older_gram_against_the_library_in_one_run(flag, workload, older, switch):
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench_optimizer
 
     import dopr.preconditioner as pre
 
-    split = pre._SPLIT_GRAM_MIN_D
-    with bench_optimizer.gram("default, full gram"):
-        assert pre._SPLIT_GRAM_MIN_D > 1 << 40  # no input is that wide: one product
+    before = getattr(pre, switch)
+    with bench_optimizer.gram(older):
+        assert getattr(pre, switch) > 1 << 40  # out of every input's reach: the older way throughout
     with bench_optimizer.gram("default"):
-        assert pre._SPLIT_GRAM_MIN_D == split
-    assert pre._SPLIT_GRAM_MIN_D == split
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_optimizer.py"), "--quick", "--workloads", "mlp", "--compare-gram"],
+        assert getattr(pre, switch) == before
+    assert getattr(pre, switch) == before
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_optimizer.py"), "--quick", "--workloads", workload, flag],
                          check=True, capture_output=True, text=True, timeout=300).stdout
     rows = re.findall(rf"^\| adamw \| {NUMBER} \| " + r" \| ".join([NUMBER] * 8) + r" \|$", out, re.M)
-    assert len(rows) == 1 and "DoPr-X default, full gram (ms)" in out, out
+    assert len(rows) == 1 and f"DoPr-X {older} (ms)" in out, out
     x, *cells = map(float, rows[0])
     for t, r in zip(cells[::2], cells[1::2]):
         assert abs(t / x - r) < 0.02 * r + 0.002
-
-
-def test_compare_shifted_times_unfolded_conv_statistics_against_the_shifted_ones():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bench_optimizer
-
-    import dopr.preconditioner as pre
-
-    call = pre._SHIFTED_GRAM_CALL_FLOPS
-    with bench_optimizer.gram("exact, unfolded"):
-        assert pre._SHIFTED_GRAM_CALL_FLOPS == float("inf")  # never cheaper: every conv statistic from patch rows
-    with bench_optimizer.gram("exact"):
-        assert pre._SHIFTED_GRAM_CALL_FLOPS == call
-    assert pre._SHIFTED_GRAM_CALL_FLOPS == call
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_optimizer.py"), "--quick", "--workloads", "robot", "--compare-shifted"],
-                         check=True, capture_output=True, text=True, timeout=300).stdout
-    rows = re.findall(rf"^\| adamw \| {NUMBER} \| " + r" \| ".join([NUMBER] * 8) + r" \|$", out, re.M)
-    assert len(rows) == 1 and "DoPr-X exact, unfolded (ms)" in out and "DoPr-X default, unfolded (ms)" in out, out
