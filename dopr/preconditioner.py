@@ -188,8 +188,7 @@ def _shifted_conv_gram(x: torch.Tensor, kernel: tuple, dilation: tuple, out: tup
     block the sum of its rectangle's cells: about (2 kh - 1)(2 kw - 1) / 2 products over the input
     instead of (kh kw)^2 over the patches (a 3x3 conv: 13 instead of 81). Written here: no library
     computes a conv's input second moment this way (KFAC libraries unfold the patches)."""
-    b, c, _, _ = x.shape
-    cg = c // groups
+    cg = x.shape[1] // groups
     xs = x.permute(0, 2, 3, 1)  # (B, H, W, C)
     kh, kw = kernel
     dh, dw = dilation

@@ -62,10 +62,10 @@ def make_env(meta: dict, image_keys=(), image_size: int = 84, seed: int | None =
         kwargs["controller_configs"] = refactor_composite_controller_config(kwargs["controller_configs"], robot, ["right"])
     cameras = [k[: -len(IMAGE_SUFFIX)] for k in image_keys]
     kwargs.update(has_renderer=False, has_offscreen_renderer=bool(cameras), use_camera_obs=bool(cameras),
-                  ignore_done=True)  # the rollout loop owns the horizon
+                  ignore_done=True, hard_reset=hard_reset)  # the rollout loop owns the horizon
     if cameras:
         kwargs.update(camera_names=cameras, camera_heights=image_size, camera_widths=image_size)
-    return suite.make(meta["env_name"], seed=seed, **{**kwargs, "hard_reset": hard_reset})
+    return suite.make(meta["env_name"], seed=seed, **kwargs)
 
 
 def soft_reset_matches(meta: dict, seed: int = 0) -> bool:
