@@ -721,11 +721,11 @@ class ActivationPreconditioner:
             else:
                 dense.setdefault(e["sigma"].shape[-1], []).append(e)
         for d, group in dense.items():  # one batched Cholesky per width
-            sigma = torch.cat([e["sigma"] for e in group])  # (sum of groups, d, d)
-            mean = torch.diagonal(sigma, dim1=-2, dim2=-1).sum(-1) / d
+            a = torch.cat([e["sigma"] for e in group])  # (sum of groups, d, d), a copy: Sigma + lam I is formed in place
+            mean = torch.diagonal(a, dim1=-2, dim2=-1).sum(-1) / d
             lam = self.damping * mean
             floor = torch.maximum(lam, MIN_RELATIVE_EIGENVALUE * mean)
-            a = sigma + lam[:, None, None] * torch.eye(d, device=sigma.device, dtype=sigma.dtype)
+            torch.diagonal(a, dim1=-2, dim2=-1).add_(lam[:, None])
             chol, info = torch.linalg.cholesky_ex(a)
             # A pivot of an exact Cholesky is at least the smallest eigenvalue (>= lam); a smaller
             # computed pivot means rounding has taken over, so the result is not trusted.

@@ -315,20 +315,47 @@ def test_soft_resets_are_used_only_where_they_give_the_hard_reset_episodes():
     envs.close()
 
 
-def test_evaluations_reuse_one_set_of_rollout_environments(tmp_path, monkeypatch):
-    built = []
-    original = robot_sim.RobomimicGym
+def test_evaluations_and_runs_reuse_one_set_of_rollout_environments(tmp_path, monkeypatch):
+    """The rollout environments are built once per process and settings: the evaluations of a run and
+    the runs after it (hydra's joblib workers run many) reuse them and see the same episodes, bitwise,
+    as on fresh environments; other settings replace them."""
+    built, seen = [], []
+    original, act = robot_sim.RobomimicGym, robot.RobotPolicy.policy
 
     def counting(*args, **kwargs):
         built.append(1)
         return original(*args, **kwargs)
 
+    def recording(self, model, g):  # every observation history the policy is given
+        policy = act(self, model, g)
+        return lambda history: (seen[-1].append({k: v.copy() for k, v in history.items()}), policy(history))[1]
+
     monkeypatch.setattr(robot_sim, "RobomimicGym", counting)
-    task = fixture_task(tmp_path, "task.obs_keys=[robot0_eef_pos,robot0_gripper_qpos]", "task.horizon=8", "task.horizons=[4,8]",
-                        "task.eval_episodes=2", "task.select_episodes=1")
-    first, second = task.evaluate(task.model), task.evaluate(task.model)
+    monkeypatch.setattr(robot.RobotPolicy, "policy", recording)
+    monkeypatch.setattr(robot, "_ROLLOUT_ENVS", {})
+    settings = ("task.obs_keys=[robot0_eef_pos,robot0_gripper_qpos]", "task.horizon=24", "task.horizons=[8,24]", "task.select_episodes=1")
+    task = fixture_task(tmp_path, *settings, "task.eval_episodes=2")
+
+    def evaluate(task, model):
+        seen.append([])
+        return task.evaluate(model)
+
+    first, second = evaluate(task, task.model), evaluate(task, task.model)
     assert len(built) == 3  # 2 reported + 1 selection episode, built once for both evaluations
     assert first.keys() == second.keys() and "select_success" in first and len(task.outcomes["success"]) == 2
+    # the next run in this process: no environment built, the same episodes as the first evaluation's
+    next_run = fixture_task(tmp_path, *settings, "task.eval_episodes=2")
+    evaluate(next_run, task.model)
+    assert len(built) == 3 and len(seen[0]) > 1
+    for episodes in seen[1:]:
+        assert len(episodes) == len(seen[0])
+        for a, b in zip(seen[0], episodes):
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
+    # other settings: a new set, the old one closed
+    old = next(iter(robot._ROLLOUT_ENVS.values()))
+    evaluate(fixture_task(tmp_path, *settings, "task.eval_episodes=3"), task.model)
+    assert len(built) == 3 + 4 and old.closed and len(robot._ROLLOUT_ENVS) == 1
 
 
 def test_smoke_run_of_the_entry_point_with_a_one_episode_rollout(tmp_path):

@@ -22,8 +22,8 @@ demonstration visited (test-time feedback).
 
 from __future__ import annotations
 
+import atexit
 import math
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,15 @@ import torch.nn.functional as F
 from ..robomimic_data import is_image_key, read_demos
 
 
+# The rollout environments of this process, kept from run to run: hydra's joblib launcher runs a
+# sweep's jobs in a few reused worker processes, and building 70 robosuite environments (~0.2 s each),
+# then closing them (robosuite's close collects garbage, ~0.2 s per environment), cost ~30 s of each
+# robot run. A run reuses them as it reuses them between its own evaluations: every episode starts
+# from a reset seeded by its episode seed. Low-dim sync environments are not closed at exit (nothing to
+# release that the exit does not).
+_ROLLOUT_ENVS: dict = {}
+
+
 # ------------------------------------------------------------------------------------ network
 class Conv1dBlock(nn.Sequential):
     def __init__(self, c_in: int, c_out: int, kernel: int, groups: int):
@@ -41,12 +50,15 @@ class Conv1dBlock(nn.Sequential):
 
 
 class FiLMResidualBlock(nn.Module):
-    """Two Conv1d blocks; between them the conditioning vector sets a per-channel scale and bias."""
+    """Two Conv1d blocks; between them the conditioning vector sets a per-channel scale and bias.
+    ``cond`` comes activated: Diffusion Policy's FiLM encoder is Mish then Linear in every block, and
+    the U-Net applies that Mish once for all of them (the same values), so that AP sees one input
+    for the 14 FiLM layers at scale=cpu: one statistic and one solve instead of 14."""
 
     def __init__(self, c_in: int, c_out: int, cond_dim: int, kernel: int, groups: int):
         super().__init__()
         self.block1, self.block2 = Conv1dBlock(c_in, c_out, kernel, groups), Conv1dBlock(c_out, c_out, kernel, groups)
-        self.film = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * c_out))
+        self.film = nn.Linear(cond_dim, 2 * c_out)
         self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, cond):
@@ -81,7 +93,7 @@ class ConditionalUnet1D(nn.Module):
     def forward(self, x, timestep, cond):
         if x.shape[1] % (2 ** self.levels):
             raise ValueError(f"action_horizon {x.shape[1]} must be a multiple of {2 ** self.levels} for a U-Net of {self.levels + 1} levels")
-        cond = torch.cat([self.time_mlp(self.time_proj(timestep).to(x.dtype)), cond], dim=-1)
+        cond = F.mish(torch.cat([self.time_mlp(self.time_proj(timestep).to(x.dtype)), cond], dim=-1))  # every FiLM block's Mish
         h, skips = x.transpose(1, 2), []
         for res1, res2, downsample in self.down:
             h = res2(res1(h, cond), cond)
@@ -432,16 +444,22 @@ class RobotPolicy:
         return act
 
     def vector_env(self, episodes: int):
-        """The rollout environments, built at the first evaluation and reused by every later one
-        (closed when the task is garbage-collected or the process exits)."""
-        if getattr(self, "_envs", None) is None:
-            from ..robot_sim import vector_env
+        """The rollout environments: built at the first evaluation of the first run of this process
+        that needs them, then reused by every later evaluation and run with the same settings (see
+        ``_ROLLOUT_ENVS``)."""
+        from ..robot_sim import vector_env
 
-            cfg = self.cfg
-            self._envs = vector_env(self.env_meta, list(cfg.obs_keys), cfg.horizon, cfg.image_size,
-                                    min(cfg.rollout_envs or episodes, episodes), cfg.vectorization, bool(cfg.get("fast_render")))
-            weakref.finalize(self, self._envs.close)
-        return self._envs
+        cfg = self.cfg
+        num_envs = min(cfg.rollout_envs or episodes, episodes)
+        key = (repr(self.env_meta), tuple(cfg.obs_keys), cfg.horizon, cfg.image_size, num_envs, cfg.vectorization, bool(cfg.get("fast_render")))
+        if key not in _ROLLOUT_ENVS:
+            while _ROLLOUT_ENVS:  # other settings: one set at a time in memory
+                _ROLLOUT_ENVS.popitem()[1].close()
+            envs = _ROLLOUT_ENVS[key] = vector_env(self.env_meta, list(cfg.obs_keys), cfg.horizon, cfg.image_size, num_envs,
+                                                   cfg.vectorization, bool(cfg.get("fast_render")))
+            if cfg.vectorization == "async" or self.image_keys:  # worker processes, renderers: closed at exit
+                atexit.register(envs.close)
+        return _ROLLOUT_ENVS[key]
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, final: bool = True) -> dict[str, float]:
