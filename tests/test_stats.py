@@ -145,6 +145,21 @@ def test_probability_of_improvement_counts_pairs_by_hand():
     assert abs(probability_of_improvement([[1, 0], [2, 0]], [[0, 1], [0, 1]]) - (1.0 + 0.0) / 2) < 1e-12
 
 
+def test_iqm_and_probability_of_improvement_agree_with_scipy():
+    """Both are written out for speed (the bootstrap calls them thousands of times): they equal
+    scipy's trim_mean(0.25) and Mann-Whitney U / (n_x n_y) on random samples with ties and odd sizes."""
+    import numpy as np
+    from scipy import stats
+
+    from experiments.stats import iqm, probability_of_improvement
+
+    rng = np.random.default_rng(0)
+    for n, m in [(5, 5), (7, 3), (1, 4), (10, 9)]:
+        x, y = rng.integers(0, 6, n).astype(float), rng.integers(0, 6, m).astype(float)
+        assert abs(iqm(x) - stats.trim_mean(x, 0.25)) < 1e-12
+        assert abs(probability_of_improvement(x, y) - stats.mannwhitneyu(x, y, alternative="greater").statistic / (n * m)) < 1e-12
+
+
 def test_stratified_bootstrap_is_the_percentile_of_resampled_runs_by_hand():
     import numpy as np
 
