@@ -219,6 +219,25 @@ def machine(device: torch.device) -> dict:
 
 
 @torch.no_grad()
+def keep_freed_memory() -> bool:
+    """Let glibc keep the memory a CPU step frees for the next step instead of returning it to the OS
+    (mallopt: no heap trimming, a 256 MiB top pad, blocks up to 32 MiB from the heap rather than
+    fresh mmaps). torch's CPU allocator caches nothing, so by default each step's large temporaries
+    are mapped and page-faulted in again: on the 2-core VM that cost 10-15% of a robot training step
+    (docs/experiments.md, "Memory reuse on CPU"). The same bits come out; peak memory is unchanged.
+    False (nothing done) where the C library has no mallopt (macOS, musl). Written here: neither torch
+    nor the standard library exposes it."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's malloc.h
+    return all([mallopt(M_MMAP_THRESHOLD, 32 << 20), mallopt(M_TRIM_THRESHOLD, 1 << 30), mallopt(M_TOP_PAD, 256 << 20)])
+
+
 def validation_loss(task, model) -> float:
     was = model.training
     model.eval()
@@ -278,6 +297,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if device.type == "cpu":
+        keep_freed_memory()
     task = build_task(cfg.task, cfg.seed, device)
     model = task.model
     micro = int(tr.get("micro_batches") or 1)

@@ -511,3 +511,27 @@ def test_task_lr_gives_every_optimizer_the_same_ladder_grid_around_its_pinned_ce
     assert lr(["+sweep=control_tune_dopr", "+lr_step=1", "task.lr.dopr_muon=0.1"], "dopr_muon") == 3e-3  # lr_centre (1e-3) wins
     assert lr(["+sweep=control_tune_extend_base", "+lr_step=0"], "signum") == 1e-5  # the second round: one LR per optimizer
     assert lr(["task.lr.muon=0.1", "lr=${task_lr:-1}"], "muon") == 3e-2  # without a preset: task.lr is the centre
+
+
+def test_training_processes_keep_freed_memory_for_the_next_step():
+    """experiments.train.keep_freed_memory (glibc's mallopt): a loop that allocates large tensors and
+    frees them all, as every CPU training step does, page-faults them in once instead of at every
+    iteration (by default glibc trims the freed top of the heap, > 2x its dynamic mmap threshold)."""
+    import platform
+
+    code = """
+import resource, sys, torch
+from experiments.train import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(50):
+    xs = [torch.ones(2 << 20) for _ in range(6)]  # 6 x 8 MiB, then all freed
+    del xs
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    out = {mode: subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
+           for mode in ("keep", "default")}
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert out["keep"][0] == str(glibc)
+    if glibc:  # 50 x 6 x 2048 pages by default; one iteration's (plus noise) when kept
+        assert int(out["default"][1]) > 20 * 6 * 2048 and int(out["keep"][1]) < 3 * 6 * 2048, out
