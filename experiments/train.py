@@ -101,6 +101,11 @@ def resolve(cfg: DictConfig, given: set[str] | None = None) -> DictConfig:
     if missing:
         raise ValueError(f"trainer settings {missing} are not set for task={cfg.task.name} scale={cfg.scale.name}: "
                          f"add configs/task_scale/{cfg.task.name}_{cfg.scale.name}.yaml or pass trainer.<name>=...")
+    periods = {k: cfg.trainer[k] for k in ("steps", "eval_every", "rollout_every", "log_every", "checkpoint_every") if k in cfg.trainer}
+    bad = {k: v for k, v in periods.items() if not (isinstance(v, int) and v >= 1)}
+    if bad:
+        raise ValueError(f"trainer settings {bad} must be whole numbers >= 1 (steps between events); to evaluate or "
+                         f"roll out only at the end, set them to trainer.steps ({periods.get('steps')})")
     return cfg
 
 

@@ -140,6 +140,8 @@ def test_bad_input_stops_with_a_message_that_names_the_fix(tmp_path):
     out = train("task.pretrained=/nonexistent/model", "task.train_data=/nonexistent/train.jsonl", "logger=none",
                 f"hydra.run.dir={tmp_path / 'missing'}", check=False)
     assert out.returncode != 0 and "/nonexistent" in out.stderr
+    out = train("trainer.rollout_every=0", "logger=none", f"hydra.run.dir={tmp_path / 'zero'}", check=False)
+    assert out.returncode != 0 and "rollout_every" in out.stderr and "set them to trainer.steps" in out.stderr
 
 
 def write_jsonl(path: Path, records: list[dict]) -> str:
