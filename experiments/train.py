@@ -223,7 +223,6 @@ def machine(device: torch.device) -> dict:
     return info
 
 
-@torch.no_grad()
 def keep_freed_memory() -> bool:
     """Let glibc keep the memory a CPU step frees for the next step instead of returning it to the OS
     (mallopt: no heap trimming, a 256 MiB top pad, blocks up to 32 MiB from the heap rather than
@@ -243,6 +242,7 @@ def keep_freed_memory() -> bool:
     return all([mallopt(M_MMAP_THRESHOLD, 32 << 20), mallopt(M_TRIM_THRESHOLD, 1 << 30), mallopt(M_TOP_PAD, 256 << 20)])
 
 
+@torch.no_grad()
 def validation_loss(task, model) -> float:
     was = model.training
     model.eval()

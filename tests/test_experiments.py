@@ -537,3 +537,21 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     assert out["keep"][0] == str(glibc)
     if glibc:  # 50 x 6 x 2048 pages by default; one iteration's (plus noise) when kept
         assert int(out["default"][1]) > 20 * 6 * 2048 and int(out["keep"][1]) < 3 * 6 * 2048, out
+
+
+def test_validation_loss_builds_no_graph_and_restores_the_training_mode():
+    from experiments.train import validation_loss
+
+    class Task:
+        def val_batches(self):
+            yield torch.ones(2, 3)
+            yield torch.zeros(2, 3)
+
+        def loss(self, model, batch):
+            grad.append(torch.is_grad_enabled())
+            return model(batch).sum()
+
+    grad, model = [], torch.nn.Linear(3, 1)
+    model.train()
+    expected = (model(torch.ones(2, 3)).sum() + model(torch.zeros(2, 3)).sum()).item() / 2
+    assert abs(validation_loss(Task(), model) - expected) < 1e-6 and grad == [False, False] and model.training
