@@ -517,26 +517,27 @@ def test_task_lr_gives_every_optimizer_the_same_ladder_grid_around_its_pinned_ce
 
 def test_training_processes_keep_freed_memory_for_the_next_step():
     """experiments.train.keep_freed_memory (glibc's mallopt): a loop that allocates large tensors and
-    frees them all, as every CPU training step does, page-faults them in once instead of at every
-    iteration (by default glibc trims the freed top of the heap, > 2x its dynamic mmap threshold)."""
+    frees them all, as every CPU training step does, page-faults them in once, not at every iteration.
+    glibc's default varies with the address-space layout (here from ~1 to 50 iterations' worth of page
+    faults between two runs of the same script: docs/experiments.md has the training-step numbers), so
+    only the kept case is asserted."""
     import platform
 
     code = """
 import resource, sys, torch
 from experiments.train import keep_freed_memory
-kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+kept = keep_freed_memory()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(50):
-    xs = [torch.ones(2 << 20) for _ in range(6)]  # 6 x 8 MiB, then all freed
+    xs = [torch.ones(4 << 20) for _ in range(6)]  # 6 x 16 MiB, then all freed
     del xs
 print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
-    out = {mode: subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
-           for mode in ("keep", "default")}
+    kept, faults = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    assert out["keep"][0] == str(glibc)
-    if glibc:  # 50 x 6 x 2048 pages by default; one iteration's (plus noise) when kept
-        assert int(out["default"][1]) > 20 * 6 * 2048 and int(out["keep"][1]) < 3 * 6 * 2048, out
+    assert kept == str(glibc)
+    if glibc:  # one iteration's pages (6 x 4096) plus ~4 K of noise
+        assert int(faults) < 1.5 * 6 * 4096, faults  # without: 53 K or 1.2 M here, by layout
 
 
 def test_validation_loss_builds_no_graph_and_restores_the_training_mode():
