@@ -8,6 +8,7 @@ Llama with LoRA adapters, and a residual MLP (batch 1024, widest input 1024).
     python scripts/bench_optimizer.py --bases adamw,muon  # more GPs
     python scripts/bench_optimizer.py --workloads flow,robot --rounds 30
     python scripts/bench_optimizer.py --quick             # tiny sizes, a few seconds (used by the tests)
+    python scripts/bench_optimizer.py --keep-freed-memory # with the training loop's memory reuse (docs/experiments.md)
 
 DoPr-X runs in three settings: "exact" (every row of every batch enters Sigma: ``max_rows_per_dim
 =None``), the library defaults, and the defaults with ``update_every=10``. Every variant trains its
@@ -219,7 +220,14 @@ def main(argv=None):
                         "the library's split product (dopr.preconditioner._gram_sym), in place of the usual variants")
     parser.add_argument("--compare-shifted", action="store_true", help="time exact and default AP with conv statistics from "
                         "unfolded patches against the library's choice (dopr.preconditioner._shifted_conv_gram), in place of the usual variants")
+    parser.add_argument("--keep-freed-memory", action="store_true", help="reuse freed memory as the training loop does on CPU "
+                        "(experiments.train.keep_freed_memory, glibc's mallopt); default: a default process")
     args = parser.parse_args(argv)
+    kept = False
+    if args.keep_freed_memory:
+        from experiments.train import keep_freed_memory
+
+        kept = keep_freed_memory()
     rounds = args.rounds or (10 if args.quick else 20)
     if rounds % 10:
         parser.error("--rounds must be a multiple of 10 so the update_every=10 refreshes are counted fairly")
@@ -234,7 +242,8 @@ def main(argv=None):
     torch.manual_seed(0)
     defaults = {k: v.default for k, v in inspect.signature(dopr.ActivationPreconditioner).parameters.items() if k in ("max_rows", "max_rows_per_dim", "solver")}
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads; "
-          f"mean seconds per step over {rounds} steps after {args.warmup} warm-up steps; AP defaults {defaults}", flush=True)
+          f"mean seconds per step over {rounds} steps after {args.warmup} warm-up steps; AP defaults {defaults}; "
+          f"freed memory kept (as in training): {kept}", flush=True)
     for _, title, model, loss_fn in workloads(chosen, args.quick, 2 if args.quick else args.lm_batch):
         print(f"\n### {title}\n", flush=True)
         t0 = time.perf_counter()

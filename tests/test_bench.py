@@ -60,3 +60,12 @@ def test_compare_flags_time_the_older_gram_against_the_library_in_one_run(flag, 
     x, *cells = map(float, rows[0])
     for t, r in zip(cells[::2], cells[1::2]):
         assert abs(t / x - r) < 0.02 * r + 0.002
+
+
+def test_benchmark_can_reuse_freed_memory_as_the_training_loop_does():
+    import platform
+
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_optimizer.py"), "--quick", "--workloads", "mlp", "--keep-freed-memory"],
+                         check=True, capture_output=True, text=True, timeout=600).stdout
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert f"freed memory kept (as in training): {glibc}" in out and out.count("| adamw |") == 1
