@@ -53,7 +53,7 @@ class FiLMResidualBlock(nn.Module):
     """Two Conv1d blocks; between them the conditioning vector sets a per-channel scale and bias.
     ``cond`` comes activated: Diffusion Policy's FiLM encoder is Mish then Linear in every block, and
     the U-Net applies that Mish once for all of them (the same values), so that AP sees one input
-    for the 14 FiLM layers at scale=cpu: one statistic and one solve instead of 14."""
+    for all the FiLM layers (12 at scale=cpu): one statistic and one solve instead of 12."""
 
     def __init__(self, c_in: int, c_out: int, cond_dim: int, kernel: int, groups: int):
         super().__init__()
