@@ -8,9 +8,15 @@ them, as a function of that ratio. This is the measurement behind the library's 
     python scripts/ap_rows_error.py                       # flow and robot U-Nets (real task batches), UNet2DModel, MLP
     python scripts/ap_rows_error.py --workloads flow --ratios 0.5,1,2 --draws 2
     python scripts/ap_rows_error.py --quick               # tiny synthetic models (used by the tests)
+    python scripts/ap_rows_error.py --alternatives        # other cheap conv statistics, the same error
 
 Beside each error, the per-step time of DoPr-AdamW at that setting over AdamW's, measured in the
 same process, interleaved (as scripts/bench_optimizer.py does; ``--rounds 0`` skips the timing).
+
+``--alternatives`` measures the same error for cheap statistics the library does not offer, on the
+conv layers (groups 1, at least 4 output positions), in float64 from the unfolded patches: uniform
+rows and a count sketch of k d_in rows, the spatial mean of each sample's patches (the KFAC
+"reduce" approximation: one row per sample) and 2x2 mean-pooled patches (a quarter of the rows).
 
 The flow and robot U-Nets are the tasks' own models at scale=cpu on the tasks' own training batches,
 after ``--train-steps`` AdamW steps (statistics of a freshly initialised network are not the ones
@@ -29,9 +35,11 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dopr.preconditioner import ActivationPreconditioner  # noqa: E402
+from dopr.preconditioner import ActivationPreconditioner, _conv_input  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,6 +138,99 @@ def measure(title, model, loss_fn, ratios, draws, damping, rounds):
     return rows
 
 
+def conv_patches(model, loss_fn):
+    """{name: (patches (B, d_in, positions) float64, weight gradient (C_out, d_in) float64, output size)} of every
+    conv layer with groups 1 and at least 4 output positions, for one batch."""
+    inputs, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1:
+            hooks.append(module.register_forward_hook(lambda m, i, o, name=name: inputs.__setitem__(name, (m, i[0].detach()))))
+    try:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name, (module, x) in inputs.items():
+        xp, kernel, stride, dilation, size = _conv_input(module, x.double())
+        if size[0] * size[1] < 4 or module.weight.grad is None:
+            continue
+        z = F.unfold(xp, kernel, dilation=dilation, stride=stride)  # (B, C_in * kh * kw, positions): the weight's column order
+        out[name] = (z, module.weight.grad.double().reshape(module.weight.shape[0], -1), size)
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def alternatives(title, model, loss_fn, ks, draws, damping):
+    """The error of M = G (Sigma + lam I)^-1 with other cheap statistics in place of Sigma, on the conv
+    layers. Written here: these statistics exist in KFAC libraries only inside their own
+    preconditioners, not as a drop-in Sigma for AP."""
+    layers = conv_patches(model, loss_fn)
+
+    def precondition(g, sigma):
+        lam = damping * sigma.diagonal().sum() / sigma.shape[0]
+        return torch.linalg.solve(sigma + lam * torch.eye(sigma.shape[0], dtype=sigma.dtype), g.T).T  # Sigma symmetric
+
+    def uniform(rows, m, gen):
+        pick = rows[torch.randperm(rows.shape[0], generator=gen)[:m]]
+        return pick.T @ pick / m
+
+    def sketch(rows, m, gen):  # count sketch: each row added with a random sign into one of m buckets
+        bucket = torch.randint(0, m, (rows.shape[0],), generator=gen)
+        sign = torch.randint(0, 2, (rows.shape[0], 1), generator=gen).double() * 2 - 1
+        sz = torch.zeros(m, rows.shape[1], dtype=rows.dtype).index_add_(0, bucket, rows * sign)
+        return sz.T @ sz / rows.shape[0]
+
+    def pooled(z, size):  # 2x2 mean-pooled patches (1x2 on a map of height 1)
+        kernel = (2, 2) if size[0] >= 2 else (1, 2)
+        p = F.avg_pool2d(z.reshape(*z.shape[:2], *size), kernel, ceil_mode=True).flatten(2)
+        rows = p.transpose(1, 2).reshape(-1, z.shape[1])
+        return rows.T @ rows / rows.shape[0], rows.shape[0]
+
+    names = ["every row (check)"] + [f"uniform rows, {k:g} d_in" for k in ks] + [f"count sketch, {k:g} d_in" for k in ks] + \
+        ["spatial mean per sample (KFAC reduce)", "2x2 mean-pooled patches"]
+    errors = {n: {} for n in names}
+    flops = {n: 0.0 for n in names}  # rows x d_in^2 summed over layers: Z^T Z's cost
+    exact_flops = 0.0
+    trace_share = []  # trace of the spatial mean's statistic over Sigma's, per layer
+    squared = {n: 0.0 for n in names}
+    exact_squared = 0.0
+    for layer, (z, g, size) in layers.items():
+        rows = z.transpose(1, 2).reshape(-1, z.shape[1])
+        n, d = rows.shape
+        exact = precondition(g, rows.T @ rows / n)
+        exact_squared += float(exact.square().sum())
+        exact_flops += n * d * d
+        cands = {"every row (check)": [(rows.T @ rows / n, n)]}
+        for k in ks:
+            m = math.ceil(k * d)
+            gens = [torch.Generator().manual_seed(seed) for seed in range(draws)]
+            cands[f"uniform rows, {k:g} d_in"] = [(uniform(rows, m, gen), m) for gen in gens] if m < n else [(rows.T @ rows / n, n)]
+            cands[f"count sketch, {k:g} d_in"] = [(sketch(rows, m, gen), m) for gen in gens] if m < n else [(rows.T @ rows / n, n)]
+        mean = z.mean(2)
+        trace_share.append(float(mean.square().sum() / z.shape[0]) / float(rows.square().sum() / n))
+        cands["spatial mean per sample (KFAC reduce)"] = [(mean.T @ mean / z.shape[0], z.shape[0])]
+        cands["2x2 mean-pooled patches"] = [pooled(z, size)]
+        for name, options in cands.items():
+            e = [precondition(g, sigma) - exact for sigma, _ in options]
+            errors[name][layer] = statistics.fmean(float(x.norm()) for x in e) / float(exact.norm().clamp(min=1e-300))
+            squared[name] += statistics.fmean(float(x.square().sum()) for x in e)
+            flops[name] += statistics.fmean(m for _, m in options) * d * d
+    print(f"\n### {title}: other statistics, on the {len(layers)} conv layers\n")
+    if not layers:
+        return
+    print("| statistic | flops of Z^T Z / every row's | median over conv layers | conv layers as one vector | 90th pct | max |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in names:
+        e = sorted(errors[name].values())
+        q90 = e[min(len(e) - 1, int(0.9 * len(e)))]
+        print(f"| {name} | {flops[name] / exact_flops:.3f} | {statistics.median(e):.3f} | "
+              f"{math.sqrt(squared[name] / exact_squared):.3f} | {q90:.3f} | {e[-1]:.3f} |", flush=True)
+    print(f"\nShare of Sigma's trace in the spatial means (trace of the KFAC reduce statistic / trace of Sigma): median "
+          f"{statistics.median(trace_share):.3f}, min {min(trace_share):.3f}, max {max(trace_share):.3f}", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default="flow,robot,unet2d,mlp", help="comma-separated: flow, robot, lm (the suite's tasks), unet2d, mlp")
@@ -139,6 +240,9 @@ def main(argv=None):
     parser.add_argument("--train-steps", type=int, default=200, help="AdamW steps on the task before measuring (flow, robot)")
     parser.add_argument("--rounds", type=int, default=20, help="timed steps per setting (0: no timing)")
     parser.add_argument("--quick", action="store_true", help="tiny synthetic models only")
+    parser.add_argument("--alternatives", action="store_true",
+                        help="instead of the library's subsampling: other cheap conv statistics (uniform rows and count sketch "
+                             "at --ratios, KFAC reduce, 2x2 pooling), the same error, no timing")
     args = parser.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
     torch.manual_seed(0)
@@ -147,20 +251,25 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown workloads {sorted(unknown)}: choose from flow, robot, lm, unet2d, mlp")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; relative Frobenius error of the preconditioned "
-          f"gradient, subsampled vs every row, averaged over {args.draws} draws per layer", flush=True)
+          f"gradient, {'other statistics' if args.alternatives else 'subsampled'} vs every row, averaged over {args.draws} "
+          f"draws per layer", flush=True)
+    def run(title, model, loss_fn):
+        if args.alternatives:
+            alternatives(title, model, loss_fn, ratios, args.draws, args.damping)
+        else:
+            measure(title, model, loss_fn, ratios, args.draws, args.damping, args.rounds)
+
     if args.quick:
         for title, model, loss_fn in synthetic_workloads(True):
-            measure(title, model, loss_fn, ratios, args.draws, args.damping, args.rounds)
+            run(title, model, loss_fn)
         return
     for task in ("flow", "robot", "lm"):
         if task in chosen:
             model, loss_fn = task_workload(task, args.train_steps)
-            measure(f"{task} task model (scale=cpu), one training batch after {args.train_steps} AdamW steps", model, loss_fn,
-                    ratios, args.draws, args.damping, args.rounds)
+            run(f"{task} task model (scale=cpu), one training batch after {args.train_steps} AdamW steps", model, loss_fn)
     for title, model, loss_fn in synthetic_workloads(False):
         if ("unet2d" if title.startswith("UNet2D") else "mlp") in chosen:
-            measure(title, model, loss_fn, ratios, args.draws, args.damping, args.rounds)
-
+            run(title, model, loss_fn)
 
 if __name__ == "__main__":
     main()

@@ -37,6 +37,20 @@ def test_rows_error_is_zero_without_subsampling_and_grows_with_fewer_rows():
     assert all(a > b for a, b in zip(by_ratio["0.5"], by_ratio["2"])), out
 
 
+
+def test_alternative_statistics_are_measured_against_every_row():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "ap_rows_error.py"), "--quick", "--alternatives", "--ratios", "1,1000",
+                          "--draws", "2"], check=True, capture_output=True, text=True, timeout=300).stdout
+    rows = dict((name, tuple(map(float, cells))) for name, *cells in
+                re.findall(r"^\| ([^|]+?) \| " + r" \| ".join([NUMBER] * 5) + r" \|$", out, re.M))
+    assert rows["every row (check)"] == (1.0, 0.0, 0.0, 0.0, 0.0), out
+    # a cap above every layer's rows is the exact statistic; a cap of d_in rows is not, and costs less
+    assert rows["uniform rows, 1000 d_in"][1:] == (0.0,) * 4 and rows["count sketch, 1000 d_in"][1:] == (0.0,) * 4
+    assert rows["uniform rows, 1 d_in"][0] < 1 and rows["uniform rows, 1 d_in"][2] > 0.01
+    assert rows["count sketch, 1 d_in"][2] > 0.01
+    for name, fraction in (("spatial mean per sample (KFAC reduce)", 0.1), ("2x2 mean-pooled patches", 0.3)):
+        assert rows[name][0] < fraction and rows[name][2] > 0.01, out
+
 @pytest.mark.parametrize("flag, workload, older, switch", [
     ("--compare-gram", "mlp", "default, full gram", "_SPLIT_GRAM_MIN_D"),  # Z^T Z as one product
     ("--compare-shifted", "robot", "exact, unfolded", "_SHIFTED_GRAM_CALL_FLOPS"),  # conv statistics from patch rows
