@@ -55,13 +55,49 @@ def broken_links(md: Path) -> list[str]:
             where = resolved.resolve()
             where = where.relative_to(ROOT) if where.is_relative_to(ROOT) else where
             broken.append(f"{md.relative_to(ROOT)}: ({target}) -> {where} does not exist")
+    for target in link_targets(md.read_text(encoding="utf-8")):  # #anchors into Markdown files name a heading
+        if EXTERNAL.match(target) or "#" not in target:
+            continue
+        path, anchor = target.split("#", 1)
+        path = unquote(path.split("?", 1)[0])
+        resolved = md if not path else (ROOT / path.lstrip("/")) if path.startswith("/") else (md.parent / path)
+        if resolved.suffix == ".md" and resolved.exists() and unquote(anchor) not in heading_anchors(resolved.read_text(encoding="utf-8")):
+            broken.append(f"{md.relative_to(ROOT)}: ({target}) -> no heading '#{anchor}' in {resolved.resolve().relative_to(ROOT)}")
     return broken
+
+
+HEADING = re.compile(r"^ {0,3}#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$", re.M)
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a Markdown file's headings: lower case, punctuation dropped, spaces
+    to hyphens, repeats numbered -1, -2, ..."""
+    anchors, seen = set(), {}
+    for heading in HEADING.findall(FENCE.sub("", text)):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
 
 
 def test_link_parser_finds_links_and_skips_code():
     text = ("see [`a.md`](docs/a.md#part) and ![fig](img/b.png \"title\"), [web](https://x.org), [top](#top)\n"
             "`not [a](link)` and\n```\n[nor](this.md)\n```\n[ref]: ../c.md\n<img src=\"d.png\">\n")
     assert link_targets(text) == ["docs/a.md#part", "img/b.png", "https://x.org", "#top", "../c.md", "d.png"]
+
+
+def test_heading_anchors_follow_github(tmp_path):
+    text = "# The split gram (`_gram_sym`, commit 65dc7cc)\n## Notes\n```\n# not a heading\n```\n## Notes\n### What it found: 5 seeds #\n"
+    assert heading_anchors(text) == {"the-split-gram-_gram_sym-commit-65dc7cc", "notes", "notes-1", "what-it-found-5-seeds"}
+    (tmp_path / "a.md").write_text(text)
+    (tmp_path / "b.md").write_text("[ok](a.md#notes-1) [ok](#here) [bad](a.md#notes-2) [bad](#nowhere)\n## Here\n")
+    global ROOT
+    root, ROOT = ROOT, tmp_path
+    try:
+        assert broken_links(tmp_path / "b.md") == ["b.md: (a.md#notes-2) -> no heading '#notes-2' in a.md",
+                                                   "b.md: (#nowhere) -> no heading '#nowhere' in b.md"]
+    finally:
+        ROOT = root
 
 
 def test_every_relative_link_in_the_docs_resolves():
