@@ -13,10 +13,13 @@ them, as a function of that ratio. This is the measurement behind the library's 
 Beside each error, the per-step time of DoPr-AdamW at that setting over AdamW's, measured in the
 same process, interleaved (as scripts/bench_optimizer.py does; ``--rounds 0`` skips the timing).
 
-``--alternatives`` measures the same error for cheap statistics the library does not offer, on the
-conv layers (groups 1, at least 4 output positions), in float64 from the unfolded patches: uniform
-rows and a count sketch of k d_in rows, the spatial mean of each sample's patches (the KFAC
-"reduce" approximation: one row per sample) and 2x2 mean-pooled patches (a quarter of the rows).
+``--alternatives`` measures the same error for cheap statistics the library does not offer, on every
+linear layer and conv layer (groups 1, at least 4 output positions), in float64 from the rows (unfolded
+patches): uniform rows and a count sketch of k d_in rows, Sigma's top d_in/8 and d_in/4 eigenpairs
+with the other eigenvalues at their mean (the best a low-rank sketch could do), and on conv layers the spatial mean of
+each sample's patches (the KFAC "reduce" approximation: one row per sample) and 2x2 mean-pooled
+patches (a quarter of the rows); beside each, the error after the best scalar factor (AdamW and Muon
+ignore a layer's overall scale).
 
 The flow and robot U-Nets are the tasks' own models at scale=cpu on the tasks' own training batches,
 after ``--train-steps`` AdamW steps (statistics of a freshly initialised network are not the ones
@@ -138,12 +141,13 @@ def measure(title, model, loss_fn, ratios, draws, damping, rounds):
     return rows
 
 
-def conv_patches(model, loss_fn):
-    """{name: (patches (B, d_in, positions) float64, weight gradient (C_out, d_in) float64, output size)} of every
-    conv layer with groups 1 and at least 4 output positions, for one batch."""
+def layer_rows(model, loss_fn):
+    """{name: (rows (n, d_in) float64, weight gradient (d_out, d_in) float64, conv patches (B, d_in,
+    positions) and output size, or None for a linear layer)} of every nn.Linear and of every conv layer
+    with groups 1 and at least 4 output positions, for one batch."""
     inputs, hooks = {}, []
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1:
+        if isinstance(module, nn.Linear) or (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1):
             hooks.append(module.register_forward_hook(lambda m, i, o, name=name: inputs.__setitem__(name, (m, i[0].detach()))))
     try:
         model.zero_grad(set_to_none=True)
@@ -153,20 +157,26 @@ def conv_patches(model, loss_fn):
             h.remove()
     out = {}
     for name, (module, x) in inputs.items():
+        if module.weight.grad is None:
+            continue
+        g = module.weight.grad.double().reshape(module.weight.shape[0], -1)
+        if isinstance(module, nn.Linear):
+            out[name] = (x.double().reshape(-1, x.shape[-1]), g, None)
+            continue
         xp, kernel, stride, dilation, size = _conv_input(module, x.double())
-        if size[0] * size[1] < 4 or module.weight.grad is None:
+        if size[0] * size[1] < 4:
             continue
         z = F.unfold(xp, kernel, dilation=dilation, stride=stride)  # (B, C_in * kh * kw, positions): the weight's column order
-        out[name] = (z, module.weight.grad.double().reshape(module.weight.shape[0], -1), size)
+        out[name] = (z.transpose(1, 2).reshape(-1, z.shape[1]), g, (z, size))
     model.zero_grad(set_to_none=True)
     return out
 
 
 def alternatives(title, model, loss_fn, ks, draws, damping):
-    """The error of M = G (Sigma + lam I)^-1 with other cheap statistics in place of Sigma, on the conv
-    layers. Written here: these statistics exist in KFAC libraries only inside their own
-    preconditioners, not as a drop-in Sigma for AP."""
-    layers = conv_patches(model, loss_fn)
+    """The error of M = G (Sigma + lam I)^-1 with other cheap statistics in place of Sigma. Written
+    here: these statistics exist in KFAC libraries only inside their own preconditioners, not as a
+    drop-in Sigma for AP."""
+    layers = layer_rows(model, loss_fn)
 
     def precondition(g, sigma):
         lam = damping * sigma.diagonal().sum() / sigma.shape[0]
@@ -188,47 +198,73 @@ def alternatives(title, model, loss_fn, ks, draws, damping):
         rows = p.transpose(1, 2).reshape(-1, z.shape[1])
         return rows.T @ rows / rows.shape[0], rows.shape[0]
 
-    names = ["every row (check)"] + [f"uniform rows, {k:g} d_in" for k in ks] + [f"count sketch, {k:g} d_in" for k in ks] + \
-        ["spatial mean per sample (KFAC reduce)", "2x2 mean-pooled patches"]
+    def low_rank(g, values, vectors, r, lam):
+        """G (Sigma_r + lam I)^-1 with Sigma_r Sigma's top r eigenpairs and, on the other directions,
+        their mean eigenvalue (from the trace), lam from the whole trace: the best a rank-r sketch of Sigma
+        (a randomized SVD of Z, say) plus its trace could do."""
+        v, e = vectors[:, -r:], values[-r:]
+        rest = (values.sum() - e.sum()).clamp(min=0) / max(1, len(values) - r)
+        gv = g @ v
+        return (g - gv @ v.T) / (rest + lam) + (gv / (e + lam)) @ v.T
+
+    EIGEN = (8, 4)  # ranks d_in / 8 and d_in / 4
+    names = (["every row (check)"] + [f"uniform rows, {k:g} d_in" for k in ks] + [f"count sketch, {k:g} d_in" for k in ks]
+             + [f"top d_in/{q} eigenpairs of Sigma, the rest at their mean" for q in EIGEN]
+             + ["spatial mean per sample (KFAC reduce)", "2x2 mean-pooled patches"])
     errors = {n: {} for n in names}
-    flops = {n: 0.0 for n in names}  # rows x d_in^2 summed over layers: Z^T Z's cost
-    exact_flops = 0.0
-    trace_share = []  # trace of the spatial mean's statistic over Sigma's, per layer
+    angles = {n: {} for n in names}  # the error after the best scalar factor: sin of the angle to the exact M
+    flops = {n: 0.0 for n in names}  # rows x d_in^2 summed over the layers it covers: Z^T Z's cost
+    exact_flops = {n: 0.0 for n in names}
     squared = {n: 0.0 for n in names}
-    exact_squared = 0.0
-    for layer, (z, g, size) in layers.items():
-        rows = z.transpose(1, 2).reshape(-1, z.shape[1])
+    exact_squared = {n: 0.0 for n in names}
+    trace_share = []  # trace of the spatial mean's statistic over Sigma's, per conv layer
+    for layer, (rows, g, conv) in layers.items():
         n, d = rows.shape
-        exact = precondition(g, rows.T @ rows / n)
-        exact_squared += float(exact.square().sum())
-        exact_flops += n * d * d
-        cands = {"every row (check)": [(rows.T @ rows / n, n)]}
+        sigma = rows.T @ rows / n
+        exact = precondition(g, sigma)
+        cands = {"every row (check)": [(sigma, n)]}
         for k in ks:
             m = math.ceil(k * d)
             gens = [torch.Generator().manual_seed(seed) for seed in range(draws)]
-            cands[f"uniform rows, {k:g} d_in"] = [(uniform(rows, m, gen), m) for gen in gens] if m < n else [(rows.T @ rows / n, n)]
-            cands[f"count sketch, {k:g} d_in"] = [(sketch(rows, m, gen), m) for gen in gens] if m < n else [(rows.T @ rows / n, n)]
-        mean = z.mean(2)
-        trace_share.append(float(mean.square().sum() / z.shape[0]) / float(rows.square().sum() / n))
-        cands["spatial mean per sample (KFAC reduce)"] = [(mean.T @ mean / z.shape[0], z.shape[0])]
-        cands["2x2 mean-pooled patches"] = [pooled(z, size)]
-        for name, options in cands.items():
-            e = [precondition(g, sigma) - exact for sigma, _ in options]
-            errors[name][layer] = statistics.fmean(float(x.norm()) for x in e) / float(exact.norm().clamp(min=1e-300))
-            squared[name] += statistics.fmean(float(x.square().sum()) for x in e)
-            flops[name] += statistics.fmean(m for _, m in options) * d * d
-    print(f"\n### {title}: other statistics, on the {len(layers)} conv layers\n")
-    if not layers:
-        return
-    print("| statistic | flops of Z^T Z / every row's | median over conv layers | conv layers as one vector | 90th pct | max |")
-    print("|---|---:|---:|---:|---:|---:|")
+            cands[f"uniform rows, {k:g} d_in"] = [(uniform(rows, m, gen), m) for gen in gens] if m < n else [(sigma, n)]
+            cands[f"count sketch, {k:g} d_in"] = [(sketch(rows, m, gen), m) for gen in gens] if m < n else [(sigma, n)]
+        if conv is not None:
+            z, size = conv
+            mean = z.mean(2)
+            trace_share.append(float(mean.square().sum() / z.shape[0]) / float(sigma.diagonal().sum()))
+            cands["spatial mean per sample (KFAC reduce)"] = [(mean.T @ mean / z.shape[0], z.shape[0])]
+            cands["2x2 mean-pooled patches"] = [pooled(z, size)]
+        results = {name: [(precondition(g, s), m) for s, m in options] for name, options in cands.items()}
+        values, vectors = torch.linalg.eigh(sigma)
+        lam = damping * sigma.diagonal().sum() / d
+        for q in EIGEN:
+            results[f"top d_in/{q} eigenpairs of Sigma, the rest at their mean"] = [(low_rank(g, values, vectors, max(1, d // q), lam), None)]
+        for name, options in results.items():
+            norm = float(exact.norm().clamp(min=1e-300))
+            errors[name][layer] = statistics.fmean(float((mm - exact).norm()) for mm, _ in options) / norm
+            angles[name][layer] = statistics.fmean(
+                math.sqrt(max(0.0, 1 - (float((mm * exact).sum()) / (float(mm.norm()) * norm + 1e-300)) ** 2)) for mm, _ in options)
+            squared[name] += statistics.fmean(float((mm - exact).square().sum()) for mm, _ in options)
+            exact_squared[name] += norm**2
+            if options[0][1] is not None:
+                flops[name] += statistics.fmean(m for _, m in options) * d * d
+                exact_flops[name] += n * d * d
+    convs = sum(conv is not None for *_, conv in layers.values())
+    print(f"\n### {title}: other statistics, on {len(layers)} matrix layers ({convs} conv)\n")
+    print("| statistic | layers | flops of Z^T Z / every row's | median error over layers | those layers as one vector | 90th pct | max "
+          "| median error after the best scalar factor |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in names:
         e = sorted(errors[name].values())
+        if not e:
+            continue
         q90 = e[min(len(e) - 1, int(0.9 * len(e)))]
-        print(f"| {name} | {flops[name] / exact_flops:.3f} | {statistics.median(e):.3f} | "
-              f"{math.sqrt(squared[name] / exact_squared):.3f} | {q90:.3f} | {e[-1]:.3f} |", flush=True)
-    print(f"\nShare of Sigma's trace in the spatial means (trace of the KFAC reduce statistic / trace of Sigma): median "
-          f"{statistics.median(trace_share):.3f}, min {min(trace_share):.3f}, max {max(trace_share):.3f}", flush=True)
+        cost = f"{flops[name] / exact_flops[name]:.3f}" if exact_flops[name] else "-"
+        print(f"| {name} | {len(e)} | {cost} | {statistics.median(e):.3f} | {math.sqrt(squared[name] / exact_squared[name]):.3f} | "
+              f"{q90:.3f} | {e[-1]:.3f} | {statistics.median(angles[name].values()):.3f} |", flush=True)
+    if trace_share:
+        print(f"\nShare of Sigma's trace in the spatial means (trace of the KFAC reduce statistic / trace of Sigma), over the conv "
+              f"layers: median {statistics.median(trace_share):.3f}, min {min(trace_share):.3f}, max {max(trace_share):.3f}", flush=True)
 
 
 def main(argv=None):
@@ -241,8 +277,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=20, help="timed steps per setting (0: no timing)")
     parser.add_argument("--quick", action="store_true", help="tiny synthetic models only")
     parser.add_argument("--alternatives", action="store_true",
-                        help="instead of the library's subsampling: other cheap conv statistics (uniform rows and count sketch "
-                             "at --ratios, KFAC reduce, 2x2 pooling), the same error, no timing")
+                        help="instead of the library's subsampling: other cheap statistics (uniform rows and count sketch at "
+                             "--ratios, top eigenpairs, conv: KFAC reduce, 2x2 pooling), the same error, no timing")
     args = parser.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
     torch.manual_seed(0)

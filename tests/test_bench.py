@@ -41,15 +41,28 @@ def test_rows_error_is_zero_without_subsampling_and_grows_with_fewer_rows():
 def test_alternative_statistics_are_measured_against_every_row():
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "ap_rows_error.py"), "--quick", "--alternatives", "--ratios", "1,1000",
                           "--draws", "2"], check=True, capture_output=True, text=True, timeout=300).stdout
-    rows = dict((name, tuple(map(float, cells))) for name, *cells in
-                re.findall(r"^\| ([^|]+?) \| " + r" \| ".join([NUMBER] * 5) + r" \|$", out, re.M))
-    assert rows["every row (check)"] == (1.0, 0.0, 0.0, 0.0, 0.0), out
-    # a cap above every layer's rows is the exact statistic; a cap of d_in rows is not, and costs less
-    assert rows["uniform rows, 1000 d_in"][1:] == (0.0,) * 4 and rows["count sketch, 1000 d_in"][1:] == (0.0,) * 4
-    assert rows["uniform rows, 1 d_in"][0] < 1 and rows["uniform rows, 1 d_in"][2] > 0.01
-    assert rows["count sketch, 1 d_in"][2] > 0.01
+    unet, mlp = out.split("\n### ")[1:]
+    row = r"^\| ([^|]+?) \| (\d+) \| ([\d.]+|-) \| " + r" \| ".join([NUMBER] * 5) + r" \|$"
+    tables = [{name: (int(layers), cost, *map(float, cells)) for name, layers, cost, *cells in re.findall(row, t, re.M)} for t in (unet, mlp)]
+    for rows in tables:
+        layers = rows["every row (check)"][0]
+        assert rows["every row (check)"] == (layers, "1.000", 0.0, 0.0, 0.0, 0.0, 0.0), out
+        # a cap above every layer's rows is the exact statistic; a cap of d_in rows is not, and costs less
+        assert rows["uniform rows, 1000 d_in"][2:] == (0.0,) * 5 and rows["count sketch, 1000 d_in"][2:] == (0.0,) * 5
+        assert float(rows["uniform rows, 1 d_in"][1]) < 1 and rows["uniform rows, 1 d_in"][3] > 0.01
+        assert rows["count sketch, 1 d_in"][3] > 0.01
+        # keeping more eigenpairs is closer; both are some way off on these layers
+        eighth, quarter = rows["top d_in/8 eigenpairs of Sigma, the rest at their mean"], rows["top d_in/4 eigenpairs of Sigma, the rest at their mean"]
+        assert eighth[0] == quarter[0] == layers and eighth[1] == quarter[1] == "-"
+        assert eighth[3] >= quarter[3] > 0, out
+        for stat in rows.values():
+            assert stat[6] <= stat[2] + 1e-3  # the best scalar factor can only help (medians of per-layer values)
+    unet_rows, mlp_rows = tables
     for name, fraction in (("spatial mean per sample (KFAC reduce)", 0.1), ("2x2 mean-pooled patches", 0.3)):
-        assert rows[name][0] < fraction and rows[name][2] > 0.01, out
+        assert 0 < unet_rows[name][0] < unet_rows["every row (check)"][0]  # conv layers only
+        assert float(unet_rows[name][1]) < fraction and unet_rows[name][3] > 0.01, out
+        assert name not in mlp_rows  # the MLP has no conv layer
+
 
 @pytest.mark.parametrize("flag, workload, older, switch", [
     ("--compare-gram", "mlp", "default, full gram", "_SPLIT_GRAM_MIN_D"),  # Z^T Z as one product
