@@ -31,8 +31,9 @@ MIN_RELATIVE_EIGENVALUE = 1e-6
 _UNFOLD_CHUNK_ELEMENTS = 1 << 25
 
 FALLBACK_KINDS = ("float64", "eigh", "previous", "skipped", "nonfinite_stats")
-# Inputs at least this wide get their Z^T Z from two column halves (below, _gram_sym).
+# Inputs at least this wide get their Z^T Z block by block from _GRAM_BLOCKS column blocks (below, _gram_sym).
 _SPLIT_GRAM_MIN_D = 192
+_GRAM_BLOCKS = 4
 # Stride-1 conv grams from shifted products of the input (_shifted_conv_gram) when that is cheaper,
 # counting each of its flops as _SHIFTED_GRAM_FLOP_COST of one large product's (its matmuls run on
 # sliced copies, at about a third of the speed on 2 CPU threads: docs/benchmark.md, "The shifted conv
@@ -42,19 +43,21 @@ _SHIFTED_GRAM_CALL_FLOPS = 2e6
 
 
 def _gram_sym(z: torch.Tensor) -> torch.Tensor:
-    """Z^T Z for z of shape (groups, n, d). For d >= _SPLIT_GRAM_MIN_D it is built
-    from the two column halves [A B]: A^T [A B] and B^T B, the lower-left block mirrored, so 3/4 of the
-    full product's flops (a BLAS syrk would do 1/2, but torch exposes none; written here for that).
-    On 2 CPU cores this takes 0.75-0.9 of the time of ``z.mT @ z`` (docs/benchmark.md)."""
+    """Z^T Z for z of shape (groups, n, d). For d >= _SPLIT_GRAM_MIN_D it is built from k =
+    _GRAM_BLOCKS column blocks Z = [Z_1 ... Z_k]: block row i is Z_i^T [Z_i ... Z_k] (one product each)
+    and the blocks left of the diagonal are mirrored, so (k + 1) / (2 k) of the full product's flops
+    (5/8 with 4 blocks; a BLAS syrk would do 1/2, but torch exposes none; written here for that). Each
+    entry is the same dot product over the rows as in ``z.mT @ z`` (bitwise equal on this project's CPU
+    for the suite's shapes); on 2 CPU cores it takes 0.66-0.78 of its time (docs/benchmark.md)."""
     d = z.shape[-1]
     if d < _SPLIT_GRAM_MIN_D:
         return z.transpose(1, 2) @ z
-    h = d // 2
-    top = z[:, :, :h].transpose(1, 2) @ z  # (g, h, d): the first h rows of Z^T Z
-    out = torch.empty(z.shape[0], d, d, dtype=top.dtype, device=top.device)
-    out[:, :h] = top
-    out[:, h:, :h] = top[:, :, h:].transpose(1, 2)
-    out[:, h:, h:] = z[:, :, h:].transpose(1, 2) @ z[:, :, h:]
+    bounds = [round(i * d / _GRAM_BLOCKS) for i in range(_GRAM_BLOCKS + 1)]
+    out = torch.empty(z.shape[0], d, d, dtype=z.dtype, device=z.device)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        row = z[:, :, a:b].transpose(1, 2) @ z[:, :, a:]  # (g, b - a, d - a): rows a..b of Z^T Z from the diagonal on
+        out[:, a:b, a:] = row
+        out[:, b:, a:b] = row[:, :, b - a:].transpose(1, 2)
     return out
 
 
@@ -222,7 +225,7 @@ def _shifted_gram_flops(batch: int, c_per_group: int, groups: int, kernel, dilat
 
 def _gram_flops(rows: int, d: int, groups: int) -> float:
     """The flops of ``_gram_sym`` on ``rows`` rows of width ``d`` per group."""
-    return groups * 2.0 * rows * d * d * (0.75 if d >= _SPLIT_GRAM_MIN_D else 1.0)
+    return groups * 2.0 * rows * d * d * ((_GRAM_BLOCKS + 1) / (2 * _GRAM_BLOCKS) if d >= _SPLIT_GRAM_MIN_D else 1.0)
 
 
 class ActivationPreconditioner:

@@ -153,9 +153,11 @@ def workloads(chosen: list[str], quick: bool, lm_batch: int):
 
 
 VARIANTS = (("exact", {"max_rows": None, "max_rows_per_dim": None}), ("default", {}), ("default@10", {"update_every": 10}))
-# --compare-gram: the defaults with every Z^T Z as one product (the library before its split gram) against the
-# defaults, interleaved in one run; "full" variants run with dopr.preconditioner's split threshold out of reach.
-GRAM_VARIANTS = (("default, full gram", {}), ("default", {}), ("default@10, full gram", {"update_every": 10}), ("default@10", {"update_every": 10}))
+# --compare-gram: the defaults with every Z^T Z as one product (the library before its split gram; "full gram":
+# dopr.preconditioner's split threshold out of reach) and from two column blocks (its split gram before 4 blocks),
+# the defaults and exact AP the same way, interleaved in one run.
+GRAM_VARIANTS = (("default, full gram", {}), ("default, two blocks", {}), ("default", {}),
+                 ("exact, two blocks", VARIANTS[0][1]), ("exact", VARIANTS[0][1]))
 # --compare-shifted: exact and default AP with every conv statistic from unfolded patch rows (the library before
 # its shifted conv gram, dopr.preconditioner._shifted_conv_gram) against the library's choice, in one run.
 SHIFTED_VARIANTS = (("exact, unfolded", VARIANTS[0][1]), ("exact", VARIANTS[0][1]), ("default, unfolded", {}), ("default", {}))
@@ -163,17 +165,20 @@ SHIFTED_VARIANTS = (("exact, unfolded", VARIANTS[0][1]), ("exact", VARIANTS[0][1
 
 @contextlib.contextmanager
 def gram(name: str):
-    """Run a variant named "... full gram" with every Z^T Z as one product, and one named "... unfolded"
-    with every conv statistic from unfolded patch rows; the others as the library chooses."""
-    saved = pre._SPLIT_GRAM_MIN_D, pre._SHIFTED_GRAM_CALL_FLOPS
+    """Run a variant named "... full gram" with every Z^T Z as one product, one named "... two blocks" with
+    the split gram from two column blocks, and one named "... unfolded" with every conv statistic from
+    unfolded patch rows; the others as the library chooses."""
+    saved = pre._SPLIT_GRAM_MIN_D, pre._SHIFTED_GRAM_CALL_FLOPS, pre._GRAM_BLOCKS
     if "full gram" in name:
         pre._SPLIT_GRAM_MIN_D = 1 << 62
+    if "two blocks" in name:
+        pre._GRAM_BLOCKS = 2
     if "unfolded" in name:
         pre._SHIFTED_GRAM_CALL_FLOPS = math.inf
     try:
         yield
     finally:
-        pre._SPLIT_GRAM_MIN_D, pre._SHIFTED_GRAM_CALL_FLOPS = saved
+        pre._SPLIT_GRAM_MIN_D, pre._SHIFTED_GRAM_CALL_FLOPS, pre._GRAM_BLOCKS = saved
 
 
 def bench(model: nn.Module, loss_fn, bases, rounds: int, warmup: int, device: str, settings=VARIANTS):

@@ -471,13 +471,14 @@ def test_row_mask_keeps_padding_out_of_sigma_whatever_the_padding():
 
 
 def test_wide_inputs_take_the_split_gram_and_stay_the_formula():
-    # d_in >= _SPLIT_GRAM_MIN_D: Z^T Z is built from two column halves (3/4 of the flops). Its
-    # product is checked against float64 (3 groups, widths around the threshold and an odd one:
-    # unequal halves), and so is the preconditioned gradient of a wide layer whose rows come from
-    # two forwards (the first under d_in, kept for Woodbury, then merged into a sum).
-    from dopr.preconditioner import _SPLIT_GRAM_MIN_D, _gram_sym
+    # d_in >= _SPLIT_GRAM_MIN_D: Z^T Z is built from _GRAM_BLOCKS column blocks (5/8 of the flops
+    # with 4). Its product is checked against float64 (3 groups, widths around the threshold and odd
+    # ones: unequal blocks), and so is the preconditioned gradient of a wide layer whose rows come
+    # from two forwards (the first under d_in, kept for Woodbury, then merged into a sum).
+    from dopr.preconditioner import _GRAM_BLOCKS, _SPLIT_GRAM_MIN_D, _gram_sym
 
-    for d in (_SPLIT_GRAM_MIN_D - 1, _SPLIT_GRAM_MIN_D, 301):
+    assert _GRAM_BLOCKS == 4
+    for d in (_SPLIT_GRAM_MIN_D - 1, _SPLIT_GRAM_MIN_D, 301, 683):
         z = torch.randn(3, 500, d)
         want = z.double().transpose(1, 2) @ z.double()
         assert rel_err(_gram_sym(z), want) < 1e-6

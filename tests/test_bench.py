@@ -64,11 +64,11 @@ def test_alternative_statistics_are_measured_against_every_row():
         assert name not in mlp_rows  # the MLP has no conv layer
 
 
-@pytest.mark.parametrize("flag, workload, older, switch", [
-    ("--compare-gram", "mlp", "default, full gram", "_SPLIT_GRAM_MIN_D"),  # Z^T Z as one product
-    ("--compare-shifted", "robot", "exact, unfolded", "_SHIFTED_GRAM_CALL_FLOPS"),  # conv statistics from patch rows
+@pytest.mark.parametrize("flag, workload, older, switch, variants", [
+    ("--compare-gram", "mlp", "default, full gram", "_SPLIT_GRAM_MIN_D", 5),  # Z^T Z as one product
+    ("--compare-shifted", "robot", "exact, unfolded", "_SHIFTED_GRAM_CALL_FLOPS", 4),  # conv statistics from patch rows
 ])
-def test_compare_flags_time_the_older_gram_against_the_library_in_one_run(flag, workload, older, switch):
+def test_compare_flags_time_the_older_gram_against_the_library_in_one_run(flag, workload, older, switch, variants):
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench_optimizer
 
@@ -80,9 +80,12 @@ def test_compare_flags_time_the_older_gram_against_the_library_in_one_run(flag, 
     with bench_optimizer.gram("default"):
         assert getattr(pre, switch) == before
     assert getattr(pre, switch) == before
+    with bench_optimizer.gram("default, two blocks"):
+        assert pre._GRAM_BLOCKS == 2
+    assert pre._GRAM_BLOCKS == 4
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_optimizer.py"), "--quick", "--workloads", workload, flag],
                          check=True, capture_output=True, text=True, timeout=300).stdout
-    rows = re.findall(rf"^\| adamw \| {NUMBER} \| " + r" \| ".join([NUMBER] * 8) + r" \|$", out, re.M)
+    rows = re.findall(rf"^\| adamw \| {NUMBER} \| " + r" \| ".join([NUMBER] * (2 * variants)) + r" \|$", out, re.M)
     assert len(rows) == 1 and f"DoPr-X {older} (ms)" in out, out
     x, *cells = map(float, rows[0])
     for t, r in zip(cells[::2], cells[1::2]):
