@@ -48,7 +48,7 @@ def _gram_sym(z: torch.Tensor) -> torch.Tensor:
     and the blocks left of the diagonal are mirrored, so (k + 1) / (2 k) of the full product's flops
     (5/8 with 4 blocks; a BLAS syrk would do 1/2, but torch exposes none; written here for that). Each
     entry is the same dot product over the rows as in ``z.mT @ z`` (bitwise equal on this project's CPU
-    for the suite's shapes); on 2 CPU cores it takes 0.66-0.78 of its time (docs/benchmark.md)."""
+    for the suite's shapes); on 2 CPU cores it takes 0.68-0.83 of its time (docs/benchmark.md)."""
     d = z.shape[-1]
     if d < _SPLIT_GRAM_MIN_D:
         return z.transpose(1, 2) @ z
