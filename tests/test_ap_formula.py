@@ -515,8 +515,8 @@ def test_stride_one_conv_grams_from_shifted_inputs_are_the_patch_grams():
 
 
 def test_large_stride_one_convs_take_the_shifted_gram_and_stay_the_formula(monkeypatch):
-    # A 3x3 conv on 16x16 maps with 32 channels, exact statistic: 13 shifted products cost fewer
-    # flops than its 9216 unfolded rows, so AP takes them; its gradient is the formula on every
+    # A 3x3 conv on 16x16 maps with 64 channels, exact statistic: 13 shifted products cost fewer
+    # flops (counted 3x, _SHIFTED_GRAM_FLOP_COST) than its 9216 unfolded rows, so AP takes them; its gradient is the formula on every
     # patch. A stride-2 conv keeps the unfolded rows, and so do inputs too small for the products'
     # per-call overhead to pay.
     from dopr import preconditioner as pre
@@ -525,10 +525,10 @@ def test_large_stride_one_convs_take_the_shifted_gram_and_stay_the_formula(monke
     original = pre._shifted_conv_gram
     monkeypatch.setattr(pre, "_shifted_conv_gram", lambda *a: calls.append(a[1]) or original(*a))
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.Tanh(), nn.Conv2d(32, 8, 3, stride=2, padding=1))
+    model = nn.Sequential(nn.Conv2d(64, 32, 3, padding=1), nn.Tanh(), nn.Conv2d(32, 8, 3, stride=2, padding=1))
     seen = capture_inputs(model[2])
     ap = dopr.ActivationPreconditioner(model, damping=GAMMA, max_rows_per_dim=None)
-    x = torch.randn(36, 32, 16, 16)
+    x = torch.randn(36, 64, 16, 16)
     model(x).pow(2).sum().backward()
     g0 = model[0].weight.grad.clone().reshape(32, -1)
     ap.step()
