@@ -112,6 +112,26 @@ def test_feature_classifier_is_accurate_and_cached(glyph_fd):
     assert flow.classifier_path(cfg) != flow.classifier_path(task_cfg(cfg.data_dir, "cpu", *SMALL, "+task.glyphs.seed=1"))
 
 
+def test_feature_classifier_trains_on_one_thread_whatever_the_caller_uses(glyph_fd, monkeypatch):
+    # Its weights (and so every FD) depend on the thread count; the first process to need it trains it.
+    data, _, _, _, cfg, _ = glyph_fd
+    seen = []
+    logits = flow.FeatureClassifier.logits
+    monkeypatch.setattr(flow.FeatureClassifier, "logits", lambda self, x: seen.append(torch.get_num_threads()) or logits(self, x))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        flow.train_feature_classifier(cfg, data, torch.device("cpu"))
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2  # the caller's count is back
+    finally:
+        torch.set_num_threads(before)
+    # a classifier trained before this rule is not reused: the cache key names the trainer
+    path = flow.classifier_path(cfg)
+    monkeypatch.setattr(flow, "CLASSIFIER_TRAINER", flow.CLASSIFIER_TRAINER - 1)
+    assert flow.classifier_path(cfg) != path
+
+
 @pytest.mark.filterwarnings("ignore:Matrix is singular")  # dead ReLU features: a singular covariance, still a valid FD
 def test_frechet_distance_matches_the_formula_and_is_honest(glyph_fd):
     data, net, _, fd, _, sets = glyph_fd
