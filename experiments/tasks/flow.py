@@ -195,7 +195,8 @@ def train_feature_classifier(cfg, data, device, log=print) -> tuple[FeatureClass
     """Train the FD feature network on the training split (fixed seed, Adam, light shift
     augmentation) and return it with its test accuracy. On one CPU thread whatever the caller's
     count: its float sums, hence its weights and every FD measured with it, depend on the thread count
-    (on this project's machine one thread gave test accuracy 0.986 and two 0.978, and FDs 2-3 apart),
+    (on this project's machine one thread gave test accuracy 0.986 and two 0.978, and headline FD means
+    of the same trained models 2.8-3.6 apart: docs/tasks/flow.md),
     and the first process to need it trains it (a one-thread run, a test, a script)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
