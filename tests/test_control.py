@@ -190,3 +190,26 @@ def test_demo_steps_keeps_the_first_steps_of_each_training_episode(tmp_path):
     assert len(short.train_s) == 7 * 2 and len(whole.train_s) > len(short.train_s)  # 2 training episodes at scale=smoke
     assert torch.equal(short.train_s[:7], whole.train_s[:7]) and torch.equal(short.train_a[:7], whole.train_a[:7])
     assert torch.equal(short.val_s, whole.val_s)
+
+
+def test_cached_demonstrations_and_expert_return_are_made_on_one_thread(tmp_path, monkeypatch):
+    """The expert's batched actions differ in the last bits with the thread count and the simulator turns that
+    into other episodes; whichever process first needs the cache makes it, so it is made on one thread (the
+    caller's count restored), and caches made before the rule are not reused (the key names it)."""
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["task=control", "scale=smoke", f"task.data_dir={tmp_path}"]).task
+    seen = []
+    rollout = control.rollout_returns
+    monkeypatch.setattr(control, "rollout_returns", lambda *a, **k: seen.append(torch.get_num_threads()) or rollout(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        demos = control.expert_demonstrations(cfg, "Hopper-v5", 2, 0)
+        control.expert_eval_return(cfg, "Hopper-v5", [20_000])
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert len(demos) == 2 and len(list(tmp_path.glob("demos-Hopper-v5-*.npz"))) == 1
+    monkeypatch.setattr(control, "CACHE_GENERATOR", control.CACHE_GENERATOR - 1)
+    control.expert_demonstrations(cfg, "Hopper-v5", 2, 0)
+    assert len(list(tmp_path.glob("demos-Hopper-v5-*.npz"))) == 2 and seen == [1, 1, 1]  # not the old cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterable, Protocol
 
 import torch
@@ -30,3 +31,18 @@ class Task(Protocol):
         ``final``: the run's last evaluation. Before it a task may score less (the flow task scores
         only its headline solver and step count there), but always the headline ``metric`` and its
         ``select_<metric>``, since the best checkpoint is chosen and reported from them."""
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one CPU thread inside, the caller's count restored after. For what a task makes once
+    and caches (the flow task's FD classifier, the control task's expert demonstrations and expert
+    return): their bits depend on the thread count (float sums in another order; through a simulator,
+    whole other trajectories), and whichever process first needs them makes them (a one-thread run, a
+    test, a script)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import atomic_write_bytes, atomic_write_text
+from .base import one_thread
 
 EXPERT_DIR = Path(__file__).resolve().parents[1] / "assets" / "experts"
 
@@ -116,7 +117,7 @@ def expert_demonstrations(cfg, env_id: str, episodes: int, seed: int) -> list[tu
     """[(states, actions)] per episode, generated from the committed expert and cached."""
     expert_path = EXPERT_DIR / f"{env_id}_sac.pt"
     key = {"env": env_id, "episodes": episodes, "seed": seed, "noise": cfg.demo_action_noise,
-           "expert": expert_digest(expert_path) if expert_path.exists() else None}
+           "expert": expert_digest(expert_path) if expert_path.exists() else None, "generator": CACHE_GENERATOR}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     cache = Path(cfg.data_dir).expanduser() / f"demos-{env_id}-{digest}.npz"
     if cache.exists():
@@ -124,7 +125,8 @@ def expert_demonstrations(cfg, env_id: str, episodes: int, seed: int) -> list[tu
         return [(data[f"s{i}"], data[f"a{i}"]) for i in range(int(data["n"]))]
     expert = load_expert(env_id)
     seeds = [seed * 100_000 + i for i in range(episodes)]
-    returns, _, eps = rollout_returns(env_id, expert, seeds, record=True, action_noise=cfg.demo_action_noise, noise_seed=seed)
+    with one_thread():  # the expert's batched actions differ in the last bits with the thread count, the episodes then by whole states
+        returns, _, eps = rollout_returns(env_id, expert, seeds, record=True, action_noise=cfg.demo_action_noise, noise_seed=seed)
     print(f"generated {episodes} expert episodes of {env_id} (return {returns.mean():.0f} ± {returns.std():.0f}); cached at {cache}", flush=True)
     import io
 
@@ -132,6 +134,11 @@ def expert_demonstrations(cfg, env_id: str, episodes: int, seed: int) -> list[tu
     np.savez(buf, n=len(eps), **{f"s{i}": e[0] for i, e in enumerate(eps)}, **{f"a{i}": e[1] for i, e in enumerate(eps)})
     atomic_write_bytes(cache, buf.getvalue())
     return [(e[0], e[1]) for e in eps]
+
+
+# Bumped when the way the cached demonstrations and expert returns are made changes their bits, so that
+# caches are made again (2: on one thread, base.one_thread).
+CACHE_GENERATOR = 2
 
 
 def expert_digest(expert_path: Path) -> str:
@@ -156,11 +163,12 @@ def expert_eval_return(cfg, env_id: str, seeds: list[int]) -> float | None:
     if not expert_path.exists():
         return None
     noise = eval_noise(cfg)
-    key = {"env": env_id, "seeds": seeds, "noise": noise, "expert": expert_digest(expert_path)}
+    key = {"env": env_id, "seeds": seeds, "noise": noise, "expert": expert_digest(expert_path), "generator": CACHE_GENERATOR}
     cache = Path(cfg.data_dir).expanduser() / f"expert-eval-{env_id}-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.json"
     if cache.exists():
         return json.loads(cache.read_text())["mean_return"]
-    returns, _ = rollout_returns(env_id, load_expert(env_id), seeds, action_noise=noise, noise_seed=seeds[0])
+    with one_thread():
+        returns, _ = rollout_returns(env_id, load_expert(env_id), seeds, action_noise=noise, noise_seed=seeds[0])
     atomic_write_text(cache, json.dumps({**key, "mean_return": float(returns.mean()), "returns": returns.tolist()}) + "\n")
     return float(returns.mean())
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from . import glyphs
+from .base import one_thread
 
 SOLVERS = ("euler", "midpoint", "heun3", "rk4")  # torchdiffeq's fixed-grid methods we expose
 STAGES = {"euler": 1, "midpoint": 2, "heun3": 3, "rk4": 4}  # network evaluations per step
@@ -198,12 +199,8 @@ def train_feature_classifier(cfg, data, device, log=print) -> tuple[FeatureClass
     (on this project's machine one thread gave test accuracy 0.986 and two 0.978, and headline FD means
     of the same trained models 2.8-3.6 apart: docs/tasks/flow.md),
     and the first process to need it trains it (a one-thread run, a test, a script)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return _train_feature_classifier(cfg, data, device, log)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train_feature_classifier(cfg, data, device, log) -> tuple[FeatureClassifier, float]:
