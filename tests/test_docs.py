@@ -43,26 +43,25 @@ def link_targets(text: str) -> list[str]:
 
 
 def broken_links(md: Path) -> list[str]:
-    broken = []
+    """Relative links whose file does not exist, and #anchors into Markdown files that name no heading."""
+    broken, anchors = [], {}
     for target in link_targets(md.read_text(encoding="utf-8")):
-        if EXTERNAL.match(target) or target.startswith("#"):
+        if EXTERNAL.match(target):
             continue
-        path = unquote(target.split("#", 1)[0].split("?", 1)[0])
-        if not path:
+        path, _, anchor = target.partition("#")
+        path = unquote(path.split("?", 1)[0])
+        if not path and not anchor:
             continue
-        resolved = (ROOT / path.lstrip("/")) if path.startswith("/") else (md.parent / path)
+        resolved = md if not path else (ROOT / path.lstrip("/")) if path.startswith("/") else (md.parent / path)
         if not resolved.exists():
             where = resolved.resolve()
             where = where.relative_to(ROOT) if where.is_relative_to(ROOT) else where
             broken.append(f"{md.relative_to(ROOT)}: ({target}) -> {where} does not exist")
-    for target in link_targets(md.read_text(encoding="utf-8")):  # #anchors into Markdown files name a heading
-        if EXTERNAL.match(target) or "#" not in target:
-            continue
-        path, anchor = target.split("#", 1)
-        path = unquote(path.split("?", 1)[0])
-        resolved = md if not path else (ROOT / path.lstrip("/")) if path.startswith("/") else (md.parent / path)
-        if resolved.suffix == ".md" and resolved.exists() and unquote(anchor) not in heading_anchors(resolved.read_text(encoding="utf-8")):
-            broken.append(f"{md.relative_to(ROOT)}: ({target}) -> no heading '#{anchor}' in {resolved.resolve().relative_to(ROOT)}")
+        elif anchor and resolved.suffix == ".md":
+            if resolved not in anchors:
+                anchors[resolved] = heading_anchors(resolved.read_text(encoding="utf-8"))
+            if unquote(anchor) not in anchors[resolved]:
+                broken.append(f"{md.relative_to(ROOT)}: ({target}) -> no heading '#{anchor}' in {resolved.resolve().relative_to(ROOT)}")
     return broken
 
 
