@@ -16,9 +16,9 @@ same process, interleaved (as scripts/bench_optimizer.py does; ``--rounds 0`` sk
 ``--alternatives`` measures the same error for cheap statistics the library does not offer, on every
 linear layer and conv layer (groups 1, at least 4 output positions), in float64 from the rows (unfolded
 patches): uniform rows and a count sketch of k d_in rows, Sigma's top d_in/8 and d_in/4 eigenpairs
-with the other eigenvalues at their mean (the best a low-rank sketch could do), and on conv layers the spatial mean of
-each sample's patches (the KFAC "reduce" approximation: one row per sample) and 2x2 mean-pooled
-patches (a quarter of the rows); beside each, the error after the best scalar factor (AdamW and Muon
+with the other eigenvalues at their mean (the best a low-rank sketch could do), and on conv layers
+the spatial mean of each sample's patches (the KFAC "reduce" approximation: one row per sample) and
+2x2 mean-pooled patches (a quarter of the rows); beside each, the error after the best scalar factor (AdamW and Muon
 ignore a layer's overall scale).
 
 The flow and robot U-Nets are the tasks' own models at scale=cpu on the tasks' own training batches,
@@ -241,10 +241,11 @@ def alternatives(title, model, loss_fn, ks, draws, damping):
             results[f"top d_in/{q} eigenpairs of Sigma, the rest at their mean"] = [(low_rank(g, values, vectors, max(1, d // q), lam), None)]
         for name, options in results.items():
             norm = float(exact.norm().clamp(min=1e-300))
-            errors[name][layer] = statistics.fmean(float((mm - exact).norm()) for mm, _ in options) / norm
+            misses = [float((mm - exact).norm()) for mm, _ in options]
+            errors[name][layer] = statistics.fmean(misses) / norm
             angles[name][layer] = statistics.fmean(
                 math.sqrt(max(0.0, 1 - (float((mm * exact).sum()) / (float(mm.norm()) * norm + 1e-300)) ** 2)) for mm, _ in options)
-            squared[name] += statistics.fmean(float((mm - exact).square().sum()) for mm, _ in options)
+            squared[name] += statistics.fmean(miss**2 for miss in misses)
             exact_squared[name] += norm**2
             if options[0][1] is not None:
                 flops[name] += statistics.fmean(m for _, m in options) * d * d
