@@ -47,19 +47,22 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(stats.spearmanr(x, y).statistic)
 
 
-def selection(rows: list[dict], metric_key: str, higher_is_better: bool, loss_key: str = "final_val_loss") -> dict:
-    """Model selection over the rows of one optimizer's sweep (one row per run, with "lr"): the
-    LR picked by mean validation loss and the LR picked by mean rollout metric, and the regret of
-    picking by loss: how much mean metric that choice gives up (>= 0, in the metric's units)."""
-    by_lr = defaultdict(list)
+def selection(rows: list[dict], metric_key: str, higher_is_better: bool, loss_key: str = "final_val_loss", by=lambda r: r["lr"]) -> dict:
+    """The one model selection of the suite, over the rows of one optimizer's sweep (one row per run), grouped into
+    settings by ``by`` (the LR by default; the tuning protocol groups by (lr, own hyperparameter)): the setting picked
+    by mean validation loss, the setting picked by mean rollout metric, and the regret of picking by loss: how much
+    mean metric that choice gives up (>= 0, in the metric's units). Ties go to the smaller setting."""
+    groups = defaultdict(list)
     for r in rows:
-        by_lr[r["lr"]].append(r)
-    mean = {lr: (sum(r[metric_key] for r in rs) / len(rs), sum(r[loss_key] for r in rs) / len(rs)) for lr, rs in by_lr.items()}
-    by_loss = min(mean, key=lambda lr: (mean[lr][1], lr))
-    by_metric = (max if higher_is_better else min)(mean, key=lambda lr: (mean[lr][0], -lr if higher_is_better else lr))
-    regret = abs(mean[by_metric][0] - mean[by_loss][0])
-    return {"lr_by_loss": by_loss, "lr_by_metric": by_metric, "metric_at_loss_choice": mean[by_loss][0],
-            "metric_at_metric_choice": mean[by_metric][0], "regret": regret, "lrs": len(mean)}
+        groups[by(r)].append(r)
+    mean = {g: (sum(r[metric_key] for r in rs) / len(rs), sum(r[loss_key] for r in rs) / len(rs)) for g, rs in groups.items()}
+    sign = 1 if higher_is_better else -1
+    smaller = lambda g: tuple(-(x or 0) for x in g) if isinstance(g, tuple) else -g  # noqa: E731
+    by_loss = min(mean, key=lambda g: (mean[g][1], g))
+    by_metric = max(mean, key=lambda g: (sign * mean[g][0], smaller(g)))
+    return {"by_loss": by_loss, "by_metric": by_metric, "metric_at_loss_choice": mean[by_loss][0],
+            "metric_at_metric_choice": mean[by_metric][0], "regret": abs(mean[by_metric][0] - mean[by_loss][0]),
+            "settings": len(mean), "groups": dict(groups)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def low_eigen_share(task, start: dict, end: dict, batches: int, threshold: float
 
 @torch.no_grad()
 def line_losses(task, a: dict, b: dict, points: int) -> list[tuple[float, float]]:
-    from experiments.train import validation_loss
+    from experiments.engine import validation_loss
 
     model = task.model
     out = []

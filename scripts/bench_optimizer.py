@@ -226,11 +226,11 @@ def main(argv=None):
     parser.add_argument("--compare-shifted", action="store_true", help="time exact and default AP with conv statistics from "
                         "unfolded patches against the library's choice (dopr.preconditioner._shifted_conv_gram), in place of the usual variants")
     parser.add_argument("--keep-freed-memory", action="store_true", help="reuse freed memory as the training loop does on CPU "
-                        "(experiments.train.keep_freed_memory, glibc's mallopt); default: a default process")
+                        "(experiments.engine.keep_freed_memory, glibc's mallopt); default: a default process")
     args = parser.parse_args(argv)
     kept = False
     if args.keep_freed_memory:
-        from experiments.train import keep_freed_memory
+        from experiments.engine import keep_freed_memory
 
         kept = keep_freed_memory()
     rounds = args.rounds or (10 if args.quick else 20)

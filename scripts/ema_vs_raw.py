@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     from omegaconf import OmegaConf
 
     from experiments.tasks import build_task
-    from experiments.train import validation_loss
+    from experiments.engine import validation_loss
 
     runs = [Path(a) for a in (sys.argv[1:] if argv is None else argv)]
     if not runs or any(a in ("-h", "--help") for a in map(str, runs)):

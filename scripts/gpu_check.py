@@ -48,7 +48,7 @@ def lm(tiny: bool, device: torch.device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from experiments.tasks.lm_common import TokenBatches
-    from experiments.train import accumulate_gradients, enable_checkpointing
+    from experiments.engine import accumulate_gradients, enable_checkpointing
 
     cfg = compose("lm", tiny=False)  # the paper preset's LoRA, batch and micro-batches
     sizes = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2) if tiny else \

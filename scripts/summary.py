@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """The cross-task summary: results/README.md, generated (never hand-edited) from the per-task
-reports that scripts/report.py wrote (results/<task>/<scale>/results_runs.csv, lr_sweep_runs.csv
-and their *_meta.json), so it needs no run folders and runs on a fresh clone.
+pages that scripts/report.py rebuilt from the records (results/<task>/<experiment>/results_runs.csv,
+tuning_runs.csv and their *_meta.json), so it needs no run folders and runs on a fresh clone.
 
     python scripts/summary.py                    # = make report
     python scripts/summary.py --results results --out results/README.md
 
 For every task and base GP: did AP change the rollout metric and the validation loss (paired
-over seeds: mean difference, 95% CI, paired t-test)? For every LR sweep: which LR validation loss
+over seeds: mean difference, 95% CI, paired t-test)? For every tuning: which trial validation loss
 picks, which the rollout metric picks, and what picking by validation loss costs; Spearman rank
 correlation between validation loss and the rollout metric per optimizer.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import json
 import math
 import sys
@@ -26,9 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from experiments.checkpoint import atomic_write_text  # noqa: E402
+from experiments.registry import pair_rank, rank  # noqa: E402
 from experiments.stats import bootstrap_ci, iqm, mean_ci, minimum_detectable_difference, paired, probability_of_improvement, selection, spearman  # noqa: E402
 
-ORDER = ["adamw", "muon", "signum", "adamuon", "sgd"]
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -43,7 +42,7 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def load(results: Path, include_smoke: bool = False) -> list[dict]:
-    """[{meta, runs, sweep (meta, runs) or None, folder}] for every results/<task>/<scale>/ report
+    """[{meta, runs, sweep (the tuning's meta, runs) or None, folder}] for every results/<task>/<experiment>/ report
     (scale=smoke folders, which are not committed, only with ``include_smoke``)."""
     out = []
     for meta_path in sorted(results.glob("*/*/results_meta.json")):
@@ -52,56 +51,10 @@ def load(results: Path, include_smoke: bool = False) -> list[dict]:
             continue
         meta = json.loads(meta_path.read_text())
         entry = {"meta": meta, "runs": read_csv(folder / "results_runs.csv"), "folder": folder, "sweep": None}
-        entry["damping"] = None
-        if (folder / "damping_meta.json").exists():
-            entry["damping"] = (json.loads((folder / "damping_meta.json").read_text()), read_csv(folder / "damping_runs.csv"))
-        if (folder / "lr_sweep_meta.json").exists():
-            entry["sweep"] = (json.loads((folder / "lr_sweep_meta.json").read_text()), read_csv(folder / "lr_sweep_runs.csv"))
+        if (folder / "tuning_meta.json").exists():
+            entry["sweep"] = (json.loads((folder / "tuning_meta.json").read_text()), read_csv(folder / "tuning_runs.csv"))
         out.append(entry)
     return out
-
-
-def library_damping() -> float:
-    """The damping default of dopr.ActivationPreconditioner (what a DoPr run gets unless told otherwise)."""
-    import inspect
-
-    import dopr
-
-    return inspect.signature(dopr.ActivationPreconditioner).parameters["damping"].default
-
-
-# The default before the damping sweeps; a committed CSV without a damping column was made with it.
-OLD_DEFAULT_DAMPING = 1e-3
-
-
-@functools.lru_cache(maxsize=None)
-def task_config(task: str):
-    """configs/task/<task>.yaml (an empty config when the task has none), read once per task."""
-    from omegaconf import OmegaConf
-
-    path = ROOT / "configs" / "task" / f"{task}.yaml"
-    return OmegaConf.load(path) if path.exists() else OmegaConf.create({})
-
-
-def tuned_damping(task: str, optimizer: str) -> float | None:
-    """The damping the task's tuning selected for this optimizer (``task.tuned`` in configs/task/<task>.yaml),
-    None where the task has no tuned damping for it."""
-    tuned = (task_config(task).get("tuned") or {}).get(optimizer)
-    damping = ((tuned or {}).get("kwargs") or {}).get("damping")
-    return None if damping is None else float(damping)
-
-
-def stale_damping(entry: dict, default: float) -> list[float]:
-    """The dampings of an entry's DoPr runs that differ from what a run gets now: the task's tuned damping
-    for that optimizer (``task.tuned``), else the library default (empty: up to date)."""
-    task = entry["meta"].get("task") or entry["folder"].parent.name
-    stale = set()
-    for r in entry["runs"]:
-        if str(r["optimizer"]).startswith("dopr_"):
-            used, now = float(r.get("damping", OLD_DEFAULT_DAMPING)), tuned_damping(task, str(r["optimizer"]))
-            if not math.isclose(used, default if now is None else now, rel_tol=1e-9):
-                stale.add(used)
-    return sorted(stale)
 
 
 def fmt(x: float, digits: int = 3) -> str:
@@ -127,7 +80,7 @@ def comparisons(entry: dict) -> list[dict]:
         by_opt[r["optimizer"]][int(r["seed"])] = r
     rows = []
     for base in sorted((o for o in by_opt if not o.startswith("dopr_") and f"dopr_{o}" in by_opt),
-                       key=lambda o: ORDER.index(o) if o in ORDER else 99):
+                       key=rank):
         treated, control = by_opt[f"dopr_{base}"], by_opt[base]
         d_metric = paired({s: r[metric_key] for s, r in treated.items()}, {s: r[metric_key] for s, r in control.items()})
         d_loss = paired({s: r["final_val_loss"] for s, r in treated.items()}, {s: r["final_val_loss"] for s, r in control.items()})
@@ -172,94 +125,10 @@ def headline(entries: list[dict]) -> list[str]:
     few = verdicts.count("too few seeds")  # one seed (e.g. robot_image's one-seed table): no interval, not counted
     verdicts = [v for v in verdicts if v != "too few seeds"]
     better, worse = verdicts.count("**better**"), verdicts.count("**worse**")
-    stale = sum(1 for e in entries if stale_damping(e, library_damping()))
     return ["## Headline", "",
             f"Of {len(verdicts)} paired DoPr-X vs X comparisons on the rollout metric (over {len(entries)} results folders), "
             f"DoPr was better in {better}, worse in {worse} and not distinguishable in {len(verdicts) - better - worse} "
-            "(95% t-interval over seeds)." + (f" Left out: {few} with one seed (no interval)." if few else "") + (f" {stale} of the folders were made at another damping than the library default "
-                                               "(warning below): their DoPr rows describe that damping." if stale else ""), ""]
-
-
-def damping_guard(entries: list[dict], results: Path) -> list[str]:
-    """A warning for every results folder whose DoPr runs used another damping than the library's
-    default (or the task's tuned one), so that nobody reads an old-default number as the suite's answer."""
-    default = library_damping()
-    stale = [(e, stale_damping(e, default)) for e in entries]
-    stale = [(e, d) for e, d in stale if d]
-    if not stale:
-        return []
-    lines = ["## Warning: DoPr runs made at another damping than the library default", "",
-             f"The library default is now `damping={default:g}` (chosen from the damping sweeps below; a task's tuning may "
-             "select another, `task.tuned` in configs/task/<task>.yaml). These folders' DoPr runs used another value, so their DoPr-vs-base verdicts describe that damping, not the default; "
-             "regenerate them with their `make reproduce-<task>`:", ""]
-    for e, used in stale:
-        rel = e["folder"].relative_to(results)
-        lines.append(f"- [{rel}]({rel}/results.md): damping {', '.join(f'{d:g}' for d in used)}")
-    return lines + [""]
-
-
-def current_task_version(task: str) -> int:
-    """``version`` in configs/task/<task>.yaml (1 when absent): bumped whenever a change to the task
-    alters its numbers, so that results made with an older version are flagged."""
-    return int(task_config(task).get("version", 1))
-
-
-def versions(runs: list[dict]) -> list[int]:
-    """The task versions a CSV's runs were made with (a CSV without the column predates versions: 1)."""
-    return sorted({int(r.get("task_version", 1)) for r in runs})
-
-
-def stale_version(task: str, runs: list[dict]) -> str:
-    """'' when every run is of the task's current version, else e.g. ' (version 1; current 3)' for a table cell."""
-    used, now = versions(runs), current_task_version(task)
-    return "" if used == [now] else f" (version {', '.join(map(str, used))}; current {now})"
-
-
-def version_guard(entries: list[dict], results: Path) -> list[str]:
-    """A warning for every results folder, LR sweep and damping sweep made with another version of its
-    task than the current one."""
-    old = []
-    for e in entries:
-        task = e["meta"].get("task") or e["folder"].parent.name
-        rel = e["folder"].relative_to(results)
-        for name, runs in (("results.md", e["runs"]), ("lr_sweep.md", (e["sweep"] or (None, None))[1]),
-                           ("damping.md", (e["damping"] or (None, None))[1])):
-            if runs and stale_version(task, runs):
-                old.append(f"- [{rel}/{name}]({rel}/{name}): version {', '.join(map(str, versions(runs)))}, "
-                           f"current {current_task_version(task)}")
-    if not old:
-        return []
-    lines = ["## Warning: results made with an older version of their task", "",
-             "These reports' runs were made with another version of the task than the current configs/task/<task>.yaml "
-             "(its `version`; the task's doc says what changed). Their numbers describe that version; regenerate them with "
-             "their `make reproduce-<task>` (a sweep: its make target in docs/experiments.md). Sweep rows below say so too.", ""]
-    return lines + old + [""]
-
-
-def damping_sweeps(entries: list[dict], results: Path) -> list[str]:
-    """Per damping sweep: the best damping per LR by the rollout metric and by validation loss."""
-    have = [e for e in entries if e.get("damping")]
-    if not have:
-        return []
-    lines = ["", "## Damping sweeps (one seed per point)", "",
-             "DoPr-X's damping (gamma, relative to the mean eigenvalue of Sigma) that gave the best final rollout metric and "
-             "the lowest final validation loss, per LR, and the base GP at the same LR. Details and figures: each task's damping.md.", "",
-             "| task | optimizer | lr | dampings | by metric | metric there | by val loss | base GP's metric |", "|---|---|---|---|---|---|---|---|"]
-    for e in have:
-        meta, runs = e["damping"]
-        key, sign = f"final_{meta['metric']}", 1 if meta["higher_is_better"] else -1
-        rel = e["folder"].relative_to(results)
-        old = stale_version(meta["task"], runs)
-        for opt in sorted({r["optimizer"] for r in runs if str(r["optimizer"]).startswith("dopr_")}):
-            for lr in sorted({r["lr"] for r in runs if r["optimizer"] == opt}):
-                rs = [r for r in runs if r["optimizer"] == opt and r["lr"] == lr]
-                by_metric = max(rs, key=lambda r: sign * r[key])
-                by_loss = min(rs, key=lambda r: r["final_val_loss"])
-                base = [r[key] for r in runs if r["optimizer"] == opt.removeprefix("dopr_") and r["lr"] == lr]
-                grid = ", ".join(f"{d:g}" for d in sorted(r["damping"] for r in rs))
-                lines.append(f"| [{meta['task']}]({rel}/damping.md){old} | {opt} | {lr:g} | {grid} | "
-                             f"{by_metric['damping']:g} | {by_metric[key]:.4g} | {by_loss['damping']:g} | {(sum(base) / len(base)) if base else math.nan:.4g} |")
-    return lines
+            "(95% t-interval over seeds)." + (f" Left out: {few} with one seed (no interval)." if few else ""), ""]
 
 
 def main(argv=None) -> int:
@@ -277,8 +146,6 @@ def main(argv=None) -> int:
              "Generated by `make report` (`python scripts/summary.py`) from the per-task reports in this folder; "
              "do not edit by hand. Each task's folder holds its table, per-run CSV, figures and the command that made them.", "",
              *headline(entries),
-             *damping_guard(entries, args.results),
-             *version_guard(entries, args.results),
              "## Did AP help? (DoPr-X against X, paired by seed)", "",
              "Differences are DoPr-X minus X on the final weights, paired over the seeds both have: mean, 95% t-interval "
              "[low, high], and the two-sided paired t-test p-value. 'better'/'worse' means the interval excludes 0 "
@@ -302,35 +169,34 @@ def main(argv=None) -> int:
                          f"{interval_text(c['iqm'][0])} | {interval_text(c['iqm'][1])} | {interval_text(c['poi'], 2)} | "
                          f"{ci_text(c['loss'])} | {p_text(c['loss']['p'])} | {c['loss_verdict']} |")
     parts += ["", "## Does validation loss pick the model the rollout metric would pick?", "",
-              "Over each optimizer's LR sweep (same grid and budget for every optimizer): the LR with the lowest mean "
-              "final validation loss, the LR with the best mean rollout metric, and the regret of choosing by validation "
-              "loss (the rollout metric given up, in its units). Spearman's rank correlation between final validation "
-              "loss and the final rollout metric over the sweep's runs (negative: lower loss goes with higher metric; "
-              "positive for a lower-is-better metric such as FD means the two agree).", "",
-              "| task | optimizer | LRs | LR by val loss | LR by metric | metric at val-loss LR | metric at metric LR | regret | Spearman (sweep runs) | Spearman (seed runs) |",
+              "Over each optimizer's tuning trials (the same number of trials for every optimizer; a trial is a learning rate "
+              "and the optimizer's own hyperparameter, its mean over the tuning seeds): the trial with the lowest mean final "
+              "validation loss, the trial with the best mean rollout metric, and the regret of choosing by validation loss (the "
+              "rollout metric given up, in its units). Spearman's rank correlation between final validation loss and the final "
+              "rollout metric over the tuning runs and over the evaluation (seed) runs: negative means lower loss goes with "
+              "higher metric; for a lower-is-better metric such as FD a positive sign means the two agree.", "",
+              "| task | optimizer | trials | by val loss (lr, hp) | by metric (lr, hp) | metric at val-loss choice | metric at metric choice | regret | Spearman (tuning runs) | Spearman (seed runs) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         if not e["sweep"]:
             continue
         sweep_meta, sweep_runs = e["sweep"]
         key = f"final_{sweep_meta['metric']}"
-        old = stale_version(sweep_meta["task"], sweep_runs)
-        by_opt = defaultdict(list)
+        by_opt, seed_runs = defaultdict(list), defaultdict(list)
         for r in sweep_runs:
             by_opt[r["optimizer"]].append(r)
-        seed_runs = defaultdict(list)
         for r in e["runs"]:
             seed_runs[r["optimizer"]].append(r)
-        for opt in sorted(by_opt, key=lambda o: (ORDER.index(o.removeprefix("dopr_")) if o.removeprefix("dopr_") in ORDER else 99, o.startswith("dopr_"), o)):
+        for opt in sorted(by_opt, key=pair_rank):
             rs = by_opt[opt]
-            sel = selection(rs, key, sweep_meta["higher_is_better"])
+            sel = selection(rs, key, sweep_meta["higher_is_better"], by=lambda r: (r["lr"], r.get("damping", r.get("weight_decay"))))
             rho = spearman([r["final_val_loss"] for r in rs], [r[key] for r in rs])
             own = seed_runs.get(opt, [])
             rho_seeds = spearman([r["final_val_loss"] for r in own], [r[key] for r in own]) if own else math.nan
-            parts.append(f"| {sweep_meta['task']}{old} | {opt} | {sel['lrs']} | {sel['lr_by_loss']:g} | {sel['lr_by_metric']:g} | "
+            pick = lambda t: f"{t[0]:g}, {t[1]:g}" if t[1] is not None else f"{t[0]:g}"  # noqa: E731
+            parts.append(f"| {sweep_meta['task']} | {opt} | {sel['settings']} | {pick(sel['by_loss'])} | {pick(sel['by_metric'])} | "
                          f"{sel['metric_at_loss_choice']:.4g} | {sel['metric_at_metric_choice']:.4g} | {sel['regret']:.4g} | "
                          f"{'n/a' if math.isnan(rho) else f'{rho:+.2f}'} | {'n/a' if math.isnan(rho_seeds) else f'{rho_seeds:+.2f}'} |")
-    parts += damping_sweeps(entries, args.results)
     parts += ["", "## Figures per task", ""]
     for e in entries:
         m, rel = e["meta"], e["folder"].relative_to(args.results)

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     from hydra import compose, initialize_config_dir
 
     from experiments.tasks import flow
-    from experiments.train import pick_device
+    from experiments.engine import pick_device
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=["task=flow", *overrides])

@@ -142,7 +142,7 @@ def test_smoke_run_of_the_entry_point_with_a_short_rollout(tmp_path):
     meta = summary["task_meta"]
     assert meta["env"] == "Hopper-v5" and meta["expert_return"] == expert and meta["eval_action_noise"] == 0.0
     assert 0 < meta["expert_eval_return"]  # the expert on the same evaluation episodes: the ceiling beside the results
-    subprocess.run([sys.executable, "scripts/report.py", "--runs", str(tmp_path), "--out", str(tmp_path / "report")], cwd=ROOT, env=ENV,
+    subprocess.run([sys.executable, "scripts/report.py", str(tmp_path), "--out", str(tmp_path / "report")], cwd=ROOT, env=ENV,
                    capture_output=True, text=True, timeout=300, check=True)
     report = json.loads((tmp_path / "report" / "results_meta.json").read_text())
     assert report["env"] == "Hopper-v5" and report["expert_return"] == expert

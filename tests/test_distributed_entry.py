@@ -60,7 +60,7 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, optimizer, t
 
 
 def test_a_batch_that_does_not_split_is_refused(tmp_path):
-    from experiments.train import shard
+    from experiments.engine import shard
 
     batch = (torch.arange(6), torch.arange(6) * 2)
     assert [t.tolist() for t in shard(batch, 1, 2)] == [[3, 4, 5], [6, 8, 10]]
@@ -69,7 +69,7 @@ def test_a_batch_that_does_not_split_is_refused(tmp_path):
 
 
 def test_ema_warmup_follows_the_power_schedule_and_constant_decay_matches_torchs():
-    from experiments.train import ema_update
+    from experiments.engine import ema_update
 
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)

@@ -64,7 +64,7 @@ def test_multirun_of_two_jobs_and_the_report(tmp_path):
     train("-m", "optimizer=adamw,dopr_adamw", "logger=none", f"hydra.sweep.dir={sweep}")
     assert sorted(p.parent.name for p in sweep.glob("*/summary.json")) == ["adamw-s0", "dopr_adamw-s0"]
     out = tmp_path / "results"
-    subprocess.run([sys.executable, "scripts/report.py", "--runs", str(sweep), "--out", str(out), "--wandb"], cwd=ROOT,
+    subprocess.run([sys.executable, "scripts/report.py", str(sweep), "--out", str(out), "--wandb"], cwd=ROOT,
                    check=True, capture_output=True, env=ENV)
     table = (out / "results.md").read_text()
     assert "| adamw | 1 |" in table and "| dopr_adamw | 1 |" in table
@@ -80,7 +80,7 @@ def test_multirun_of_two_jobs_and_the_report(tmp_path):
     assert sorted(row[data["columns"].index("optimizer")] for row in data["data"]) == ["adamw", "dopr_adamw"]
     # the same runs give the same bytes (figures carry no timestamp)
     again = tmp_path / "again"
-    subprocess.run([sys.executable, "scripts/report.py", "--runs", str(sweep), "--out", str(again)], cwd=ROOT, check=True,
+    subprocess.run([sys.executable, "scripts/report.py", str(sweep), "--out", str(again)], cwd=ROOT, check=True,
                    capture_output=True, env=ENV)
     for name in ("val_loss_vs_accuracy.png", "accuracy_vs_horizon.png", "training_curves.png", "results_runs.csv"):
         assert (again / name).read_bytes() == (out / name).read_bytes(), name
@@ -243,7 +243,7 @@ def test_micro_batches_with_checkpointing_give_the_full_batch_loss_and_precondit
 
     import dopr
     from experiments.tasks import build_task
-    from experiments.train import accumulate_gradients, enable_checkpointing
+    from experiments.engine import accumulate_gradients, enable_checkpointing
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=["task=lm", "scale=smoke", f"task.data_dir={tmp_path}", "task.model.layers=2"])
@@ -310,7 +310,7 @@ def test_lm_validation_loss_is_a_per_token_mean_whatever_the_eval_batch(tmp_path
     from hydra import compose, initialize_config_dir
 
     from experiments.tasks import build_task
-    from experiments.train import validation_loss
+    from experiments.engine import validation_loss
 
     losses = []
     for eval_batch in (64, 7):
@@ -329,7 +329,7 @@ def test_chunked_validation_loss_equals_the_models_own_loss(tmp_path, task_name)
     from hydra import compose, initialize_config_dir
 
     from experiments.tasks import build_task
-    from experiments.train import validation_loss
+    from experiments.engine import validation_loss
 
     losses = []
     for chunk in (None, 7):
@@ -452,7 +452,7 @@ def test_lm_lora_does_not_inherit_the_lm_tasks_tuned_settings():
     scratch: without lr=, a LoRA run gets its own task.lr and its own tuning's settings, not lm's."""
     from hydra import compose, initialize_config_dir
 
-    from experiments.train import resolve
+    from experiments.protocol import resolve
 
     def resolved(task):
         with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
@@ -475,7 +475,7 @@ def test_every_sweep_preset_composes_and_names_its_runs(preset):
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from experiments.train import resolve
+    from experiments.protocol import resolve
 
     params = OmegaConf.load(ROOT / "configs" / "sweep" / f"{preset}.yaml").hydra.sweeper.params
     parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
@@ -496,7 +496,7 @@ def test_task_lr_gives_every_optimizer_the_same_ladder_grid_around_its_pinned_ce
     rungs along 1, 3, 10, 30, ...; the centre stays pinned when task.lr changes after a tuning is pasted."""
     from hydra import compose, initialize_config_dir
 
-    from experiments.train import lr_ladder
+    from experiments.protocol import lr_ladder
 
     assert [lr_ladder(1e-3, k) for k in (-2, -1, 0, 1, 2)] == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
     assert [lr_ladder(3e-3, k) for k in (-1, 1)] == [1e-3, 1e-2] and lr_ladder(5e-4, 0) == 3e-4  # snapped to a rung
@@ -516,7 +516,7 @@ def test_task_lr_gives_every_optimizer_the_same_ladder_grid_around_its_pinned_ce
 
 
 def test_training_processes_keep_freed_memory_for_the_next_step():
-    """experiments.train.keep_freed_memory (glibc's mallopt): a loop that allocates large tensors and
+    """experiments.engine.keep_freed_memory (glibc's mallopt): a loop that allocates large tensors and
     frees them all, as every CPU training step does, page-faults them in once, not at every iteration.
     glibc's default varies with the address-space layout (here from ~1 to 50 iterations' worth of page
     faults between two runs of the same script: docs/experiments.md has the training-step numbers), so
@@ -525,7 +525,7 @@ def test_training_processes_keep_freed_memory_for_the_next_step():
 
     code = """
 import resource, sys, torch
-from experiments.train import keep_freed_memory
+from experiments.engine import keep_freed_memory
 kept = keep_freed_memory()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(50):
@@ -541,7 +541,7 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def test_validation_loss_builds_no_graph_and_restores_the_training_mode():
-    from experiments.train import validation_loss
+    from experiments.engine import validation_loss
 
     class Task:
         def val_batches(self):

@@ -31,7 +31,7 @@ def test_tuning_report_selects_by_loss_and_by_metric_with_the_regret(tmp_path):
     for (opt, lr, hp), (loss, acc) in trials.items():
         write_run(runs / f"{opt}-lr{lr:g}-{hp:g}-s100", opt, lr, hp, loss, acc)
     out = tmp_path / "out"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), "--runs", str(runs), "--out", str(out), "--tuning"],
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(runs), "--out", str(out), "--kind", "tuning"],
                    check=True, capture_output=True, text=True, timeout=120)
     text = (out / "tuning.md").read_text()
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| adamw |") or line.startswith("| dopr_adamw |")}
@@ -46,7 +46,7 @@ def test_tuning_report_selects_by_loss_and_by_metric_with_the_regret(tmp_path):
     # except a key given on the command line
     from omegaconf import OmegaConf
 
-    from experiments.train import resolve
+    from experiments.protocol import resolve
 
     block = next(b.split("```")[0] for b in text.split("```yaml\n")[1:] if "tuned:" in b)
     task = OmegaConf.merge({"name": "lm"}, OmegaConf.create(block))
@@ -63,7 +63,7 @@ def test_tuning_report_selects_by_loss_and_by_metric_with_the_regret(tmp_path):
     import shutil
 
     shutil.rmtree(runs / "adamw-lr0.003-0.1-s100")
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), "--runs", str(runs), "--out", str(out), "--tuning"],
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(runs), "--out", str(out), "--kind", "tuning"],
                    check=True, capture_output=True, text=True, timeout=120)
     assert "**Unequal budgets**: adamw 3, dopr_adamw 4 trials" in (out / "tuning.md").read_text()
 
@@ -90,7 +90,7 @@ def test_success_rate_intervals_stay_inside_the_unit_interval(tmp_path):
             (run / "config.json").write_text(json.dumps({"optimizer": {"name": opt}, "task": {"eval_episodes": 20}}))
             (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "outcomes": {"success": episodes}}) + "\n")
     out = tmp_path / "out"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), "--runs", str(runs), "--out", str(out)],
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(runs), "--out", str(out)],
                    check=True, capture_output=True, text=True, timeout=120)
     text = (out / "results.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| adamw |"))
@@ -119,7 +119,7 @@ def test_a_metrics_floor_gets_its_own_csv_column(tmp_path):
         (run / "summary.json").write_text(json.dumps(summary))
         (run / "config.json").write_text(json.dumps({"optimizer": {"name": "adamw"}}))
     out = tmp_path / "out"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), "--runs", str(runs), "--out", str(out)],
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(runs), "--out", str(out)],
                    check=True, capture_output=True, text=True, timeout=120)
     with open(out / "results_runs.csv") as f:
         assert [(r["final_fd"], r["fd_floor"]) for r in csv.DictReader(f)] == [("2.0", "0.5"), ("3.0", "0.6")]
@@ -136,7 +136,7 @@ def test_tuning_report_offers_one_more_learning_rate_to_every_optimizer(tmp_path
         for hp in ((1.0, 10.0) if opt.startswith("dopr_") else (0.0, 0.1)):
             write_run(runs / f"{opt}-lr{lr:g}-{hp:g}-s100", opt, lr, hp, 0.1, a - 0.01 * hp)
     out = tmp_path / "out"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), "--runs", str(runs), "--out", str(out), "--tuning"],
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(runs), "--out", str(out), "--kind", "tuning"],
                    check=True, capture_output=True, text=True, timeout=120)
     text = (out / "tuning.md").read_text()
     assert "**One more learning rate each**" in text
@@ -145,7 +145,7 @@ def test_tuning_report_offers_one_more_learning_rate_to_every_optimizer(tmp_path
     for (opt, lr), a in {("adamw", 3e-3): 0.55, ("dopr_adamw", 3e-3): 0.95, ("muon", 3e-5): 0.8}.items():
         for hp in ((1.0, 10.0) if opt.startswith("dopr_") else (0.0, 0.1)):
             write_run(runs / f"{opt}-lr{lr:g}-{hp:g}-s100", opt, lr, hp, 0.1, a - 0.01 * hp)
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), "--runs", str(runs), "--out", str(out), "--tuning"],
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(runs), "--out", str(out), "--kind", "tuning"],
                    check=True, capture_output=True, text=True, timeout=120)
     text = (out / "tuning.md").read_text()
     assert "**One more learning rate each**" not in text and "lr_centre:" not in text, text

@@ -62,7 +62,7 @@ def test_a_multirun_of_four_jobs_on_slurm_and_one_failing_job(slurm, tmp_path):
     failed = json.loads((bad / "sgd-lr1e+30-s0" / "summary.json").read_text())
     assert failed["status"] == "failed" and "NonFiniteLoss" in failed["error"]
     assert json.loads((bad / "sgd-lr0.1-s0" / "summary.json").read_text())["status"] == "done"
-    subprocess.run([sys.executable, "scripts/report.py", "--runs", str(bad), "--out", str(tmp_path / "report")],
+    subprocess.run([sys.executable, "scripts/report.py", str(bad), "--out", str(tmp_path / "report")],
                    cwd=ROOT, capture_output=True, text=True, check=True)
     report = (tmp_path / "report" / "results.md").read_text()
     assert "sgd-lr1e+30-s0 | failed | NonFiniteLoss" in report, report

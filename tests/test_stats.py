@@ -48,10 +48,10 @@ def test_selection_regret_by_hand():
             {"lr": 1e-1, "m": 0.2, "final_val_loss": 2.0}]
     up = selection(rows, "m", higher_is_better=True)
     # mean loss: 1.1, 1.3, 2.0 -> 1e-3; mean metric: 0.6, 0.85, 0.2 -> 1e-2; regret 0.85 - 0.6
-    assert (up["lr_by_loss"], up["lr_by_metric"], up["lrs"]) == (1e-3, 1e-2, 3)
+    assert (up["by_loss"], up["by_metric"], up["settings"]) == (1e-3, 1e-2, 3)
     assert math.isclose(up["regret"], 0.25)
     down = selection(rows, "m", higher_is_better=False)  # e.g. FD: lowest mean metric 0.2 at 1e-1
-    assert down["lr_by_metric"] == 1e-1 and math.isclose(down["regret"], 0.4)
+    assert down["by_metric"] == 1e-1 and math.isclose(down["regret"], 0.4)
 
 
 def _write_report(folder: Path, metric: str, higher: bool, runs: list[dict], stem="results"):
@@ -75,10 +75,10 @@ def test_summary_on_synthetic_reports_is_right_and_deterministic(tmp_path):
         runs.append({"optimizer": "dopr_adamw", "lr": 0.001, "seed": seed, "final_val_loss": loss + d_loss,
                      "final_accuracy": acc + 0.19 + 0.01 * seed})
     _write_report(results / "alpha" / "cpu", "accuracy", True, runs)
-    # made with version 2 of a task whose current version is 1 (alpha has no configs/task/alpha.yaml): flagged
-    sweep = [{"optimizer": "adamw", "lr": lr, "seed": 100, "final_val_loss": loss, "final_accuracy": acc, "task_version": 2}
+    # its tuning: three trials of adamw (LR x weight decay 0.1)
+    sweep = [{"optimizer": "adamw", "lr": lr, "weight_decay": 0.1, "seed": 100, "final_val_loss": loss, "final_accuracy": acc}
              for lr, loss, acc in [(1e-3, 1.0, 0.3), (1e-2, 0.8, 0.5), (1e-1, 0.7, 0.2)]]
-    _write_report(results / "alpha" / "cpu", "accuracy", True, sweep, stem="lr_sweep")
+    _write_report(results / "alpha" / "cpu", "accuracy", True, sweep, stem="tuning")
     # task "beta": FD (lower is better), AP worse by exactly 1.0 on each seed -> CI of width 0
     runs = []
     for seed in range(3):
@@ -103,21 +103,15 @@ def test_summary_on_synthetic_reports_is_right_and_deterministic(tmp_path):
     assert alpha.rstrip(" |").endswith("no difference")
     beta = next(line for line in text.splitlines() if line.startswith("| [beta]"))
     assert "+1.0000 [+1.0000, +1.0000]" in beta and "**worse**" in beta.split("|")[10]
-    # the sweep: val loss picks 0.1 (loss 0.7, accuracy 0.2), accuracy picks 0.01 (0.5): regret 0.3
-    sweep_line = next(line for line in text.splitlines() if line.startswith("| alpha (version 2; current 1) | adamw |"))
+    # the tuning: val loss picks 0.1 (loss 0.7, accuracy 0.2), accuracy picks 0.01 (0.5): regret 0.3
+    sweep_line = next(line for line in text.splitlines() if line.startswith("| alpha | adamw |"))
     cells = [c.strip() for c in sweep_line.strip("|").split("|")]
-    assert cells[2:8] == ["3", "0.1", "0.01", "0.2", "0.5", "0.3"]
-    # the damping guard: alpha's CSV has no damping column (made at the old default 1e-3) and is flagged;
-    # beta's DoPr runs say damping 1.0, the library default, and are not
-    guard = text.split("## Warning: DoPr runs made at another damping")[1].split("## Did AP help")[0]
-    assert "alpha/cpu" in guard and "damping 0.001" in guard and "beta/cpu" not in guard
+    assert cells[2:8] == ["3", "0.1, 0.1", "0.01, 0.1", "0.2", "0.5", "0.3"]
     assert "Of 2 paired DoPr-X vs X comparisons on the rollout metric (over 3 results folders), DoPr was better in 1, worse in 1 " \
            "and not distinguishable in 0" in text and "Left out: 1 with one seed (no interval)." in text
     assert "too few seeds" in next(line for line in text.splitlines() if line.startswith("| [gamma]"))
     assert cells[8] == "+0.50"
-    # the version guard names the stale sweep, not the current seed runs of the same folder
-    versions = text.split("## Warning: results made with an older version")[1].split("## Did AP help")[0]
-    assert "alpha/cpu/lr_sweep.md" in versions and "alpha/cpu/results.md" not in versions and "beta" not in versions  # Spearman over the 3 sweep runs: loss ranks 3,2,1 vs accuracy ranks 2,3,1: 1 - 6*2/(3*8)
+    # Spearman over the 3 sweep runs: loss ranks 3,2,1 vs accuracy ranks 2,3,1: 1 - 6*2/(3*8)
 
 
 def test_summary_without_reports_names_the_fix(tmp_path):
@@ -222,19 +216,3 @@ def test_nested_bootstrap_redraws_seeds_then_episodes_and_stays_in_the_unit_inte
     assert 0.35 < lo < 0.5 < hi < 0.65
 
 
-def test_damping_guard_accepts_the_tasks_tuned_damping_and_flags_others():
-    import importlib.util
-
-    from omegaconf import OmegaConf
-
-    spec = importlib.util.spec_from_file_location("summary", ROOT / "scripts" / "summary.py")
-    summary = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summary)
-    tuned = float(OmegaConf.load(ROOT / "configs" / "task" / "lm.yaml").tuned.dopr_muon.kwargs.damping)
-    assert summary.tuned_damping("lm", "dopr_muon") == tuned and summary.tuned_damping("lm", "muon") is None
-    entry = lambda d: {"meta": {"task": "lm"}, "folder": ROOT / "results" / "lm" / "cpu",  # noqa: E731
-                       "runs": [{"optimizer": "dopr_muon", "damping": d}, {"optimizer": "muon", "damping": ""}]}
-    assert summary.stale_damping(entry(tuned), 1.0) == []  # the tuned value: up to date
-    assert summary.stale_damping(entry(tuned * 10), 1.0) == [tuned * 10]
-    other = {"meta": {"task": "no_such_task"}, "folder": ROOT, "runs": [{"optimizer": "dopr_adamw", "damping": 0.5}]}
-    assert summary.stale_damping(other, 0.5) == [] and summary.stale_damping(other, 1.0) == [0.5]  # no tuning: the library default

@@ -1,0 +1,86 @@
+"""The protocol's settings logic, in one place: the learning-rate ladder of the sweep grids, the grid centres
+(``${task_lr:k}``), and how a run's hyperparameters are resolved from their sources.
+
+Where a hyperparameter's value comes from, lowest to highest precedence (docs/experiments.md, "Where a setting
+comes from"): the library default (dopr), the optimizer config (configs/optimizer/<name>.yaml), the task's tuned
+setting (configs/task/<task>.yaml: ``lr`` and ``tuned``, applied when ``lr=`` is not given), the command line.
+"""
+
+from __future__ import annotations
+
+import math
+
+from omegaconf import DictConfig, OmegaConf
+
+OmegaConf.register_new_resolver("lr_tag", lambda lr: "" if lr is None else f"-lr{lr:g}", replace=True)
+
+
+def lr_ladder(lr: float, k: int) -> float:
+    """``lr`` moved ``k`` steps along the half-decade ladder 1, 3, 10, 30, ... (x 10^n): lr_ladder(1e-3, 1) = 3e-3,
+    lr_ladder(3e-3, -1) = 1e-3. An LR off the ladder is first snapped to its nearest rung (5e-4 -> 3e-4)."""
+    if not lr > 0:
+        raise ValueError(f"lr_ladder needs a positive learning rate, got {lr!r}: check task.lr in the task's config")
+    rung = round(2 * math.log10(lr)) + int(k)
+    return float(f"{1 if rung % 2 == 0 else 3}e{rung // 2}")  # parsed, not multiplied: 3e-4, not 3.0000000000000003e-4
+
+
+def task_lr(k: int, *, _root_: DictConfig) -> float:
+    """``lr=${task_lr:k}``: this optimizer's grid centre moved k rungs along the ladder; the centre is the sweep
+    preset's ``lr_centre`` entry (pinned, so pasting a tuned ``task.lr`` does not move a half-done grid) or else
+    its ``task.lr``. Tuning presets sweep ``+lr_step: -1,0,1`` and set ``lr: ${task_lr:${lr_step}}`` (resolved in each
+    job, with its optimizer): every optimizer gets the same 3-point grid around its own LR in one sweep file."""
+    name = _root_.optimizer.name
+    centres = _root_.get("lr_centre") or _root_.task.get("lr") or {}
+    if name not in centres:
+        raise ValueError(f"task_lr: no grid centre for optimizer {name!r}: add it to lr_centre in the sweep preset or to task.lr")
+    return lr_ladder(float(centres[name]), k)
+
+
+OmegaConf.register_new_resolver("task_lr", task_lr, replace=True)
+
+
+def command_line_keys() -> set[str]:
+    """The config keys set on this run's command line (empty outside a Hydra run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+
+
+def flat_keys(tree, prefix: str = "") -> dict:
+    """{"weight_decay": 0.03, "kwargs.damping": 0.01} from {weight_decay: 0.03, kwargs: {damping: 0.01}}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, DictConfig):
+            out.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resolve(cfg: DictConfig, given: set[str] | None = None) -> DictConfig:
+    """Fill the task's tuned setting unless ``lr=`` was given: the learning rate (``task.lr``) and the
+    optimizer settings the tuning selected with it (``task.tuned``: weight decay, damping), except keys
+    set on the command line (``given``). Check that the task's scale config set every trainer setting."""
+    cfg = cfg.copy()
+    given = command_line_keys() if given is None else given
+    if cfg.lr is None:
+        chosen = cfg.task.get("lr") or {}
+        if cfg.optimizer.name not in chosen:
+            raise ValueError(f"no learning rate for optimizer {cfg.optimizer.name!r} on task {cfg.task.name!r}: pass lr=... or add it to task.lr in configs/task/{cfg.task.name}.yaml")
+        cfg.lr = float(chosen[cfg.optimizer.name])
+        tuned = (cfg.task.get("tuned") or {}).get(cfg.optimizer.name) or {}
+        for key, value in flat_keys(tuned).items():
+            if f"optimizer.{key}" not in given:
+                OmegaConf.update(cfg.optimizer, key, value, merge=True)
+    missing = [k for k, v in cfg.trainer.items() if v is None and k not in ("ema_decay", "ema_power", "grad_clip", "snapshot_every")]  # null: off
+    if missing:
+        raise ValueError(f"trainer settings {missing} are not set for task={cfg.task.name} scale={cfg.scale.name}: "
+                         f"add configs/task_scale/{cfg.task.name}_{cfg.scale.name}.yaml or pass trainer.<name>=...")
+    periods = {k: cfg.trainer[k] for k in ("steps", "eval_every", "rollout_every", "log_every", "checkpoint_every") if k in cfg.trainer}
+    bad = {k: v for k, v in periods.items() if not (isinstance(v, int) and v >= 1)}
+    if bad:
+        raise ValueError(f"trainer settings {bad} must be whole numbers >= 1 (steps between events); to evaluate or "
+                         f"roll out only at the end, set them to trainer.steps ({periods.get('steps')})")
+    return cfg
