@@ -45,8 +45,10 @@ test-all: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
-# The cross-task summary results/README.md, from the per-task reports under results/ (no run folders needed).
+# Every page under results/, rebuilt from the committed records (results/<task>/<experiment>/records.jsonl; no run
+# folders needed), then the cross-task summary results/README.md. The same records give the same bytes.
 report: setup
+	$(PY) scripts/report.py --all
 	$(PY) scripts/summary.py
 
 # Per-step time of each GP with and without AP, and the DoPr-X / X ratios (see README).
@@ -56,24 +58,23 @@ bench: setup
 clean-venv:
 	rm -rf $(VENV)
 
-# make reproduce-<task>: optimizer x seed on that task, then its report (results/<task>/<scale>/) and
-# the cross-task summary. Killed? Run it again: finished runs are skipped, the others resume from
-# their checkpoints. reproduce-lm is the flagship; control is behaviour cloning on Hopper-v5; robot is a
-# flow-matching policy on robosuite Stack.
+# make reproduce-<task>: the task's headline experiment (configs/experiment/<task>/cpu.yaml: optimizer x seed), each
+# finished run adding its record to results/<task>/<scale>/records.jsonl, then its pages and the cross-task summary.
+# Killed? Run it again: finished runs are skipped, the others resume from their checkpoints. reproduce-lm is the
+# flagship; control is behaviour cloning on Hopper-v5; robot is a flow-matching policy on robosuite Stack.
 define reproduce
 reproduce-$(1): setup
-	$$(PY) -m experiments.train -m task=$(2) scale=$$(SCALE) optimizer=$$($(3)) seed=$$(SEEDS) $$(LAUNCH)
-	$$(PY) scripts/report.py --runs runs/$(2)/$$(SCALE) --out results/$(2)/$$(SCALE) --wandb \
-		--command "make reproduce-$(1) SCALE=$$(SCALE) SEEDS=$$(SEEDS)"
-	$$(MAKE) -o $(VENV)/.installed report   # setup already ran as a prerequisite: no second pip install
+	$$(PY) -m experiments.train -m +experiment=$(2)/cpu scale=$$(SCALE) results_dir=results/$(2)/$$(SCALE) \
+		hydra.sweep.dir=runs/$(2)/$$(SCALE) optimizer=$$($(3)) seed=$$(SEEDS) $$(LAUNCH)
+	$$(PY) scripts/report.py results/$(2)/$$(SCALE) --wandb
+	$$(PY) scripts/summary.py
 endef
 
-# make sweep-<task>-lr: the LR sweep behind task.lr in configs/task/<task>.yaml (results/<task>/cpu/lr_sweep.md).
+# make sweep-<task>-lr: an LR sweep (records: results/<task>/cpu_lr/; its page lr_sweep.md goes to results/<task>/cpu/).
 define sweep_lr
 sweep-$(1)-lr: setup
 	$$(PY) -m experiments.train -m +sweep=$(1)_lr $$(LAUNCH)
-	$$(PY) scripts/report.py --runs runs/$(1)/lr_sweep --out results/$(1)/cpu --lr-sweep --wandb --command "make sweep-$(1)-lr"
-	$$(MAKE) -o $(VENV)/.installed report   # setup already ran as a prerequisite: no second pip install
+	$$(PY) scripts/report.py results/$(1)/cpu_lr --wandb
 endef
 
 $(eval $(call reproduce,lm,lm,LM_OPTIMIZERS))
@@ -82,13 +83,12 @@ $(eval $(call reproduce,flow,flow,FLOW_OPTIMIZERS))
 $(eval $(call reproduce,control,control,CONTROL_OPTIMIZERS))
 $(eval $(call reproduce,robot,robot,ROBOT_OPTIMIZERS))
 # make sweep-<task>-damping: DoPr-AdamW over damping 1e-3..10 at two LRs plus AdamW at both, seed 100
-# (results/<task>/cpu/damping.md; the small files of its runs are committed in results/<task>/cpu/damping_runs/).
+# (records: results/<task>/cpu_damping/; its page damping.md goes to results/<task>/cpu/).
 define sweep_damping
 sweep-$(1)-damping: setup
 	$$(PY) -m experiments.train -m +sweep=$(1)_damping $$(LAUNCH)
 	$$(PY) -m experiments.train -m +sweep=$(1)_damping_base $$(LAUNCH)
-	$$(PY) scripts/report.py --runs runs/$(1)/damping_sweep --out results/$(1)/cpu --damping-sweep --command "make sweep-$(1)-damping"
-	$$(MAKE) -o $(VENV)/.installed report   # setup already ran as a prerequisite: no second pip install
+	$$(PY) scripts/report.py results/$(1)/cpu_damping
 endef
 
 # make tune-<task>: the tuning protocol (equal trials per optimizer over LR x its own hyperparameter, tuning seed
@@ -104,7 +104,7 @@ TUNE_control := base dopr extend_base extend_dopr
 define tune
 tune-$(1): setup
 	$$(foreach p,$$(TUNE_$(2)),$$(PY) -m experiments.train -m +sweep=$(2)_tune_$$(p) $$(LAUNCH) && ) true
-	$$(PY) scripts/report.py --runs runs/$(2)/tune --out results/$(2)/cpu --tuning --command "make tune-$(1)"
+	$$(PY) scripts/report.py results/$(2)/cpu_tune
 endef
 $(eval $(call tune,lm,lm))
 $(eval $(call tune,lm-lora,lm_lora))

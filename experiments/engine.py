@@ -12,6 +12,38 @@ import os
 
 import torch
 
+import dopr
+from dopr.factory import AP_OPTIONS
+
+
+def build_optimizer(model: torch.nn.Module, opt_cfg, lr: float) -> torch.optim.Optimizer:
+    """The run's optimizer from its config (configs/optimizer/<name>.yaml): a named GP of the library (adamw, muon,
+    signum, adamuon, sgd, or dopr_<one of them>: dopr.build_optimizer), or any ``torch.optim.Optimizer`` by import
+    path (``class_path``, Hydra ``_target_`` style) with its ``kwargs``, AP put in front of it when ``ap: true``
+    (AP's options, e.g. ``damping``, then go in ``kwargs`` too). docs/extending.md, "Add an optimizer"."""
+    from omegaconf import OmegaConf
+
+    kwargs = OmegaConf.to_container(opt_cfg.kwargs) if opt_cfg.get("kwargs") is not None else {}
+    weight_decay = opt_cfg.get("weight_decay") or 0.0
+    if not opt_cfg.get("class_path"):
+        return dopr.build_optimizer(model, opt_cfg.name, lr=lr, weight_decay=weight_decay, **kwargs)
+    from hydra.utils import get_class
+
+    try:
+        cls = get_class(opt_cfg.class_path)
+    except Exception as err:  # hydra wraps the import error; name the setting
+        raise ValueError(f"optimizer.class_path={opt_cfg.class_path!r} cannot be imported ({err}): give a module path and class "
+                         "name reachable from this process, e.g. torch.optim.RAdam") from None
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ValueError(f"optimizer.class_path={opt_cfg.class_path!r} is not a torch.optim.Optimizer subclass")
+    if opt_cfg.get("ap"):
+        return dopr.DoPr(model, base=cls, lr=lr, weight_decay=weight_decay, **kwargs)
+    stray = sorted(set(kwargs) & set(AP_OPTIONS))
+    if stray:
+        raise ValueError(f"{stray} are activation-preconditioning options, but optimizer {opt_cfg.name!r} has ap: false: set "
+                         "optimizer.ap=true to put AP in front of it")
+    return dopr.build_base(model, cls, lr=lr, weight_decay=weight_decay, **kwargs)
+
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -75,11 +107,12 @@ def accumulate_gradients(task, model, batch, micro_batches: int, ap=None, autoca
     (DDP's) skips the gradient all-reduce on all slices but the last. Returns the batch's loss."""
     parts = split(batch, micro_batches, "make task.batch_size a multiple of trainer.micro_batches") if micro_batches > 1 else [batch]
     if len(parts) > 1:
-        weights = [task.loss_weight(p) if hasattr(task, "loss_weight") else (p[0] if isinstance(p, (tuple, list)) else p).shape[0] for p in parts]
+        weights = [task.loss_weight(p) for p in parts]
         total = sum(weights)
     total_loss = 0.0
     for i, part in enumerate(parts):
-        masked = ap.row_mask(task.row_mask(part)) if ap is not None and hasattr(task, "row_mask") else contextlib.nullcontext()
+        mask = task.row_mask(part) if ap is not None else None
+        masked = ap.row_mask(mask) if mask is not None else contextlib.nullcontext()
         with masked, autocast():
             loss = task.loss(model, part).float()
         if len(parts) > 1:
@@ -150,13 +183,9 @@ def keep_freed_memory() -> bool:
 def validation_loss(task, model) -> float:
     was = model.training
     model.eval()
-    if hasattr(task, "val_loss_terms"):  # a per-token (per-item) mean over the whole set
-        terms = [task.val_loss_terms(model, batch) for batch in task.val_batches()]
-        model.train(was)
-        return sum(t for t, _ in terms) / max(1, sum(n for _, n in terms))
-    losses = [float(task.loss(model, batch)) for batch in task.val_batches()]
+    terms = [task.val_loss_terms(model, batch) for batch in task.val_batches()]  # the LM: a per-token mean over the set
     model.train(was)
-    return sum(losses) / len(losses)
+    return sum(t for t, _ in terms) / max(1, sum(n for _, n in terms))
 
 
 def ema_update(decay: float, power: float | None, step: list[int]):

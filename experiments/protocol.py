@@ -60,20 +60,31 @@ def flat_keys(tree, prefix: str = "") -> dict:
 
 
 def resolve(cfg: DictConfig, given: set[str] | None = None) -> DictConfig:
-    """Fill the task's tuned setting unless ``lr=`` was given: the learning rate (``task.lr``) and the
-    optimizer settings the tuning selected with it (``task.tuned``: weight decay, damping), except keys
-    set on the command line (``given``). Check that the task's scale config set every trainer setting."""
+    """Fill the task's tuned setting unless ``lr=`` was given: the learning rate (``task.lr``, else the optimizer
+    config's own ``lr``) and the optimizer settings the tuning selected with it (``task.tuned``: weight decay,
+    damping), except keys set on the command line (``given``). With ``lr=`` given, the tuned settings are not
+    applied and the console says which were dropped. Check that the task's scale config set every trainer setting."""
     cfg = cfg.copy()
     given = command_line_keys() if given is None else given
+    tuned = flat_keys((cfg.task.get("tuned") or {}).get(cfg.optimizer.name) or {})
     if cfg.lr is None:
         chosen = cfg.task.get("lr") or {}
-        if cfg.optimizer.name not in chosen:
-            raise ValueError(f"no learning rate for optimizer {cfg.optimizer.name!r} on task {cfg.task.name!r}: pass lr=... or add it to task.lr in configs/task/{cfg.task.name}.yaml")
-        cfg.lr = float(chosen[cfg.optimizer.name])
-        tuned = (cfg.task.get("tuned") or {}).get(cfg.optimizer.name) or {}
-        for key, value in flat_keys(tuned).items():
+        if cfg.optimizer.name in chosen:
+            cfg.lr = float(chosen[cfg.optimizer.name])
+        elif cfg.optimizer.get("lr") is not None:  # an optimizer's own config may carry a starting LR (docs/extending.md)
+            cfg.lr = float(cfg.optimizer.lr)
+        else:
+            raise ValueError(f"no learning rate for optimizer {cfg.optimizer.name!r} on task {cfg.task.name!r}: pass lr=..., add it to "
+                             f"task.lr in configs/task/{cfg.task.name}.yaml, or set lr in the optimizer's config")
+        for key, value in tuned.items():
             if f"optimizer.{key}" not in given:
                 OmegaConf.update(cfg.optimizer, key, value, merge=True)
+    else:
+        dropped = {k: v for k, v in tuned.items() if f"optimizer.{k}" not in given}
+        if dropped:  # a sweep sets its own grid; a single run given lr= may not expect to lose the rest
+            print(f"note: lr={cfg.lr:g} given, so the task's other tuned settings for {cfg.optimizer.name} are not applied ("
+                  + ", ".join(f"optimizer.{k}={v}" for k, v in dropped.items()) + f"; configs/task/{cfg.task.name}.yaml `tuned`): "
+                  "pass them too to keep them", flush=True)
     missing = [k for k, v in cfg.trainer.items() if v is None and k not in ("ema_decay", "ema_power", "grad_clip", "snapshot_every")]  # null: off
     if missing:
         raise ValueError(f"trainer settings {missing} are not set for task={cfg.task.name} scale={cfg.scale.name}: "

@@ -12,7 +12,8 @@ A record (schema version ``SCHEMA``)::
 
     schema       the version of this layout (readers refuse versions they do not know)
     run_id       the run's folder name inside its experiment (adamw-s0, adamw-lr0.003-wd0.1-s100, ...): the key
-    task, experiment, optimizer, seed, lr, status ("done", "failed" or "unfinished"), error (when failed)
+    task, experiment, optimizer, seed, lr, status ("done", "failed" or "unfinished"), error (when failed),
+    command      the run's own command line (its Hydra overrides), or for upgraded folders the sweep's command
     provenance   git_commit, dirty, torch, python, threads, cpu, cpu_count, gpu (or null), world_size
     config       the resolved Hydra config the run trained with
     evals        one row per evaluation, in step order: step, train_seconds (training so far, without
@@ -110,6 +111,7 @@ def from_run_dir(run_dir: Path, run_id: str | None = None) -> dict:
     machine = config.pop("machine", {}) or {}
     commit = config.pop("git_commit", summary.get("git_commit", "unknown")) or "unknown"
     world = config.pop("world_size", summary.get("world_size", 1))
+    command = config.pop("command", None)
     metric = summary.get("metric_name") or (config.get("task") or {}).get("metric") or ""
     evals, outcomes, train, ap, coverage = [], {}, [], {}, None
     for row in _read_jsonl_rows(run_dir / "metrics.jsonl"):
@@ -133,7 +135,8 @@ def from_run_dir(run_dir: Path, run_id: str | None = None) -> dict:
     record = {
         "schema": SCHEMA, "run_id": run_id or run_dir.name,
         "task": summary.get("task") or (config.get("task") or {}).get("name"),
-        "experiment": config.get("experiment") or summary.get("scale") or (config.get("scale") or {}).get("name"),
+        "experiment": Path(config["results_dir"]).name if config.get("results_dir") else summary.get("scale") or (config.get("scale") or {}).get("name"),
+        "command": command,
         "optimizer": optimizer, "seed": summary.get("seed", config.get("seed")), "lr": summary.get("lr", config.get("lr")),
         "status": summary.get("status", "unfinished"),
         "provenance": {"git_commit": commit.removesuffix("-dirty"), "dirty": commit.endswith("-dirty"), "world_size": world,

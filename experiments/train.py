@@ -7,7 +7,10 @@ Reads top to bottom: compose the config, build the task and the optimizer, resum
 folder's checkpoint if there is one, then train: warmup + cosine LR, gradient clipping, optional
 EMA of the weights for evaluation, validation loss every ``eval_every`` steps, the task's rollout
 evaluator every ``rollout_every`` steps and at the end, atomic checkpoints. Every row goes to
-``<run_dir>/metrics.jsonl`` (and W&B); ``<run_dir>/summary.json`` holds the final and best metrics.
+``<run_dir>/metrics.jsonl`` (and W&B); ``<run_dir>/summary.json`` holds the final and best metrics; at the end
+the run's record (experiments/record.py) is written and, in a named experiment (``+experiment=<task>/<name>``),
+added to ``results/<task>/<name>/records.jsonl``. The parts the loop is built from are in experiments/engine.py,
+the settings logic in experiments/protocol.py, the task contract in experiments/tasks/base.py.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import dopr
-
-from .engine import accumulate_gradients, ema_update, enable_checkpointing, export_slurm_environment, init_distributed, keep_freed_memory, lr_factor, machine, pick_device, shard, validation_loss
+from . import record
 from .checkpoint import atomic_write_json, load_checkpoint, load_model_state, model_state, save_checkpoint
+from .engine import (accumulate_gradients, build_optimizer, ema_update, enable_checkpointing, export_slurm_environment, init_distributed,
+                     keep_freed_memory, lr_factor, machine, pick_device, shard, validation_loss)
 from .logging import RunLogger, git_commit
 from .protocol import resolve
 from .tasks import build_task
@@ -35,9 +38,24 @@ from .tasks import build_task
 class NonFiniteLoss(RuntimeError):
     pass
 
+
+def results_dir(cfg: DictConfig) -> Path | None:
+    """Where a named experiment keeps its records (``results_dir``, set by configs/experiment/<task>/<name>.yaml);
+    None for a run outside an experiment (its record stays in its run folder)."""
+    return Path(cfg.results_dir) if cfg.get("results_dir") else None
+
+
+def command(cfg: DictConfig) -> str | None:
+    """This run's own command line (one job of a sweep gets its own overrides), for its record."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return " ".join(["python -m experiments.train", *HydraConfig.get().overrides.task])
+
 def kept_summary(run_dir: Path, steps: int) -> dict | None:
-    """The summary of a run that finished all ``steps`` but whose checkpoint is gone: the small files a
-    sweep keeps (scripts/keep_runs.sh) copied back into runs/ on a fresh machine. Such a run is skipped."""
+    """The summary of a run that finished all ``steps`` but whose checkpoint is gone (deleted to save space, or
+    its small files copied to another machine). Such a run is skipped."""
     summary_path = run_dir / "summary.json"
     if (run_dir / "checkpoint.pt").exists() or not summary_path.exists():
         return None
@@ -53,6 +71,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     tr = cfg.trainer
     finished = kept_summary(run_dir, tr.steps)
     if finished is not None:
+        record.finish(run_dir, results_dir(cfg))  # idempotent: its experiment's records file has it after a rerun
         return finished
     t_start, seconds_before = time.time(), 0.0  # wall time of this run, summed over its sittings (resumes)
     export_slurm_environment()
@@ -79,8 +98,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         enable_checkpointing(model)
     # DDP averages the gradients; AP all-reduces its statistics itself (dopr's distributed="auto").
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    opt = dopr.build_optimizer(model, cfg.optimizer.name, lr=cfg.lr, weight_decay=cfg.optimizer.weight_decay,
-                               **OmegaConf.to_container(cfg.optimizer.kwargs))
+    opt = build_optimizer(model, cfg.optimizer, cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tr.warmup_steps, tr.steps))
     ema, ema_step = None, [0]
     if tr.ema_decay:
@@ -90,7 +108,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     ckpt_path = run_dir / "checkpoint.pt"
     state = load_checkpoint(ckpt_path, "cpu")  # to the CPU first; load_state_dict copies onto the device
-    start, best = 0, {}
+    start, best, train_seconds = 0, {}, 0.0  # train_seconds: training steps only (no evaluation, rollout, checkpoint)
     if state is not None:
         load_model_state(model, state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -102,12 +120,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         start, best = state["step"], state["best"]
         seconds_before = state.get("seconds", 0.0)
+        train_seconds = state.get("train_seconds", 0.0)
         print(f"resuming {run_dir} from step {start}", flush=True)
 
     if start >= tr.steps:  # already finished: train and evaluate nothing, return the summary the run wrote
         print(f"{run_dir} already finished ({tr.steps} steps)", flush=True)
         summary_path = run_dir / "summary.json"
         if summary_path.exists():
+            record.finish(run_dir, results_dir(cfg))
             return json.loads(summary_path.read_text())
         # Stopped after its last checkpoint but before writing summary.json: only the checkpoint's best is known.
         return {"best": best, "status": "done"}
@@ -119,20 +139,22 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         logger = RunLogger(run_dir, {**resolved, "git_commit": commit, "world_size": world}, cfg.logger, start if state else None,
                            group=f"{cfg.task.name}/{run_dir.parent.name}", name=f"{cfg.optimizer.name}-s{cfg.seed}", tags=[cfg.optimizer.name, commit])
         if state is None:
-            atomic_write_json(run_dir / "config.json", {**resolved, "git_commit": commit, "world_size": world, "machine": machine(device)})
+            atomic_write_json(run_dir / "config.json", {**resolved, "git_commit": commit, "world_size": world, "machine": machine(device),
+                                                      "command": command(cfg)})
             if ap is not None:
                 logger.log({"step": 0, "ap_coverage": ap.coverage()})
 
-    def evaluate(step: int, rollout: bool) -> dict:
-        row = {"step": step, "val_loss": validation_loss(task, eval_model)}
+    def evaluate(step: int, rollout: bool, seconds: float) -> dict:
+        row = {"step": step, "train_seconds": round(seconds, 3), "val_loss": validation_loss(task, eval_model)}
         if ema is not None:  # the raw weights too, under raw_*: the EMA and the raw weights can disagree
             row["raw_val_loss"] = validation_loss(task, model)
         if rollout:
             t0 = time.time()
-            row.update(task.evaluate(eval_model, final=step == tr.steps))
-            outcomes = getattr(task, "outcomes", None)  # per problem / episode, its own row (compact, not sent to W&B)
+            result = task.evaluate(eval_model, final=step == tr.steps)
+            row.update(result.metrics)
+            outcomes = result.outcomes  # per problem / episode, its own row (compact, not sent to W&B)
             if ema is not None:
-                row.update({f"raw_{k}": v for k, v in task.evaluate(model, final=step == tr.steps).items()})
+                row.update({f"raw_{k}": v for k, v in task.evaluate(model, final=step == tr.steps).metrics.items()})
             row["rollout_seconds"] = time.time() - t0
             metric = row[task.metric]
             # The best checkpoint is chosen on the task's selection problems/episodes when it has them
@@ -161,6 +183,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         snapshot(0)
     t_start = time.time()
     for step in range(start, tr.steps):
+        t_step = time.perf_counter()
         batch = shard(task.train_batch(step), rank, world)
         seen = accumulate_gradients(task, train_model, batch, micro, ap, autocast, train_model.no_sync if world > 1 else None)
         if world > 1:  # every process must see the same loss to stop together on a non-finite one
@@ -178,6 +201,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if ema is not None:
             ema_step[0] = step  # the n-th update (the first one copies the weights)
             ema.update_parameters(model)
+        train_seconds += time.perf_counter() - t_step
         done = step + 1
         snapshot(done)
         if lead and (done % tr.log_every == 0 or done == tr.steps):
@@ -192,7 +216,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             print(f"step {done}/{tr.steps} loss {seen.item():.4f} lr {row['lr']:.2e} {rate:.2f} it/s eta {eta / 60:.1f} min", flush=True)
         rollout = done % tr.rollout_every == 0 or done == tr.steps
         if lead and (done % tr.eval_every == 0 or rollout):
-            final_row = evaluate(done, rollout)
+            final_row = evaluate(done, rollout, train_seconds)
             if ap is not None:  # per-layer anisotropy of the inputs: cond(Sigma) at this step's refresh
                 conds = ap.condition_numbers()
                 finite = sorted(c for c in conds.values() if math.isfinite(c))
@@ -201,28 +225,27 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if lead and (done % tr.checkpoint_every == 0 or done == tr.steps):
             save_checkpoint(ckpt_path, {"model": model_state(model), "optimizer": opt.state_dict(),
                                         "scheduler": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                                        "rng": torch.get_rng_state(), "step": done, "best": best,
+                                        "rng": torch.get_rng_state(), "step": done, "best": best, "train_seconds": train_seconds,
                                         "seconds": seconds_before + time.time() - t_start,
                                         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
         if world > 1 and (done % tr.eval_every == 0 or rollout or done % tr.checkpoint_every == 0):
             torch.distributed.barrier()  # the others wait while the first process evaluates and saves
     if not lead:
         return {"status": "done", "rank": rank}
-    if hasattr(task, "save_artifacts"):  # e.g. a grid of samples for the report
-        task.save_artifacts(eval_model, run_dir)
+    task.save_artifacts(eval_model, run_dir)  # e.g. a grid of samples for the report
     summary = {"task": cfg.task.name, "optimizer": cfg.optimizer.name, "lr": cfg.lr, "seed": cfg.seed,
                "damping": ap.damping if ap is not None else None, "ema_decay": tr.ema_decay,
                "ap_rows": None if ap is None else {"max_rows": ap.max_rows, "max_rows_per_dim": ap.max_rows_per_dim},
                "scale": cfg.scale.name, "steps": tr.steps, "world_size": world, "metric_name": task.metric, "git_commit": commit,
-               "higher_is_better": task.higher_is_better, "metric_range": getattr(task, "metric_range", None), "val_loss_label": getattr(task, "val_loss_label", None),
-               "metric_label": getattr(task, "metric_label", None), "horizon_label": getattr(task, "horizon_label", None),
-               "diagnostics": list(getattr(task, "diagnostics", ())),
-               "task_meta": getattr(task, "report_meta", None),  # the task's setting for the report (control: env, expert_return)
+               "higher_is_better": task.higher_is_better, "metric_range": task.metric_range, "val_loss_label": task.val_loss_label,
+               "metric_label": task.metric_label, "horizon_label": task.horizon_label, "diagnostics": list(task.diagnostics),
+               "task_meta": task.report_meta,  # the task's setting for the report (control: env, expert_return)
                "final": final_row, "best": best, "status": "done",
                # set-up, training and evaluations of the lead process, summed over sittings (a resumed
                # run loses the time since its last checkpoint); the report averages it per optimizer
                "wall_seconds": round(seconds_before + time.time() - t_start, 1)}
     atomic_write_json(run_dir / "summary.json", summary)
+    record.finish(run_dir, results_dir(cfg))  # the run's record.json, added to its experiment's records file
     logger.summary({**{f"final_{k}": v for k, v in final_row.items()}, **{f"best_{k}": v for k, v in best.items()}})
     logger.close()
     return summary
@@ -249,6 +272,7 @@ def main(cfg: DictConfig):
         return run(cfg, run_dir)
     except (ValueError, NonFiniteLoss, FileNotFoundError) as err:
         atomic_write_json(run_dir / "summary.json", {"status": "failed", "error": f"{type(err).__name__}: {err}"})
+        record.finish(run_dir, results_dir(cfg))  # a failed run is recorded too: the report lists it with its reason
         print(f"error: {err}", file=sys.stderr, flush=True)
         if HydraConfig.get().mode.name == "MULTIRUN":
             return None  # one failed job must not stop the sweep; the report lists it

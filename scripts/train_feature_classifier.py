@@ -29,14 +29,14 @@ def main(argv=None) -> int:
     overrides = [a for a in argv if a != "--retrain"]
     from hydra import compose, initialize_config_dir
 
-    from experiments.tasks import flow
     from experiments.engine import pick_device
+    from experiments.tasks import flow, flow_metrics
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=["task=flow", *overrides])
     data = flow.load_images(cfg.task)
     print(f"data set {cfg.task.dataset}: " + ", ".join(f"{k} {len(v[1])}" for k, v in data.items()))
-    net, acc = flow.feature_classifier(cfg.task, data, pick_device(cfg.device), retrain=retrain)
+    net, acc = flow_metrics.feature_classifier(cfg.task, data, pick_device(cfg.device), retrain=retrain)
     print(f"test accuracy {acc:.4f} on {len(data['test'][1])} held-out images; features: {net.num_features} dims")
     return 0
 

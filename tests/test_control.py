@@ -164,13 +164,13 @@ def test_evaluation_noise_is_fixed_per_episode_and_scored_against_the_expert_und
 
     clean, noisy = task(0.0), task(0.5)
     expert = control.load_expert("Hopper-v5")
-    first, again = noisy.evaluate(expert), noisy.evaluate(expert)
-    assert first["return"] == again["return"] and noisy.outcomes["return"] == [round(float(r), 3) for r in
+    (first, outcomes), again = (lambda r: (r.metrics, r.outcomes))(noisy.evaluate(expert)), noisy.evaluate(expert).metrics
+    assert first["return"] == again["return"] and outcomes["return"] == [round(float(r), 3) for r in
                                                                                  control.rollout_returns("Hopper-v5", expert, [20_000, 20_001, 20_002], action_noise=0.5, noise_seed=20_000)[0]]
-    assert clean.evaluate(expert)["return"] != first["return"]
+    assert clean.evaluate(expert).metrics["return"] != first["return"]
     assert noisy.report_meta["eval_action_noise"] == 0.5 and clean.report_meta["eval_action_noise"] == 0.0
     assert np.isclose(noisy.report_meta["expert_eval_return"], first["return"])  # the expert scored as a policy is the ceiling
-    assert np.isclose(clean.report_meta["expert_eval_return"], clean.evaluate(expert)["return"])
+    assert np.isclose(clean.report_meta["expert_eval_return"], clean.evaluate(expert).metrics["return"])
     assert len(list(tmp_path.glob("expert-eval-Hopper-v5-*.json"))) == 2  # cached per noise
 
 

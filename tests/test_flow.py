@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from experiments.tasks import flow
+from experiments.tasks import flow, flow_metrics
 from test_experiments import rows, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,9 +36,9 @@ def glyph_fd(tmp_path_factory):
     evaluation sets and the FD against the fresh reference."""
     cfg = task_cfg(tmp_path_factory.mktemp("flow"), "cpu", *SMALL)
     data = flow.load_images(cfg)
-    net, acc = flow.feature_classifier(cfg, data, torch.device("cpu"))
+    net, acc = flow_metrics.feature_classifier(cfg, data, torch.device("cpu"))
     sets = flow.evaluation_sets(cfg, data)
-    return data, net, acc, flow.FrechetDistance(net, sets["reference"]), cfg, sets
+    return data, net, acc, flow_metrics.FrechetDistance(net, sets["reference"]), cfg, sets
 
 
 def frechet_formula(a: np.ndarray, b: np.ndarray) -> float:
@@ -103,33 +103,33 @@ def test_digits_remain_available(tmp_path):
 def test_feature_classifier_is_accurate_and_cached(glyph_fd):
     data, net, acc, _, cfg, _ = glyph_fd
     assert acc > 0.3, f"the FD feature network must recognise fresh glyphs (chance: 0.1), got test accuracy {acc}"
-    assert flow.classifier_path(cfg).is_file()
+    assert flow_metrics.classifier_path(cfg).is_file()
     said = []
-    again, acc_again = flow.feature_classifier(cfg, data, torch.device("cpu"), log=said.append)
+    again, acc_again = flow_metrics.feature_classifier(cfg, data, torch.device("cpu"), log=said.append)
     assert acc_again == acc and not any("training" in s for s in said), said  # loaded, not retrained
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
     # the cache is keyed by the data: another glyph seed is another classifier
-    assert flow.classifier_path(cfg) != flow.classifier_path(task_cfg(cfg.data_dir, "cpu", *SMALL, "+task.glyphs.seed=1"))
+    assert flow_metrics.classifier_path(cfg) != flow_metrics.classifier_path(task_cfg(cfg.data_dir, "cpu", *SMALL, "+task.glyphs.seed=1"))
 
 
 def test_feature_classifier_trains_on_one_thread_whatever_the_caller_uses(glyph_fd, monkeypatch):
     # Its weights (and so every FD) depend on the thread count; the first process to need it trains it.
     data, _, _, _, cfg, _ = glyph_fd
     seen = []
-    logits = flow.FeatureClassifier.logits
-    monkeypatch.setattr(flow.FeatureClassifier, "logits", lambda self, x: seen.append(torch.get_num_threads()) or logits(self, x))
+    logits = flow_metrics.FeatureClassifier.logits
+    monkeypatch.setattr(flow_metrics.FeatureClassifier, "logits", lambda self, x: seen.append(torch.get_num_threads()) or logits(self, x))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        flow.train_feature_classifier(cfg, data, torch.device("cpu"))
+        flow_metrics.train_feature_classifier(cfg, data, torch.device("cpu"))
         assert seen and set(seen) == {1}
         assert torch.get_num_threads() == 2  # the caller's count is back
     finally:
         torch.set_num_threads(before)
     # a classifier trained before this rule is not reused: the cache key names the trainer
-    path = flow.classifier_path(cfg)
-    monkeypatch.setattr(flow, "CLASSIFIER_TRAINER", flow.CLASSIFIER_TRAINER - 1)
-    assert flow.classifier_path(cfg) != path
+    path = flow_metrics.classifier_path(cfg)
+    monkeypatch.setattr(flow, "CLASSIFIER_TRAINER", flow_metrics.CLASSIFIER_TRAINER - 1)
+    assert flow_metrics.classifier_path(cfg) != path
 
 
 @pytest.mark.filterwarnings("ignore:Matrix is singular")  # dead ReLU features: a singular covariance, still a valid FD
@@ -154,7 +154,7 @@ def test_frechet_distance_matches_the_formula_and_is_honest(glyph_fd):
 
 def test_memorisation_check_flags_a_model_that_returns_training_images(glyph_fd):
     data, _, _, _, _, sets = glyph_fd
-    check = flow.MemorisationCheck(data["train"][0], sets["holdout"], sets["fresh"], torch.device("cpu"))
+    check = flow_metrics.MemorisationCheck(data["train"][0], sets["holdout"], sets["fresh"], torch.device("cpu"))
     train = data["train"][0]
     copies = check(train[:500])
     assert copies["memorised_fraction"] == 1.0 and copies["memorisation_flag"] == 1.0 and copies["memorisation_ratio"] < 0.05, copies
@@ -275,7 +275,7 @@ def test_data_errors_name_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="task.dataset=digits"):
         flow.load_images(task_cfg(tmp_path, "cpu", f"task.dataset={tmp_path / 'nowhere'}", "task.channels=3"))
     with pytest.raises(FileNotFoundError, match="inception_weights"):
-        flow.inception_fd(str(tmp_path / "missing.pth"), torch.zeros(2, 1, 8, 8))
+        flow_metrics.inception_fd(str(tmp_path / "missing.pth"), torch.zeros(2, 1, 8, 8))
 
 
 def test_smoke_run_of_the_entry_point(tmp_path):

@@ -1,36 +1,79 @@
-"""The one small interface between a task and the training loop."""
+"""The contract between a task and the training loop: every hook the loop uses, each with its default.
+
+A task subclasses ``Task`` and sets or overrides what it needs; the loop (experiments/train.py, experiments/engine.py)
+calls nothing else and probes no attribute. Required: ``model``, ``metric``, ``higher_is_better``, ``train_batch``,
+``val_batches``, ``loss``, ``evaluate``. How to add a task: docs/extending.md.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Protocol
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 
 
-class Task(Protocol):
+@dataclass
+class EvalResult:
+    """What ``Task.evaluate`` returns. ``metrics``: name -> number on the reported instances, with the headline
+    ``metric``, its per-horizon values (``<metric>_steps<k>``, ``<metric>_h<T>``, ``<metric>_<series>_<k>``), its value on
+    the selection instances (``select_<metric>``, disjoint from the reported ones; the best checkpoint is chosen on it),
+    and anything else the task reports. ``outcomes``: name -> one value per episode / problem (kept in the run record,
+    not sent to W&B), or None."""
+
+    metrics: dict[str, float]
+    outcomes: dict[str, list] | None = field(default=None)
+
+
+class Task:
+    """The base of every task. The class attributes below are the defaults of the optional hooks."""
+
     model: nn.Module  # the trained network (the loop moves it, optimises it, keeps an EMA copy)
-    metric: str  # the headline rollout metric in evaluate()'s result, e.g. "accuracy"
-    higher_is_better: bool
-    # optional: metric_range = (0, 1) marks a rate (success); the reports then use intervals that stay inside it
-    # optional: report_meta = {...}, facts about the task's setting that the report records in results_meta.json
-    # (control: env and expert_return)
+    metric: str  # the headline rollout metric in evaluate()'s metrics, e.g. "accuracy"
+    higher_is_better: bool = True
+    metric_range: tuple[float, float] | None = None  # (0, 1) marks a rate (success): the reports' intervals stay inside it
+    val_loss_label: str | None = None  # axis labels in the reports (None: "validation loss", the metric's name)
+    metric_label: str | None = None
+    horizon_label: str | None = None  # what the per-horizon metrics count (reasoning steps, ODE steps, episode steps)
+    diagnostics: tuple[str, ...] = ()  # other final metrics the report plots against the headline one (control: state_fd)
+    report_meta: dict | None = None  # facts about the task's setting that results_meta.json records (control: expert_return)
 
     def train_batch(self, step: int) -> Any:
         """The batch for this step: a function of (seed, step) only, so a resumed run sees the same data."""
+        raise NotImplementedError
 
     def val_batches(self) -> Iterable[Any]:
         """Held-out batches, identical across runs and optimizers."""
+        raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The one-step training objective (a scalar)."""
+        raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, final: bool = True) -> dict[str, float]:
-        """Roll the model out on its own outputs and score it (the metric the paper cares about).
-        ``final``: the run's last evaluation. Before it a task may score less (the flow task scores
-        only its headline solver and step count there), but always the headline ``metric`` and its
-        ``select_<metric>``, since the best checkpoint is chosen and reported from them."""
+    def evaluate(self, model: nn.Module, final: bool = True) -> EvalResult:
+        """Roll the model out on its own outputs and score it (the metric the paper cares about). ``final``: the
+        run's last evaluation; before it a task may score less, but always ``metric`` and ``select_<metric>``."""
+        raise NotImplementedError
+
+    def loss_weight(self, batch: Any) -> float | torch.Tensor:
+        """A micro-batch's share of the batch's loss terms, for gradient accumulation (default: its rows)."""
+        first = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return first.shape[0]
+
+    def row_mask(self, batch: Any) -> torch.Tensor | None:
+        """Which rows of the batch AP's statistics count (padding does not); None: every row."""
+        return None
+
+    def val_loss_terms(self, model: nn.Module, batch: Any) -> tuple[float, int]:
+        """(sum of the batch's validation loss terms, their count): the validation loss is the sum over every batch
+        over the count (default: the batch's mean loss, counted once, so the loss is the mean over batches)."""
+        return float(self.loss(model, batch)), 1
+
+    def save_artifacts(self, model: nn.Module, run_dir: Path) -> None:
+        """Small files for the reports, written at the end of training (flow: a grid of samples, samples.npy)."""
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import atomic_write_bytes, atomic_write_text
-from .base import one_thread
+from .base import EvalResult, Task, one_thread
 
 EXPERT_DIR = Path(__file__).resolve().parents[1] / "assets" / "experts"
 
@@ -220,7 +220,7 @@ def gaussian_gap(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 
 # -------------------------------------------------------------------------------------- task
-class BehaviourCloning:
+class BehaviourCloning(Task):
     metric = "return"
     higher_is_better = True
     val_loss_label = "validation loss (action MSE)"
@@ -275,7 +275,7 @@ class BehaviourCloning:
         return F.mse_loss(model(states), actions)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, final: bool = True) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, final: bool = True) -> EvalResult:
         was = model.training
         model.eval()
         # Fixed episodes and fixed execution noise (task.eval_action_noise; its seed is the episodes' first seed),
@@ -289,7 +289,7 @@ class BehaviourCloning:
                                  noise_seed=chosen[0])[0] if chosen else None
         model.train(was)
         out = {"return": float(returns.mean()), "episode_return_sd": float(returns.std()), "episode_length": float(lengths.mean())}
-        self.outcomes = {"return": [round(float(r), 3) for r in returns], "episode_length": [int(n) for n in lengths]}  # per episode
+        outcomes = {"return": [round(float(r), 3) for r in returns], "episode_length": [int(n) for n in lengths]}  # per episode
         for h in self.cfg.horizons:
             out[f"return_h{h}"] = float(np.mean([e[2][:h].sum() for e in episodes]))
         if select is not None:
@@ -301,7 +301,7 @@ class BehaviourCloning:
             out["state_fd"], out["state_cov_gap"] = gaussian_gap(expert_states, policy_states)
         else:
             out["state_fd"] = out["state_cov_gap"] = math.inf
-        return out
+        return EvalResult(out, outcomes)
 
 
 def build(cfg, seed: int, device: torch.device):

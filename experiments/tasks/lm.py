@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .base import EvalResult
 from .lm_common import TokenBatches, extract_answer
 
 def make_problem(rng: random.Random, n_steps: int, operand_max: int = 9, total_max: int = 99) -> dict:
@@ -147,16 +148,16 @@ class ArithmeticLM(TokenBatches):
         self.model = build_llama(cfg, self.tok).to(device)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, final: bool = True) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, final: bool = True) -> EvalResult:
         """Greedy generation (batched, left-padded, KV cache through ``generate``); exact match of
         the number after "####"."""
         was_training = model.training
         model.eval()
         out, correct_all, total_all = {}, 0, 0
-        self.outcomes = {}  # per problem, 1 if right: the training loop logs it (intervals can nest problems in seeds)
+        outcomes = {}  # per problem, 1 if right: the run record keeps it (intervals can nest problems in seeds)
         for name, problems in {**self.eval_sets, **self.extrap_sets}.items():
             items = self._score(model, problems)
-            self.outcomes[f"accuracy_{name}"] = items
+            outcomes[f"accuracy_{name}"] = items
             out[f"accuracy_{name}"] = sum(items) / len(problems)
             if name in self.eval_sets:
                 correct_all += sum(items)
@@ -166,7 +167,7 @@ class ArithmeticLM(TokenBatches):
             chosen = [c for problems in self.select_sets.values() for c in self._score(model, problems)]
             out["select_accuracy"] = sum(chosen) / len(chosen)
         model.train(was_training)
-        return out
+        return EvalResult(out, outcomes)
 
     def _score(self, model: nn.Module, problems: list[dict]) -> list[int]:
         """1 where the greedy generation's "#### N" matches the problem's answer, else 0."""

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .base import Task
+
 ANSWER = re.compile(r"####\s*(-?[\d,\.]+)")
 
 
@@ -20,7 +22,7 @@ def extract_answer(text: str) -> str | None:
     return match.group(1).replace(",", "").rstrip(".") if match else None
 
 
-class TokenBatches:
+class TokenBatches(Task):
     """Batching and the token loss shared by both LM variants. ``self.train``/``self.val`` are either
     (input_ids, labels, attention_mask) tensors right-padded to task.max_len (the embedded task) or
     ``datasets.Dataset``s with ``input_ids`` and ``labels`` lists (the paper-scale path: tokenised once,

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .base import EvalResult
 from .lm_common import TokenBatches, extract_answer
 
 BOXED = re.compile(r"\\boxed\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}")
@@ -224,7 +225,7 @@ class PretrainedLM(TokenBatches):
                         desc="tokenising")
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, final: bool = True) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, final: bool = True) -> EvalResult:
         """Greedy accuracy on each evaluation set, with the LoRA weights merged into the base for the
         duration when ``task.merge_lora_for_eval`` (see ``merged_lora``). Eval mode and no_grad: AP
         records nothing here."""
@@ -233,7 +234,7 @@ class PretrainedLM(TokenBatches):
         with merged_lora(model) if self.cfg.get("merge_lora_for_eval") else contextlib.nullcontext():
             out = self._evaluate(model)
         model.train(was)
-        return out
+        return EvalResult(out)
 
     def _evaluate(self, model: nn.Module) -> dict[str, float]:
         out = {}

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..robomimic_data import is_image_key, read_demos
+from .base import EvalResult, Task
 
 
 # The rollout environments of this process, kept from run to run: hydra's joblib launcher runs a
@@ -338,7 +339,7 @@ def embedded_dataset(cfg) -> Path:
 
 
 # --------------------------------------------------------------------------------------- task
-class RobotPolicy:
+class RobotPolicy(Task):
     metric = "success"
     higher_is_better = True
     val_loss_label = "validation loss (denoising / flow objective)"
@@ -462,7 +463,7 @@ class RobotPolicy:
         return _ROLLOUT_ENVS[key]
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, final: bool = True) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, final: bool = True) -> EvalResult:
         from ..robot_sim import rollout
 
         was = model.training
@@ -478,14 +479,14 @@ class RobotPolicy:
                       cfg.horizon, cfg.obs_horizon, envs=self.vector_env(len(seeds + chosen)))
         model.train(was)
         success, length = out["success"][: len(seeds)], out["length"][: len(seeds)]
-        self.outcomes = {"success": [int(s) for s in success], "episode_length": [int(n) for n in length]}  # per episode
+        outcomes = {"success": [int(s) for s in success], "episode_length": [int(n) for n in length]}  # per episode
         low, high = wilson_interval(int(success.sum()), len(success))
         result = {"success": float(success.mean()), "success_ci_low": low, "success_ci_high": high, "episode_length": float(length.mean())}
         for h in cfg.horizons:
             result[f"success_h{h}"] = float((success & (length <= h)).mean())
         if chosen:
             result["select_success"] = float(out["success"][len(seeds) :].mean())
-        return result
+        return EvalResult(result, outcomes)
 
 
 def build(cfg, seed: int, device: torch.device):

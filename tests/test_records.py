@@ -1,0 +1,180 @@
+"""Run records (experiments/record.py), the results layout and the report layer that only reads records."""
+
+import ast
+import json
+import multiprocessing
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments import record
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def old_run_folder(folder: Path, optimizer="dopr_adamw", seed=0, ema=False) -> Path:
+    """A run folder as the loop wrote them before records existed (config.json, metrics.jsonl, summary.json)."""
+    folder.mkdir(parents=True)
+    final = {"step": 20, "val_loss": 0.5, "success": 0.75, "success_ci_low": 0.5, "success_ci_high": 0.9, "success_h10": 0.5,
+             "success_h20": 0.75, "select_success": 0.7, "rollout_seconds": 1.5}
+    if ema:
+        final.update({"raw_val_loss": 0.6, "raw_success": 0.25, "raw_select_success": 0.3})
+    summary = {"task": "robot", "scale": "cpu", "optimizer": optimizer, "lr": 1e-3, "seed": seed, "metric_name": "success",
+               "higher_is_better": True, "metric_range": [0, 1], "status": "done", "git_commit": "abc1234-dirty",
+               "ap_rows": {"max_rows": None, "max_rows_per_dim": 8}, "final": final, "wall_seconds": 12.0,
+               "best": {"step": 10, "metric": 0.8, "min_val_loss": 0.5}}
+    config = {"task": {"name": "robot", "version": 4}, "optimizer": {"name": optimizer, "weight_decay": 0.1},
+              "git_commit": "abc1234-dirty", "world_size": 1, "machine": {"cpu": "AMD EPYC", "threads": 1, "torch": "2.13.0"}}
+    rows = [{"step": 10, "train_loss": 1.0, "lr": 1e-3, "steps_per_s": 5.0},
+            {"step": 10, "val_loss": 0.55, "success": 0.8, "select_success": 0.8},
+            {"step": 10, "outcomes": {"success": [1, 1, 1, 0, 1]}},
+            {"step": 20, "train_loss": 0.8, "lr": 0.0, "steps_per_s": 5.0}, final,
+            {"step": 20, "outcomes": {"success": [1, 1, 0, 1]}}, {"step": 20, "ap_cond_max": "inf", "ap_cond/layer": 3.0}]
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 30, "trai')  # a line cut by a kill
+    return folder
+
+
+def test_upgrade_structures_an_old_run_folder_and_keeps_every_summary_field(tmp_path):
+    rec = record.upgrade(old_run_folder(tmp_path / "dopr_adamw-s0", ema=True))
+    assert rec["schema"] == record.SCHEMA and rec["run_id"] == "dopr_adamw-s0" and rec["experiment"] == "cpu"
+    assert rec["provenance"] == {"git_commit": "abc1234", "dirty": True, "world_size": 1, "torch": "2.13.0", "python": None,
+                                 "threads": 1, "cpu": "AMD EPYC", "cpu_count": None, "gpu": None}
+    assert "machine" not in rec["config"] and rec["summary"]["ap_rows"] == {"max_rows": None, "max_rows_per_dim": 8}
+    assert set(json.loads((tmp_path / "dopr_adamw-s0" / "summary.json").read_text())) <= set(rec["summary"])
+    assert [e["step"] for e in rec["evals"]] == [10, 20] and [t["step"] for t in rec["train"]] == [10, 20]
+    last = rec["evals"][-1]
+    assert last["metrics"] == {"success": 0.75, "success_h10": 0.5, "success_h20": 0.75}
+    assert last["select"] == {"success": 0.7} and last["intervals"] == {"success": [0.5, 0.9]}
+    assert last["horizons"] == {"h": {"10": "success_h10", "20": "success_h20"}}
+    assert last["raw"] == {"val_loss": 0.6, "metrics": {"success": 0.25}, "select": {"success": 0.3}}
+    assert last["ap"]["cond_max"] == float("inf") and last["train_seconds"] is None
+    assert rec["outcomes"] == {"10": {"success": [1, 1, 1, 0, 1]}, "20": {"success": [1, 1, 0, 1]}}
+
+
+def _add_many(args):
+    folder, start = args
+    for i in range(start, start + 15):
+        record.add(folder, [{"schema": record.SCHEMA, "run_id": f"run-{i:03d}", "status": "done"}])
+
+
+def test_two_writers_adding_at_once_lose_nothing(tmp_path):
+    folder = tmp_path / "exp"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        pool.map(_add_many, [(folder, 0), (folder, 100)])
+    ids = [r["run_id"] for r in record.read(folder)]
+    assert ids == sorted(f"run-{i:03d}" for i in [*range(15), *range(100, 115)])
+    record.add(folder, [{"schema": record.SCHEMA, "run_id": "run-005", "status": "failed"}])  # the same run again: replaced
+    again = record.read(folder)
+    assert len(again) == 30 and next(r for r in again if r["run_id"] == "run-005")["status"] == "failed"
+    lines = (folder / record.RECORDS).read_text().splitlines()
+    assert lines == sorted(lines) and all(json.loads(line)["run_id"] for line in lines)  # one run per line, by run id
+
+
+def test_a_cut_or_unknown_records_file_names_the_file_and_the_fix(tmp_path):
+    folder = tmp_path / "exp"
+    record.add(folder, [{"schema": record.SCHEMA, "run_id": f"r{i}", "status": "done", "pad": "x" * 50} for i in range(3)])
+    path = folder / record.RECORDS
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(record.RecordError, match=rf"{path}, line 3: not a whole JSON record.*git checkout"):
+        record.read(folder)
+    path.write_text(json.dumps({"schema": record.SCHEMA + 1, "run_id": "x"}) + "\n")
+    with pytest.raises(record.RecordError, match="update this checkout"):
+        record.read(folder)
+    with pytest.raises(record.RecordError, match="does not exist: run the experiment first"):
+        record.read(tmp_path / "nothing")
+    out = subprocess.run([sys.executable, "scripts/report.py", str(folder)], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0 and "update this checkout" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_report_reads_records_and_run_folders_alike(tmp_path):
+    runs = tmp_path / "runs"
+    for opt in ("adamw", "dopr_adamw"):
+        for seed in (0, 1):
+            old_run_folder(runs / f"{opt}-s{seed}", opt, seed)
+    subprocess.run([sys.executable, "-m", "experiments.record", "add", str(runs), str(tmp_path / "results" / "robot" / "cpu")],
+                   cwd=ROOT, check=True, capture_output=True)
+    for source, out in ((runs, tmp_path / "from_runs"), (tmp_path / "results" / "robot" / "cpu", tmp_path / "from_records")):
+        subprocess.run([sys.executable, "scripts/report.py", str(source), "--out", str(out)], cwd=ROOT, check=True, capture_output=True)
+    for name in ("results_runs.csv", "val_loss_vs_success.png", "success_vs_horizon.png"):
+        assert (tmp_path / "from_runs" / name).read_bytes() == (tmp_path / "from_records" / name).read_bytes(), name
+    header = (tmp_path / "from_records" / "results_runs.csv").read_text().splitlines()[0].split(",")
+    assert {"max_rows_per_dim", "train_seconds", "final_success_ci_low", "final_select_success"} <= set(header)
+
+
+def test_committed_pages_are_rebuilt_from_the_committed_records_bit_for_bit(tmp_path):
+    """`make report` on a clean checkout leaves git clean: every page under results/ is what the report makes from
+    the records beside it (rebuilt here in a copy, compared byte for byte)."""
+    copy = tmp_path / "results"
+    shutil.copytree(ROOT / "results", copy)
+    subprocess.run([sys.executable, "scripts/report.py", "--all", str(copy)], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "scripts/summary.py", "--results", str(copy)], cwd=ROOT, check=True, capture_output=True)
+    committed = sorted(p.relative_to(ROOT / "results") for p in (ROOT / "results").rglob("*") if p.is_file())
+    rebuilt = sorted(p.relative_to(copy) for p in copy.rglob("*") if p.is_file() and p.name != ".records.lock")
+    assert rebuilt == [p for p in committed if p.name != ".records.lock"]
+    changed = [str(p) for p in committed if p.name != ".records.lock" and (ROOT / "results" / p).read_bytes() != (copy / p).read_bytes()]
+    assert not changed, f"pages that `make report` would change: {changed}"
+
+
+def test_results_hold_one_records_file_per_experiment_and_no_code():
+    results = ROOT / "results"
+    assert not list(results.rglob("metrics.jsonl")) and not list(results.rglob("*.py")) and not list(results.rglob("summary.json"))
+    for folder in (p for p in results.glob("*/*") if p.is_dir()):
+        assert (folder / record.RECORDS).exists() or (folder / "results.md").exists() or (folder / "tuning.md").exists(), folder
+        assert all(r["experiment"] == folder.name for r in record.read(folder)) if (folder / record.RECORDS).exists() else True
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against the module's package
+                package = path.relative_to(ROOT).with_suffix("").parts[: -node.level]
+                base = ".".join(package + ((node.module,) if node.module else ()))
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in node.names)
+    return out
+
+
+def test_no_import_circles_and_the_report_does_not_import_the_loop():
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in [*(ROOT / "dopr").rglob("*.py"), *(ROOT / "experiments").rglob("*.py")]}
+    graph = {m: {i for i in _imports(p) if i in modules and i != m} for m, p in modules.items()}
+    for m in list(graph):  # a package's own __init__ is not an edge of its modules
+        graph[m] = {i for i in graph[m] if not m.startswith(i + ".")}
+    state = {}
+
+    def visit(m, path):
+        if state.get(m) == 1:
+            raise AssertionError("import circle: " + " -> ".join(path + [m]))
+        if state.get(m) == 2:
+            return
+        state[m] = 1
+        for i in graph[m]:
+            visit(i, path + [m])
+        state[m] = 2
+
+    for m in graph:
+        visit(m, [])
+    assert not any(i.startswith("experiments") for p in (ROOT / "dopr").rglob("*.py") for i in _imports(p))  # the library stands alone
+    report_code = [ROOT / "scripts" / "report.py", ROOT / "scripts" / "summary.py", *(ROOT / "experiments" / "reports").glob("*.py")]
+    for p in report_code:
+        seen = _imports(p)
+        assert not any(i == "experiments.train" or i.startswith("experiments.train.") or i.startswith("experiments.tasks") for i in seen), p
+    # nor, through them, the modules they import (the records, stats, registry, protocol)
+    for m in ("experiments.record", "experiments.stats", "experiments.registry", "experiments.protocol", "experiments.reports.load"):
+        assert "experiments.train" not in graph[m] and not any(i.startswith("experiments.tasks") for i in graph[m]), m
+
+
+def test_no_python_file_in_experiments_or_scripts_is_over_500_lines():
+    long = {str(p.relative_to(ROOT)): n for p in [*(ROOT / "experiments").rglob("*.py"), *(ROOT / "scripts").rglob("*.py")]
+            if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, long
