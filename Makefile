@@ -91,20 +91,14 @@ sweep-$(1)-damping: setup
 	$$(PY) scripts/report.py results/$(1)/cpu_damping
 endef
 
-# make tune-<task>: the tuning protocol (equal trials per optimizer over LR x its own hyperparameter, tuning seed
-# 100; results/<task>/cpu/tuning.md lists the selections, the regret of selecting by validation loss and the
-# evaluation commands). tune-lm: 60 runs, about 1 h 40 min on 2 cores; LAUNCHER=slurm sends it to Slurm.
-TUNE_lm := dopr muon adamw
-TUNE_lm_lora := muon dopr_muon adamw dopr_adamw
-TUNE_robot := dopr base extend_base extend_dopr
-# flow: round two (extend_*) gives every optimizer one more LR beyond its grid (report.py extension_lrs)
-TUNE_flow := dopr base extend_base extend_dopr
-# control: round two (extend_*) gives every optimizer one more LR beyond its grid's edge (report.py extension_lrs)
-TUNE_control := base dopr extend_base extend_dopr
+# make tune-<task>: the tuning protocol, version 3 (docs/protocol.md; configs/experiment/<task>/cpu_tune.yaml):
+# 16 Sobol trials per optimizer and round over 3-D spaces, the best third on three tuning seeds, selection on the
+# selection instances, edge extension for every optimizer; writes lr and tuned into configs/task/<task>.yaml and
+# the page results/<task>/cpu/tuning.md. Resumable: run it again. LAUNCHER=slurm sends every phase to Slurm.
+# (The version-2 grids behind the committed cpu_tune records: configs/sweep/<task>_tune_*.yaml.)
 define tune
 tune-$(1): setup
-	$$(foreach p,$$(TUNE_$(2)),$$(PY) -m experiments.train -m +sweep=$(2)_tune_$$(p) $$(LAUNCH) && ) true
-	$$(PY) scripts/report.py results/$(2)/cpu_tune
+	$$(PY) scripts/tune.py $(2)/cpu_tune --launcher "$$(LAUNCHER)" --jobs $$(JOBS) --threads $$(THREADS)
 endef
 $(eval $(call tune,lm,lm))
 $(eval $(call tune,lm-lora,lm_lora))

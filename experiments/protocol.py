@@ -39,6 +39,30 @@ def task_lr(k: int, *, _root_: DictConfig) -> float:
 OmegaConf.register_new_resolver("task_lr", task_lr, replace=True)
 
 
+def tune_point(cfg: DictConfig) -> dict | None:
+    """The tuning trial this run is (``tune.points``: the file scripts/tune.py wrote for a phase, ``tune.trial``: the
+    index into this optimizer's points), None outside tuning or past the end of this optimizer's list (one sweep
+    covers every optimizer; one with fewer points to run leaves the rest of its jobs empty)."""
+    tune = cfg.get("tune") or {}
+    if not tune.get("points"):
+        return None
+    import json
+    from pathlib import Path
+
+    points = json.loads(Path(tune.points).read_text()).get(cfg.optimizer.name) or []
+    trial = int(tune.trial)
+    return points[trial] if trial < len(points) else None
+
+
+def tune_label(*, _root_: DictConfig) -> str:
+    """``${tune_label:}``: the run folder's name part of a tuning trial (its label, r1t03), ``skip<k>`` for an empty job."""
+    point = tune_point(_root_)
+    return point["label"] if point is not None else f"skip{_root_.tune.trial}"
+
+
+OmegaConf.register_new_resolver("tune_label", tune_label, replace=True)
+
+
 def command_line_keys() -> set[str]:
     """The config keys set on this run's command line (empty outside a Hydra run)."""
     from hydra.core.hydra_config import HydraConfig
@@ -66,6 +90,14 @@ def resolve(cfg: DictConfig, given: set[str] | None = None) -> DictConfig:
     applied and the console says which were dropped. Check that the task's scale config set every trainer setting."""
     cfg = cfg.copy()
     given = command_line_keys() if given is None else given
+    point = tune_point(cfg)
+    if point is not None:  # a tuning trial: its point's values, as if given on the command line
+        from .tuning import overrides
+
+        for key, value in overrides(point["values"]).items():
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+            given = given | {key}
+        cfg.tune.label = point["label"]
     tuned = flat_keys((cfg.task.get("tuned") or {}).get(cfg.optimizer.name) or {})
     if cfg.lr is None:
         chosen = cfg.task.get("lr") or {}
@@ -81,7 +113,7 @@ def resolve(cfg: DictConfig, given: set[str] | None = None) -> DictConfig:
                 OmegaConf.update(cfg.optimizer, key, value, merge=True)
     else:
         dropped = {k: v for k, v in tuned.items() if f"optimizer.{k}" not in given}
-        if dropped:  # a sweep sets its own grid; a single run given lr= may not expect to lose the rest
+        if dropped and point is None:  # a sweep sets its own grid; a single run given lr= may not expect to lose the rest
             print(f"note: lr={cfg.lr:g} given, so the task's other tuned settings for {cfg.optimizer.name} are not applied ("
                   + ", ".join(f"optimizer.{k}={v}" for k, v in dropped.items()) + f"; configs/task/{cfg.task.name}.yaml `tuned`): "
                   "pass them too to keep them", flush=True)

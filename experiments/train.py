@@ -31,7 +31,7 @@ from .checkpoint import atomic_write_json, load_checkpoint, load_model_state, mo
 from .engine import (accumulate_gradients, build_optimizer, ema_update, enable_checkpointing, export_slurm_environment, init_distributed,
                      keep_freed_memory, lr_factor, machine, pick_device, shard, validation_loss)
 from .logging import RunLogger, git_commit
-from .protocol import resolve
+from .protocol import resolve, tune_point
 from .tasks import build_task
 
 
@@ -67,6 +67,9 @@ def kept_summary(run_dir: Path, steps: int) -> dict | None:
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
+    if (cfg.get("tune") or {}).get("points") and tune_point(cfg) is None:  # a tuning phase's empty job (scripts/tune.py)
+        print(f"no tuning point {cfg.tune.trial} for {cfg.optimizer.name} in this phase: nothing to run", flush=True)
+        return {"status": "skipped"}
     cfg = resolve(cfg)
     tr = cfg.trainer
     finished = kept_summary(run_dir, tr.steps)

@@ -98,6 +98,8 @@ def render(source: Path, out: Path, kind: str, shown: str) -> tuple[list[dict], 
         parts += sweeps.lr_section(rows, metric, higher)
     elif kind == "damping":
         parts += sweeps.damping_section(rows, metric, higher, out, title, lab)
+    elif kind == "tuning" and (done[0]["config"].get("tune") or {}).get("label"):  # a version-3 tuning
+        parts = header + tuning.protocol3_section(done, source, metric) + ["## Every run", "", table, ""]
     elif kind == "tuning":
         lines, _ = tuning.tuning_section(rows, metric, higher, out, title, lab, task, scale, horizons)
         parts = header + lines + ["## Every trial", "", "Mean ± 95% t-interval over the tuning seeds of each trial.", "", table, ""]

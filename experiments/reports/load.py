@@ -91,6 +91,9 @@ def per_run_rows(done: list[dict]) -> list[dict]:
                f"best_{metric}": s["best"]["metric"], "best_step": s["best"]["step"], "run": r["run_id"],
                "wall_seconds": s.get("wall_seconds"), "train_seconds": last.get("train_seconds"),
                "final_rollout_seconds": last.get("rollout_seconds")}
+        label = (r["config"].get("tune") or {}).get("label")
+        if label:  # a trial of the version-3 tuning (experiments/tuning.py)
+            row["trial"] = label
         row.update({f"final_{k}": v for k, v in last["metrics"].items() if k != metric})
         row.update({f"final_select_{k}": v for k, v in last["select"].items()})
         for name, (low, high) in last["intervals"].items():

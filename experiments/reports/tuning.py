@@ -7,9 +7,11 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from .. import record
+from .. import tuning as protocol3
 from ..protocol import lr_ladder
 from ..registry import pair_rank
-from ..stats import selection
+from ..stats import mean_ci, selection
 from .figures import _pyplot, _save_png
 
 
@@ -146,3 +148,40 @@ def tuning_section(rows: list[dict], metric: str, higher: bool, out: Path, title
         lines.append(f"  {opt}: " + (f"{{kwargs: {{damping: {hp:g}}}}}" if opt.startswith("dopr_") else f"{{weight_decay: {hp:g}}}"))
     lines += ["```", ""]
     return lines, selections
+
+
+def protocol3_section(done: list[dict], experiment_dir: Path, metric: str) -> list[str]:
+    """The page of a version-3 tuning (experiments/tuning.py), replayed from its records and the spec they carry:
+    per optimizer the rounds, the trials and seeds, the selection and its score on the selection instances, beside
+    its evaluation mean in the task's headline experiment (the winner's curse), and any edge left."""
+    spec = done[0]["config"]["tune_spec"]
+    higher = bool(spec.get("higher_is_better", True))
+    plan = protocol3.plan(spec, done, metric, higher)
+    headline = experiment_dir.with_name(experiment_dir.name.removesuffix("_tune"))
+    evaluation = record.read(headline) if (headline / record.RECORDS).exists() else []
+    lines = ["## Selection (protocol version 3)", "",
+             f"Every optimizer searched a {len(next(iter(spec['space'].values())))}-D space with {spec['trials']} scrambled-Sobol "
+             f"trials per round on tuning seed {spec['seeds'][0]}; the best third of each round also ran on seeds "
+             f"{', '.join(map(str, spec['seeds'][1:]))}; the selection is the best mean of `select_{metric}` (the selection "
+             "instances, never the reported ones) over the three seeds (docs/protocol.md).", ""]
+    if plan["phase"] != "done":
+        lines += [f"**Unfinished**: round {plan['round']}, {plan['phase']} phase still to run (`python scripts/tune.py ...` resumes it).", ""]
+    lines += [f"| optimizer | rounds | runs | selected trial | selected values | select_{metric} (tuning seeds) | "
+              f"final {metric}, evaluation seeds (n) | at an edge after the last round |", "|---|---|---|---|---|---|---|---|"]
+    for opt in sorted(spec["optimizers"], key=pair_rank):
+        runs = [r for r in done if r["optimizer"] == opt]
+        sel = plan["selection"].get(opt)
+        if sel is None:
+            lines.append(f"| {opt} | - | {len(runs)} | | | | | |")
+            continue
+        evals = [r["evals"][-1]["metrics"][metric] for r in evaluation if r["optimizer"] == opt and r["status"] == "done"]
+        ev = f"{mean_ci(evals)[0]:.4g} ({len(evals)})" if evals else "not run"
+        edges = (plan["history"][-1].get("edges") or {}).get(opt) or {}
+        lines.append(f"| {opt} | {sel['round']} | {len(runs)} | {sel['label']} | " + ", ".join(f"{k.removeprefix('optimizer.')}={v:g}" for k, v in sel["values"].items())
+                     + f" | {sel['score']:.4g} | {ev} | {', '.join(f'{k} ({chr(43) if d > 0 else chr(45)})' for k, d in edges.items()) or 'none'} |")
+    lines += ["", "The gap between a selection's tuning score and its evaluation mean is the winner's curse (a best-of-many score is "
+              "biased upwards) plus the difference between the selection and the reported instances.", ""]
+    for h in plan["history"]:
+        lines += [f"Round {h['round']} ranges: " + "; ".join(f"{o}: " + ", ".join(f"{k.removeprefix('optimizer.')} [{d['low']:g}, {d['high']:g}]"
+                                                                             for k, d in sp.items()) for o, sp in h["spaces"].items()), ""]
+    return lines

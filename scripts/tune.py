@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""Run a tuning experiment with the version-3 protocol (experiments/tuning.py, docs/protocol.md), round after round,
+until every optimizer's selection is interior or at a documented bound; then write the selected settings into the
+task config and render the tuning page.
+
+    python scripts/tune.py lm/cpu_tune                     # = make tune-lm (two runs at a time, one thread each)
+    python scripts/tune.py lm/cpu_tune --launcher slurm    # every phase as a Slurm array
+    python scripts/tune.py lm/cpu_tune --plan              # print what would run next, run nothing
+
+The experiment config (configs/experiment/<task>/<name>.yaml) holds ``tune_spec``: the optimizers, the trials per
+round, the tuning seeds, each optimizer's space and the documented bounds. Runs add their records to the
+experiment's records file; the plan of each phase is replayed from those records, so a killed tuning resumes by
+running the same command. Selection reads only the selection instances (select_<metric>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from experiments import record, tuning  # noqa: E402
+from experiments.checkpoint import atomic_write_json  # noqa: E402
+
+
+def compose(configs: Path, experiment: str, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(configs.resolve()), version_base="1.3"):
+        return hydra_compose("train", overrides=[f"+experiment={experiment}", *overrides], return_hydra_config=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", help="<task>/<name> of a tuning experiment (configs/experiment/<task>/<name>.yaml with tune_spec)")
+    parser.add_argument("--configs", type=Path, default=ROOT / "configs", help="the config folder (a copy, for a dry rehearsal)")
+    parser.add_argument("--launcher", default="local", help="hydra launcher: local (JOBS at once), slurm, or '' (one after another)")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--plan", action="store_true", help="print the next phase and exit")
+    parser.add_argument("overrides", nargs="*", help="extra overrides for every run (e.g. scale=smoke logger=none)")
+    args = parser.parse_intermixed_args(argv)
+    path = args.configs / "experiment" / f"{args.experiment}.yaml"
+    if not path.exists():
+        parser.error(f"{path} does not exist: name a tuning experiment as <task>/<name> (ls {args.configs}/experiment/)")
+    cfg = compose(args.configs, args.experiment, args.overrides)
+    if not cfg.get("tune_spec"):
+        parser.error(f"{path} has no tune_spec: it is not a tuning experiment (see docs/protocol.md, 'Tuning')")
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.to_container(cfg.tune_spec, resolve=True)
+    results = Path(cfg.results_dir)
+    sweep_dir = Path(cfg.hydra.sweep.dir)
+    task_yaml = args.configs / "task" / f"{cfg.task.name}.yaml"
+    higher = bool(spec.get("higher_is_better", True))
+    metric = spec["metric"]
+    stale = [r["run_id"] for r in (record.read(results) if (results / record.RECORDS).exists() else [])
+             if not (r["config"].get("tune") or {}).get("label")]
+    if stale:
+        parser.error(f"{results / record.RECORDS} holds {len(stale)} runs of an older tuning protocol (e.g. {stale[0]}): "
+                     f"remove them first (git rm {results / record.RECORDS}; git history keeps them)")
+    launch = [] if not args.launcher else [f"hydra/launcher={args.launcher}"]
+    if args.configs.resolve() != (ROOT / "configs").resolve():  # the runs find the experiment in the copy too
+        launch.append(f"hydra.searchpath=[file://{args.configs.resolve()}]")
+    if args.launcher == "local":
+        launch += [f"hydra.launcher.n_jobs={args.jobs}", f"threads={args.threads}"]
+    progress = None
+    while True:
+        records = record.read(results) if (results / record.RECORDS).exists() else []
+        plan = tuning.plan(spec, records, metric, higher)
+        if plan["phase"] == "done":
+            break
+        todo = {opt: pts for opt, pts in plan["points"].items() if pts}
+        count = sum(len(p) for p in todo.values()) * len(plan["seeds"])
+        print(f"tuning {args.experiment}: round {plan['round']}, {plan['phase']} phase: {count} runs "
+              f"({', '.join(f'{o} {len(p)}' for o, p in todo.items())} trials x seeds {plan['seeds']})", flush=True)
+        if args.plan:
+            print(json.dumps(todo, indent=1))
+            return 0
+        if progress == (plan["round"], plan["phase"], count):
+            raise SystemExit(f"error: the last phase left {count} runs without a record: see the run logs under {sweep_dir} "
+                             f"(a run that fails is recorded as failed; one that leaves no record crashed before its end)")
+        progress = (plan["round"], plan["phase"], count)
+        points = sweep_dir / f"points-r{plan['round']}-{plan['phase']}.json"
+        atomic_write_json(points, todo)
+        width = max(len(p) for p in todo.values())
+        cmd = [sys.executable, "-m", "experiments.train", "-m", f"+experiment={args.experiment}", f"optimizer={','.join(todo)}",
+               f"tune.points={points.resolve()}", f"tune.trial={','.join(map(str, range(width)))}",
+               f"seed={','.join(map(str, plan['seeds']))}", "hydra.sweep.subdir=${optimizer.name}-${tune_label:}-s${seed}",
+               *launch, *args.overrides]
+        subprocess.run(cmd, cwd=ROOT, check=False)
+    selection = plan["selection"]
+    for opt, sel in selection.items():
+        print(f"{opt}: {sel['label']} {sel['values']} (select_{metric} {sel['score']:.4g} over seeds {sel['seeds']}, round {sel['round']})")
+    tuning.write_selection(task_yaml, selection, source=f" from {results}/records.jsonl")
+    print(f"wrote the selected settings into {task_yaml} (lr and tuned)")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(results)], cwd=ROOT, check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The tuning protocol, version 3 (experiments/tuning.py, scripts/tune.py; docs/protocol.md)."""
+
+import copy
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments import record, tuning
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SPEC = {"metric": "accuracy", "higher_is_better": True, "optimizers": ["adamw", "dopr_adamw"], "trials": 8, "seeds": [100, 101, 102],
+        "max_rounds": 2,
+        "space": {"adamw": {"lr": {"low": 1e-4, "high": 1e-2}, "optimizer.weight_decay": {"low": 1e-3, "high": 1.0},
+                            "optimizer.kwargs.beta2": {"low": 1e-3, "high": 1e-1, "scale": "log1m"}},
+                  "dopr_adamw": {"lr": {"low": 1e-4, "high": 1e-2}, "optimizer.weight_decay": {"low": 1e-3, "high": 1.0},
+                                 "optimizer.kwargs.damping": {"low": 1e-2, "high": 10.0}}},
+        "bounds": {"optimizer.kwargs.damping": [1e-4, 10.0]}}
+
+
+def fake_record(opt, label, values, seed, select, reported):
+    return {"schema": record.SCHEMA, "run_id": f"{opt}-{label}-s{seed}", "optimizer": opt, "seed": seed, "status": "done",
+            "config": {"tune": {"label": label}, "lr": values["lr"]},
+            "evals": [{"step": 10, "select": {"accuracy": select}, "metrics": {"accuracy": reported}}]}
+
+
+def run_phase(plan, score, records):
+    """Fake runs of one phase: select_accuracy from ``score(values)``, a reported accuracy that ranks the other way."""
+    for opt, pts in plan["points"].items():
+        for p in pts:
+            for seed in plan["seeds"]:
+                s = score(opt, p["values"]) + 0.001 * (seed - 100)
+                records.append(fake_record(opt, p["label"], p["values"], seed, s, reported=1 - s))
+
+
+def test_points_are_quasirandom_inside_their_log_ranges():
+    pts = tuning.sobol_points(SPEC["space"]["adamw"], 8, seed=1)
+    assert len(pts) == 8 and len({p["lr"] for p in pts}) == 8
+    assert all(1e-4 <= p["lr"] <= 1e-2 and 1e-3 <= p["optimizer.weight_decay"] <= 1 for p in pts)
+    assert all(0.9 <= p["optimizer.kwargs.beta2"] <= 0.999 for p in pts)  # log1m: 1 - beta2 in [1e-3, 1e-1]
+    assert tuning.sobol_points(SPEC["space"]["adamw"], 8, seed=1) == pts  # a function of the spec: resumable
+    assert tuning.overrides({"lr": 1e-3, "optimizer.kwargs.beta2": 0.99}) == {"lr": 1e-3, "optimizer.kwargs.betas": [0.9, 0.99]}
+
+
+def test_the_protocol_replayed_equal_trials_successive_seeds_selection_set_and_an_edge_extension():
+    records = []
+    # the selection score rises with the LR (best at the top of the range: an edge), with damping near 1
+    score = lambda opt, v: math.log10(v["lr"]) - 0.1 * abs(math.log10(v.get("optimizer.kwargs.damping", 1.0)))  # noqa: E731
+    p = tuning.plan(SPEC, records, "accuracy", True)
+    assert (p["round"], p["phase"], p["seeds"]) == (1, "explore", [100])
+    assert {o: len(v) for o, v in p["points"].items()} == {"adamw": 8, "dopr_adamw": 8}  # equal trials
+    run_phase(p, score, records)
+    p = tuning.plan(SPEC, records, "accuracy", True)
+    assert (p["phase"], p["seeds"]) == ("confirm", [101, 102])
+    assert {o: len(v) for o, v in p["points"].items()} == {"adamw": 3, "dopr_adamw": 3}  # the best third goes on
+    best_first = {o: max(v, key=lambda q: score(o, q["values"]))["label"] for o, v in tuning.plan(SPEC, [], "accuracy", True)["points"].items()}
+    assert all(best_first[o] in [q["label"] for q in p["points"][o]] for o in best_first)  # chosen by select, not by the reported value
+    run_phase(p, score, records)
+    p = tuning.plan(SPEC, records, "accuracy", True)
+    assert (p["round"], p["phase"]) == (2, "explore")  # the LR selection sits at the top edge: a second round, for both
+    first = p["history"][0]
+    assert all(first["edges"][o].get("lr") == 1 for o in ("adamw", "dopr_adamw"))
+    assert all(p["history"][1]["spaces"][o]["lr"]["high"] > 1e-2 for o in ("adamw", "dopr_adamw"))  # moved outward
+    run_phase(p, score, records)
+    run_phase(tuning.plan(SPEC, records, "accuracy", True), score, records)
+    done = tuning.plan(SPEC, records, "accuracy", True)
+    assert done["phase"] == "done" and set(done["selection"]) == {"adamw", "dopr_adamw"}
+    sel = done["selection"]["dopr_adamw"]
+    assert sel["round"] == 2 and sel["seeds"] == [100, 101, 102] and sel["values"]["lr"] > 1e-2
+    # a failed run scores last and is not asked for again
+    records[0] = {**records[0], "status": "failed"}
+    assert tuning.plan(SPEC, records, "accuracy", True)["phase"] == "done"
+
+
+def test_selection_never_reads_the_reported_instances():
+    """The tuning reads select_<metric> only: the reported metric can rank the trials in the opposite order, or be
+    missing from every record, and the plan and the selection do not change."""
+    records = []
+    score = lambda opt, v: -abs(math.log10(v["lr"]) + 3)  # noqa: E731  best at lr 1e-3, inside the range
+    for _ in range(4):
+        p = tuning.plan(SPEC, records, "accuracy", True)
+        if p["phase"] == "done":
+            break
+        run_phase(p, score, records)
+    done = tuning.plan(SPEC, records, "accuracy", True)
+    blind = copy.deepcopy(records)
+    for r in blind:
+        del r["evals"][-1]["metrics"]  # no reported instance at all
+    assert tuning.plan(SPEC, blind, "accuracy", True)["selection"] == done["selection"]
+    swapped = copy.deepcopy(records)
+    for r in swapped:  # reported ranks reversed and magnified: nothing moves
+        r["evals"][-1]["metrics"]["accuracy"] = -1e6 * r["evals"][-1]["select"]["accuracy"]
+    assert tuning.plan(SPEC, swapped, "accuracy", True)["selection"] == done["selection"]
+
+
+def test_the_tool_writes_the_selection_into_the_task_config(tmp_path):
+    from omegaconf import OmegaConf
+
+    task_yaml = tmp_path / "lm.yaml"
+    shutil.copy(ROOT / "configs" / "task" / "lm.yaml", task_yaml)
+    before = OmegaConf.load(task_yaml)
+    selection = {"adamw": {"values": {"lr": 0.0021, "optimizer.weight_decay": 0.031, "optimizer.kwargs.beta2": 0.985}},
+                 "dopr_adamw": {"values": {"lr": 0.0045, "optimizer.weight_decay": 0.12, "optimizer.kwargs.damping": 0.7}}}
+    tuning.write_selection(task_yaml, selection, source=" (test)")
+    after = OmegaConf.load(task_yaml)
+    assert after.lr.adamw == 0.0021 and after.lr.dopr_adamw == 0.0045 and after.lr.muon == before.lr.muon  # others kept
+    assert OmegaConf.to_container(after.tuned.adamw) == {"weight_decay": 0.031, "kwargs": {"betas": [0.9, 0.985]}}
+    assert OmegaConf.to_container(after.tuned.dopr_adamw) == {"weight_decay": 0.12, "kwargs": {"damping": 0.7}}
+    assert after.tuned.muon == before.tuned.muon and after.model == before.model and after.version == before.version
+    assert "# Autoregressive LM" in task_yaml.read_text()  # comments kept
+
+
+@pytest.mark.slow  # about 20 entry-point runs at scale=smoke: .ci/run runs the slow suite
+def test_a_tuning_sweep_at_smoke_scale_through_the_entry_point(tmp_path):
+    """scripts/tune.py on the LM task at scale=smoke, in a copy of the configs: equal trials, successive seeds,
+    selection on the selection problems, one edge extension (every score ties at smoke scale, so the smallest LR
+    wins and sits at the bottom edge), and the selected settings written into the copy's task config."""
+    configs = tmp_path / "configs"
+    shutil.copytree(ROOT / "configs", configs)
+    # 4 trials: a scrambled Sobol sequence puts one point in each quarter of every range, so with every score tied
+    # (smoke scale) the selection is the smallest LR, inside the bottom quarter: with edge 0.25, an edge
+    spec = {**SPEC, "trials": 4, "edge": 0.25}
+    (configs / "experiment" / "lm" / "smoke_tune.yaml").write_text("# @package _global_\n" + json.dumps({
+        "defaults": [{"override /task": "lm"}, {"override /scale": "smoke"}], "results_dir": str(tmp_path / "results" / "lm" / "smoke_tune"),
+        "hydra": {"sweep": {"dir": str(tmp_path / "runs")}}, "tune_spec": spec}))
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "scripts/tune.py", "lm/smoke_tune", "--configs", str(configs), "logger=none",
+                          f"task.data_dir={tmp_path / 'data'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    records = record.read(tmp_path / "results" / "lm" / "smoke_tune")
+    labels = {}
+    for r in records:
+        labels.setdefault((r["optimizer"], r["config"]["tune"]["label"]), []).append(r["seed"])
+    for opt in ("adamw", "dopr_adamw"):
+        for rnd in (1, 2):  # equal trials per round; the best third (2 of 4) on all three seeds
+            trials = {k: v for k, v in labels.items() if k[0] == opt and k[1].startswith(f"r{rnd}")}
+            assert len(trials) == 4 and sorted(len(v) for v in trials.values()) == [1, 1, 3, 3], (opt, rnd, trials)
+    assert "round 2, explore phase" in out.stdout  # the edge extension ran
+    from omegaconf import OmegaConf
+
+    written = OmegaConf.load(configs / "task" / "lm.yaml")
+    assert "written by scripts/tune.py" in (configs / "task" / "lm.yaml").read_text()
+    for opt in ("adamw", "dopr_adamw"):
+        chosen = [r for r in records if r["optimizer"] == opt and len(labels[(opt, r["config"]["tune"]["label"])]) == 3
+                  and r["config"]["tune"]["label"].startswith("r2")]
+        assert any(math.isclose(float(written.lr[opt]), r["config"]["lr"]) for r in chosen)
+    assert (configs / "task" / "lm.yaml").read_text() != (ROOT / "configs" / "task" / "lm.yaml").read_text()
+    assert subprocess.run(["git", "status", "--porcelain", "configs"], cwd=ROOT, capture_output=True, text=True).stdout == ""
