@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import dopr
 
-from .checkpoint import atomic_write_json, load_checkpoint, load_model_state, model_state, save_checkpoint
+from .checkpoint import atomic_write_json, config_stamp, load_model_state, model_state, resume_checkpoint, save_checkpoint
+from .faults import maybe_fail
 from .logging import RunLogger, git_commit
 from .tasks import build_task
 
@@ -321,9 +322,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     ap = getattr(opt, "preconditioner", None)
 
     ckpt_path = run_dir / "checkpoint.pt"
-    state = load_checkpoint(ckpt_path, "cpu")  # to the CPU first; load_state_dict copies onto the device
-    start, best = 0, {}
-    if state is not None:
+    stamp = config_stamp(OmegaConf.to_container(cfg, resolve=True))  # the settings a checkpoint must have been written with
+
+    def restore(state: dict) -> None:
         load_model_state(model, state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -332,17 +333,24 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         torch.set_rng_state(state["rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
-        start, best = state["step"], state["best"]
+
+    # The newest usable of checkpoint.pt and the one before it (checkpoint.prev.pt); a damaged one is set aside.
+    state = resume_checkpoint(ckpt_path, stamp, restore, set_aside_files=lead)
+    start, best, final_row = 0, {}, None
+    if state is not None:
+        start, best, final_row = state["step"], state["best"], state.get("final")
         seconds_before = state.get("seconds", 0.0)
         print(f"resuming {run_dir} from step {start}", flush=True)
 
     if start >= tr.steps:  # already finished: train and evaluate nothing, return the summary the run wrote
-        print(f"{run_dir} already finished ({tr.steps} steps)", flush=True)
         summary_path = run_dir / "summary.json"
-        if summary_path.exists():
-            return json.loads(summary_path.read_text())
-        # Stopped after its last checkpoint but before writing summary.json: only the checkpoint's best is known.
-        return {"best": best, "status": "done"}
+        written = json.loads(summary_path.read_text()) if summary_path.exists() else None
+        if (written or {}).get("status") == "done" or final_row is None:
+            print(f"{run_dir} already finished ({tr.steps} steps)", flush=True)
+            # A checkpoint from before the final row was kept in it, and no summary.json: only its best is known.
+            return written or {"best": best, "status": "done"}
+        # Killed after its last checkpoint, before summary.json was in place: written below from the checkpoint.
+        print(f"{run_dir} finished its {tr.steps} steps; writing its summary.json from the last checkpoint", flush=True)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     commit = git_commit()
@@ -361,6 +369,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             row["raw_val_loss"] = validation_loss(task, model)
         if rollout:
             t0 = time.time()
+            maybe_fail("rollout")
             row.update(task.evaluate(eval_model, final=step == tr.steps))
             outcomes = getattr(task, "outcomes", None)  # per problem / episode, its own row (compact, not sent to W&B)
             if ema is not None:
@@ -393,6 +402,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         snapshot(0)
     t_start = time.time()
     for step in range(start, tr.steps):
+        maybe_fail("step")
         batch = shard(task.train_batch(step), rank, world)
         seen = accumulate_gradients(task, train_model, batch, micro, ap, autocast, train_model.no_sync if world > 1 else None)
         if world > 1:  # every process must see the same loss to stop together on a non-finite one
@@ -435,7 +445,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                         "scheduler": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                                         "rng": torch.get_rng_state(), "step": done, "best": best,
                                         "seconds": seconds_before + time.time() - t_start,
-                                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
+                                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                                        "final": final_row if done == tr.steps else None, **stamp}, keep_previous=True)
         if world > 1 and (done % tr.eval_every == 0 or rollout or done % tr.checkpoint_every == 0):
             torch.distributed.barrier()  # the others wait while the first process evaluates and saves
     if not lead:
