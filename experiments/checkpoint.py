@@ -33,10 +33,14 @@ from .faults import maybe_fail
 # files"): where it runs and where its rows go (threads, device, logger, cluster), how long it trains
 # (trainer.steps: a finished run can be extended), when it evaluates, logs and saves (which leaves the
 # updates alone), memory-only settings that compute the same update (micro-batches, activation
-# checkpointing), and where caches live. Every other resolved setting must match the checkpoint's.
+# checkpointing), where caches live, and the tables the learning rate and optimizer settings are looked up
+# in (task.lr, task.tuned, a sweep's lr_centre: pasting a new tuning into configs/task/ must not stop the
+# runs of a half-done sweep; the values looked up, `lr` and `optimizer.*`, are compared). Every other
+# resolved setting must match the checkpoint's.
 RESUME_MAY_DIFFER = ("threads", "device", "logger", "cluster", "trainer.steps", "trainer.eval_every", "trainer.rollout_every",
                      "trainer.log_every", "trainer.checkpoint_every", "trainer.snapshot_every", "trainer.micro_batches",
-                     "trainer.grad_checkpointing", "task.data_dir", "task.image_cache", "task.num_proc")
+                     "trainer.grad_checkpointing", "task.data_dir", "task.image_cache", "task.num_proc", "task.lr", "task.tuned",
+                     "lr_centre")
 
 REQUIRED = ("model", "optimizer", "scheduler", "rng", "step", "best")  # what a run checkpoint holds
 

@@ -272,7 +272,7 @@ def kept_summary(run_dir: Path, steps: int) -> dict | None:
     """The summary of a run that finished all ``steps`` but whose checkpoint is gone: the small files a
     sweep keeps (scripts/keep_runs.sh) copied back into runs/ on a fresh machine. Such a run is skipped."""
     summary_path = run_dir / "summary.json"
-    if (run_dir / "checkpoint.pt").exists() or not summary_path.exists():
+    if (run_dir / "checkpoint.pt").exists() or (run_dir / "checkpoint.prev.pt").exists() or not summary_path.exists():
         return None
     summary = json.loads(summary_path.read_text())
     if summary.get("status") != "done" or summary.get("steps") != steps:
