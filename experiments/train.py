@@ -27,9 +27,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import record
-from .checkpoint import atomic_write_json, load_checkpoint, load_model_state, model_state, save_checkpoint
+from .checkpoint import atomic_write_json, config_stamp, load_model_state, model_state, resume_checkpoint, save_checkpoint
 from .engine import (accumulate_gradients, build_optimizer, ema_update, enable_checkpointing, export_slurm_environment, init_distributed,
                      keep_freed_memory, lr_factor, machine, pick_device, shard, validation_loss)
+from .faults import maybe_fail
 from .logging import RunLogger, git_commit
 from .protocol import resolve, tune_point
 from .tasks import build_task
@@ -57,7 +58,7 @@ def kept_summary(run_dir: Path, steps: int) -> dict | None:
     """The summary of a run that finished all ``steps`` but whose checkpoint is gone (deleted to save space, or
     its small files copied to another machine). Such a run is skipped."""
     summary_path = run_dir / "summary.json"
-    if (run_dir / "checkpoint.pt").exists() or not summary_path.exists():
+    if (run_dir / "checkpoint.pt").exists() or (run_dir / "checkpoint.prev.pt").exists() or not summary_path.exists():
         return None
     summary = json.loads(summary_path.read_text())
     if summary.get("status") != "done" or summary.get("steps") != steps:
@@ -110,9 +111,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     ap = getattr(opt, "preconditioner", None)
 
     ckpt_path = run_dir / "checkpoint.pt"
-    state = load_checkpoint(ckpt_path, "cpu")  # to the CPU first; load_state_dict copies onto the device
-    start, best, train_seconds = 0, {}, 0.0  # train_seconds: training steps only (no evaluation, rollout, checkpoint)
-    if state is not None:
+    stamp = config_stamp(OmegaConf.to_container(cfg, resolve=True))  # the settings a checkpoint must have been written with
+
+    def restore(state: dict) -> None:
         load_model_state(model, state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -121,19 +122,27 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         torch.set_rng_state(state["rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
-        start, best = state["step"], state["best"]
+
+    # The newest usable of checkpoint.pt and the one before it (checkpoint.prev.pt); a damaged one is set aside.
+    state = resume_checkpoint(ckpt_path, stamp, restore, set_aside_files=lead)
+    start, best, final_row, train_seconds = 0, {}, None, 0.0  # train_seconds: training steps only (no evaluation, rollout, checkpoint)
+    if state is not None:
+        start, best, final_row = state["step"], state["best"], state.get("final")
         seconds_before = state.get("seconds", 0.0)
         train_seconds = state.get("train_seconds", 0.0)
         print(f"resuming {run_dir} from step {start}", flush=True)
 
     if start >= tr.steps:  # already finished: train and evaluate nothing, return the summary the run wrote
-        print(f"{run_dir} already finished ({tr.steps} steps)", flush=True)
         summary_path = run_dir / "summary.json"
-        if summary_path.exists():
-            record.finish(run_dir, results_dir(cfg))
-            return json.loads(summary_path.read_text())
-        # Stopped after its last checkpoint but before writing summary.json: only the checkpoint's best is known.
-        return {"best": best, "status": "done"}
+        written = json.loads(summary_path.read_text()) if summary_path.exists() else None
+        if (written or {}).get("status") == "done" or final_row is None:
+            print(f"{run_dir} already finished ({tr.steps} steps)", flush=True)
+            # A checkpoint from before the final row was kept in it, and no summary.json: only its best is known.
+            if written is not None:
+                record.finish(run_dir, results_dir(cfg))  # idempotent: its experiment's records file has it after a rerun
+            return written or {"best": best, "status": "done"}
+        # Killed after its last checkpoint, before summary.json was in place: written below from the checkpoint.
+        print(f"{run_dir} finished its {tr.steps} steps; writing its summary.json from the last checkpoint", flush=True)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     commit = git_commit()
@@ -153,6 +162,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             row["raw_val_loss"] = validation_loss(task, model)
         if rollout:
             t0 = time.time()
+            maybe_fail("rollout")
             result = task.evaluate(eval_model, final=step == tr.steps)
             row.update(result.metrics)
             outcomes = result.outcomes  # per problem / episode, its own row (compact, not sent to W&B)
@@ -186,6 +196,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         snapshot(0)
     t_start = time.time()
     for step in range(start, tr.steps):
+        maybe_fail("step")
         t_step = time.perf_counter()
         batch = shard(task.train_batch(step), rank, world)
         seen = accumulate_gradients(task, train_model, batch, micro, ap, autocast, train_model.no_sync if world > 1 else None)
@@ -230,7 +241,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                         "scheduler": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                                         "rng": torch.get_rng_state(), "step": done, "best": best, "train_seconds": train_seconds,
                                         "seconds": seconds_before + time.time() - t_start,
-                                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
+                                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                                        "final": final_row if done == tr.steps else None, **stamp}, keep_previous=True)
         if world > 1 and (done % tr.eval_every == 0 or rollout or done % tr.checkpoint_every == 0):
             torch.distributed.barrier()  # the others wait while the first process evaluates and saves
     if not lead:

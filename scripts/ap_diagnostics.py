@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import dopr  # noqa: E402
-from experiments.checkpoint import atomic_write_text  # noqa: E402
+from experiments.checkpoint import atomic_write_text, load_checkpoint  # noqa: E402
 
 
 def snapshots(run: Path) -> dict[int, Path]:
@@ -50,7 +50,7 @@ def key(layer: str) -> str:
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return load_checkpoint(path, "cpu")["model"]  # weights_only=True: tensors and plain values, no code
 
 
 def build(run: Path):

@@ -21,6 +21,7 @@ def main(argv=None) -> int:
     import torch
     from omegaconf import OmegaConf
 
+    from experiments.checkpoint import load_checkpoint
     from experiments.tasks import build_task
     from experiments.engine import validation_loss
 
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
             return 2
         cfg = OmegaConf.create(json.loads((run / "config.json").read_text()))
         task = build_task(cfg.task, cfg.seed, torch.device("cpu"))
-        state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+        state = load_checkpoint(run / "checkpoint.pt", "cpu")  # weights_only=True: tensors and plain values, no code
         task.model.load_state_dict(state["model"])
         raw = validation_loss(task, task.model)
         line = f"{run}: step {state['step']}  val loss raw weights {raw:.4f}"

@@ -89,3 +89,27 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def check_sizes(cfg, minimum: dict[str, int], nullable: tuple[str, ...] = (), may_be_empty: tuple[str, ...] = ()) -> None:
+    """Stop at the start of a run, naming the setting, when a size in the task config is not a whole number
+    of at least its ``minimum`` (``{"batch_size": 1, "model.width": 1}``; keys relative to ``task``). A list
+    (chain lengths, horizons) needs every entry at least that, and at least one entry unless its key is in
+    ``may_be_empty``. A key in ``nullable`` may be null (off, or "all"); a key a config does not have is
+    skipped (variants of a task share one list). Without this check a zero batch ends deep in the first
+    step with a tensor error (``max(): Expected reduction dim``) or a NaN loss blamed on the learning rate."""
+    from omegaconf import OmegaConf
+
+    absent = object()
+    for key, low in minimum.items():
+        value = OmegaConf.select(cfg, key, default=absent)
+        if value is absent or (value is None and key in nullable):
+            continue
+        is_list = OmegaConf.is_list(value) or isinstance(value, (list, tuple))
+        entries = list(value) if is_list else [value]
+        if is_list and not entries and key not in may_be_empty:
+            raise ValueError(f"task.{key} is empty: give it at least one whole number >= {low}, e.g. task.{key}=[{max(low, 1)}]")
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in entries):
+            shown = OmegaConf.to_container(value) if OmegaConf.is_list(value) else value
+            raise ValueError(f"task.{key}={shown!r}: {'each entry ' if is_list else ''}must be a whole number >= {low}"
+                             f"{' (or null)' if key in nullable else ''}; pass e.g. task.{key}={[low] if is_list else low} or more")

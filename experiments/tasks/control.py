@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import atomic_write_bytes, atomic_write_text
-from .base import EvalResult, Task, one_thread
+from ..checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint
+from .base import EvalResult, Task, check_sizes, one_thread
 
 EXPERT_DIR = Path(__file__).resolve().parents[1] / "assets" / "experts"
 
@@ -66,7 +66,7 @@ def load_expert(env_id: str, path: Path | None = None) -> ExpertActor:
     if not path.exists():
         raise FileNotFoundError(f"no expert for {env_id} at {path}: train one with `python scripts/expert.py train --env {env_id}` "
                                 f"(or use task.dataset=minari:<dataset id> with a local Minari dataset)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(path, "cpu")  # weights_only: the expert file holds tensors and plain values
     actor = ExpertActor(state["obs_dim"], state["act_dim"], state["net_arch"], state["action_low"], state["action_high"])
     actor.load_state_dict(state["state_dict"])
     return actor.eval()
@@ -305,4 +305,6 @@ class BehaviourCloning(Task):
 
 
 def build(cfg, seed: int, device: torch.device):
+    check_sizes(cfg, {"batch_size": 1, "eval_batch_size": 1, "train_episodes": 1, "val_episodes": 1, "eval_episodes": 1, "select_episodes": 0,
+                      "demo_steps": 1, "horizons": 1, "model.width": 1, "model.blocks": 0}, nullable=("select_episodes", "demo_steps"))
     return BehaviourCloning(cfg, seed, device)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import atomic_write_bytes
 from . import glyphs
-from .base import EvalResult, Task
+from .base import EvalResult, Task, check_sizes
 from .flow_metrics import FrechetDistance, MemorisationCheck, classifier_accuracy, feature_classifier, inception_fd
 
 SOLVERS = ("euler", "midpoint", "heun3", "rk4")  # torchdiffeq's fixed-grid methods we expose
@@ -316,5 +316,26 @@ class FlowMatching(Task):
         atomic_write_bytes(Path(run_dir) / "samples.npy", buf.getvalue())
 
 
+def check_settings(cfg) -> None:
+    """Sizes, and the image size and widths the UNet can take, before any data or classifier is made."""
+    check_sizes(cfg, {"batch_size": 1, "eval_batch_size": 1, "train_size": 1, "val_size": 1, "reference_size": 1, "eval_samples": 1,
+                      "select_samples": 1, "val_draws": 1, "image_size": 1, "channels": 1, "num_classes": 1, "ode_steps": 1,
+                      "headline_steps": 1, "classifier.width": 1, "classifier.num_features": 1, "classifier.epochs": 1,
+                      "classifier.batch_size": 1, "model.channels": 1, "model.layers_per_block": 1, "model.norm_groups": 1,
+                      "model.head_dim": 1, **{f"solver_steps.{s}": 1 for s in (cfg.get("solver_steps") or {})}},
+                nullable=("train_size", "val_size", "select_samples"))
+    m = cfg.model
+    levels = len(m.channels)
+    if cfg.image_size % 2 ** (levels - 1):
+        raise ValueError(f"task.image_size={cfg.image_size} must be divisible by 2^{levels - 1} (the UNet halves it {levels - 1} times, "
+                         f"task.model.channels has {levels} levels): change task.image_size or task.model.channels")
+    if any(c % m.norm_groups for c in m.channels):
+        raise ValueError(f"task.model.channels={list(m.channels)}: each must be a multiple of task.model.norm_groups={m.norm_groups} (GroupNorm)")
+    if any(m.channels[i] % m.head_dim for i in m.attention_levels if i < levels):
+        raise ValueError(f"task.model.channels at task.model.attention_levels={list(m.attention_levels)} must be multiples of "
+                         f"task.model.head_dim={m.head_dim} (whole attention heads)")
+
+
 def build(cfg, seed: int, device: torch.device):
+    check_settings(cfg)
     return FlowMatching(cfg, seed, device)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .base import EvalResult
+from .base import EvalResult, check_sizes
 from .lm_common import TokenBatches, extract_answer
 
 def make_problem(rng: random.Random, n_steps: int, operand_max: int = 9, total_max: int = 99) -> dict:
@@ -189,7 +189,25 @@ class ArithmeticLM(TokenBatches):
         return items
 
 
+def check_settings(cfg) -> None:
+    """The sizes of both LM paths (the embedded task's own only without ``task.pretrained``), checked before
+    any data is made; errors name the setting. The longest problem against ``task.max_len`` is checked
+    where the problems are encoded (encode_examples), also before training."""
+    check_sizes(cfg, {"batch_size": 1, "train_size": 1, "val_size": 1, "eval_batch_size": 1, "val_batch_size": 1, "max_len": 2,
+                      "max_new_tokens": 1, "bucket_batches": 1, "val_loss_chunk": 1, "eval_size": 1, "num_proc": 1},
+                nullable=("val_batch_size", "bucket_batches", "val_loss_chunk", "eval_size", "num_proc"))
+    if cfg.get("pretrained"):
+        return
+    check_sizes(cfg, {"eval_per_length": 1, "select_per_length": 0, "operand_max": 1, "total_max": 1, "train_steps": 1, "eval_steps": 1,
+                      "extrap_steps": 1, "model.hidden_size": 1, "model.intermediate_size": 1, "model.layers": 1, "model.heads": 1},
+                nullable=("select_per_length",), may_be_empty=("extrap_steps",))
+    if cfg.model.hidden_size % cfg.model.heads:
+        raise ValueError(f"task.model.hidden_size={cfg.model.hidden_size} is not a multiple of task.model.heads={cfg.model.heads}: "
+                         f"each attention head gets hidden_size / heads dimensions; change one of them")
+
+
 def build(cfg, seed: int, device: torch.device):
+    check_settings(cfg)
     if cfg.get("pretrained"):
         from .lm_pretrained import PretrainedLM
 

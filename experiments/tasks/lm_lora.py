@@ -26,7 +26,8 @@ import torch
 from omegaconf import OmegaConf
 
 from ..checkpoint import atomic_write_json, file_lock, save_checkpoint
-from .lm import ArithmeticLM, build_llama, encode_examples, generate_split
+from .base import check_sizes
+from .lm import ArithmeticLM, build_llama, check_settings, encode_examples, generate_split
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -120,6 +121,8 @@ class ArithmeticLoRA(ArithmeticLM):
 
 
 def build(cfg, seed: int, device: torch.device):
+    check_settings(cfg)  # the lm task's sizes, then the base model's and the adapters'
+    check_sizes(cfg, {"base.train_size": 1, "base.steps": 1, "base.batch_size": 1, "base.train_steps": 1, "lora.r": 1})
     return ArithmeticLoRA(cfg, seed, device)
 
 

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..robomimic_data import is_image_key, read_demos
-from .base import EvalResult, Task
+from .base import EvalResult, Task, check_sizes
 
 
 # The rollout environments of this process, kept from run to run: hydra's joblib launcher runs a
@@ -489,5 +489,26 @@ class RobotPolicy(Task):
         return EvalResult(result, outcomes)
 
 
+def check_settings(cfg) -> None:
+    """Sizes, and the chunk length and widths the U-Net can take, before any demo is generated or read."""
+    check_sizes(cfg, {"batch_size": 1, "eval_batch_size": 1, "demos": 1, "val_demos": 1, "demo_horizon": 1, "diffusion_steps": 1,
+                      "sample_steps": 1, "obs_horizon": 1, "action_horizon": 1, "action_steps": 1, "horizon": 1, "horizons": 1,
+                      "eval_episodes": 1, "select_episodes": 0, "rollout_envs": 1, "max_train_demos": 1, "image_size": 1,
+                      "model.down_dims": 1, "model.kernel_size": 1, "model.groups": 1, "model.encoder_dim": 1},
+                nullable=("select_episodes", "rollout_envs", "max_train_demos"))
+    m = cfg.model
+    if cfg.dataset == "expert" and cfg.val_demos >= cfg.demos:
+        raise ValueError(f"task.val_demos={cfg.val_demos} leaves no training demo of task.demos={cfg.demos}: lower it or raise task.demos")
+    levels = len(m.down_dims) - 1
+    if cfg.action_horizon % 2 ** levels:
+        raise ValueError(f"task.action_horizon={cfg.action_horizon} must be a multiple of 2^{levels} (the U-Net halves it {levels} times, "
+                         f"task.model.down_dims has {levels + 1} levels): change task.action_horizon or task.model.down_dims")
+    if any(d % m.groups for d in m.down_dims):
+        raise ValueError(f"task.model.down_dims={list(m.down_dims)}: each must be a multiple of task.model.groups={m.groups} (GroupNorm)")
+    if m.kernel_size % 2 == 0:
+        raise ValueError(f"task.model.kernel_size={m.kernel_size} must be odd (the convolutions keep the chunk length with padding kernel // 2)")
+
+
 def build(cfg, seed: int, device: torch.device):
+    check_settings(cfg)
     return RobotPolicy(cfg, seed, device)
