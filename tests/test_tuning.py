@@ -152,3 +152,24 @@ def test_a_tuning_sweep_at_smoke_scale_through_the_entry_point(tmp_path):
         assert any(math.isclose(float(written.lr[opt]), r["config"]["lr"]) for r in chosen)
     assert (configs / "task" / "lm.yaml").read_text() != (ROOT / "configs" / "task" / "lm.yaml").read_text()
     assert subprocess.run(["git", "status", "--porcelain", "configs"], cwd=ROOT, capture_output=True, text=True).stdout == ""
+
+
+def test_lr_given_on_the_command_line_says_which_tuned_settings_it_drops(capsys):
+    from omegaconf import OmegaConf
+
+    from experiments.protocol import resolve
+
+    cfg = OmegaConf.create({"lr": 0.003, "task": {"name": "lm", "lr": {"adamw": 0.001}, "tuned": {"adamw": {"weight_decay": 0.03}}},
+                            "trainer": {"steps": 10}, "scale": {"name": "cpu"}, "optimizer": {"name": "adamw", "weight_decay": 0.1, "kwargs": {}}})
+    got = resolve(cfg, given={"lr"})
+    assert got.optimizer.weight_decay == 0.1 and "optimizer.weight_decay=0.03" in capsys.readouterr().out
+    resolve(cfg, given={"lr", "optimizer.weight_decay"})  # given too: nothing dropped, nothing said
+    assert capsys.readouterr().out == ""
+    cfg.lr = None  # not given: the tuned LR and weight decay
+    got = resolve(cfg, given=set())
+    assert (got.lr, got.optimizer.weight_decay) == (0.001, 0.03)
+    cfg.task.lr = {}  # no task LR for it: the optimizer config's own, else a message naming the fix
+    with pytest.raises(ValueError, match="set lr in the optimizer's config"):
+        resolve(cfg, given=set())
+    cfg.optimizer.lr = 0.02
+    assert resolve(cfg, given=set()).lr == 0.02
