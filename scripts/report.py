@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from experiments import record  # noqa: E402
 from experiments.checkpoint import atomic_write_text  # noqa: E402
-from experiments.reports import figures, load, sweeps, tables, tuning  # noqa: E402
+from experiments.reports import budget, figures, load, sweeps, tables, tuning  # noqa: E402
 
 KINDS = {"_tune": "tuning", "_lr": "lr_sweep", "_damping": "damping"}
 WHAT = {"damping": "damping sweep", "lr_sweep": "learning-rate sweep", "results": "results", "tuning": "tuning sweep"}
@@ -70,6 +70,9 @@ def render(source: Path, out: Path, kind: str, shown: str) -> tuple[list[dict], 
     rows = load.per_run_rows(done)
     first = done[0]["summary"]
     metric, higher, lab = first["metric_name"], first.get("higher_is_better", True), load.labels(first)
+    to_target = budget.run_columns(done, metric, higher)  # the budget axis: steps and seconds to the targets
+    for row in rows:
+        row.update(to_target.get(row["run"], {}))
     task, scale = first["task"], first["scale"]
     commits = sorted({r["provenance"]["git_commit"] + ("-dirty" if r["provenance"]["dirty"] else "") for r in done})
     made_by = sorted({r.get("command") for r in done if r.get("command")})
@@ -122,7 +125,8 @@ def render(source: Path, out: Path, kind: str, shown: str) -> tuple[list[dict], 
             "failed": [{"run": f["run_id"], "status": f["status"], "error": f.get("error", "")} for f in failed],
             "training_commits": commits, "command": " and ".join(made_by) or None, "metric_range": [0, 1] if rate else None,
             "rollout_episodes": ((done[0]["config"].get("task") or {}).get("eval_episodes")),
-            "horizons": {name: [n for n, _ in pts] for name, pts in horizons.items()}}
+            "horizons": {name: [n for n, _ in pts] for name, pts in horizons.items()},
+            "targets": budget.targets(done, metric, higher)}
     meta.update(setting)
     atomic_write_text(out / f"{stem}_meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
     print(f"wrote {out / (stem + '.md')} ({len(done)} runs, {len(failed)} failed or unfinished)", flush=True)

@@ -1,0 +1,106 @@
+"""The budget axis (docs/protocol.md, "The budget axis"): targets per task, steps and training seconds to reach them
+per run and per optimizer, and performance profiles across tasks, AlgoPerf style.
+
+- The **floor** is where training starts: 0 for accuracy, success and return; for a lower-is-better metric (FD) the
+  median over the base GPs' runs of their first evaluation that scored it.
+- The **main target** is 90% of the way from the floor to the tuned best base GP's median final metric (the best of
+  the base GPs present, X without AP), so that most of that baseline's seeds reach it; an easier one sits at 50%.
+- Per run, the steps and training seconds (the loop's ``train_seconds``: no evaluation, rollout or checkpoint) of
+  the first evaluation that reaches a target; a miss is infinite. Per optimizer, the median over seeds, infinite
+  when more than half of them miss.
+- A **performance profile** over tasks: r = t / (min over optimizers of t) per task, rho(tau) = the share of tasks
+  with r <= tau; the score is the area under rho on tau in [1, 4], divided by 3 (1: fastest on every task).
+Written here: AlgoPerf's scoring code is tied to its workloads and JAX/PyTorch submission API, not importable alone.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import median
+
+from ..registry import has_ap
+from .load import final_eval
+
+FRACTIONS = {"": 0.9, "50": 0.5}  # the column suffix of each target and its share of the way from floor to baseline
+TAU_MAX = 4.0
+
+
+def floor(done: list[dict], metric: str, higher: bool) -> float:
+    if higher:
+        return 0.0
+    def first(r):  # the run's first evaluation that scored the metric (some evaluate the validation loss only)
+        return next((e["metrics"][metric] for e in r["evals"] if metric in e["metrics"]), None)
+
+    firsts = [v for r in done if not has_ap(r["optimizer"]) and (v := first(r)) is not None]
+    return median(firsts) if firsts else math.nan
+
+
+def targets(done: list[dict], metric: str, higher: bool) -> dict:
+    """{"floor", "baseline" (the best base GP), "baseline_median", "target", "target50"}."""
+    base = {}
+    for r in done:
+        if not has_ap(r["optimizer"]):
+            base.setdefault(r["optimizer"], []).append(final_eval(r)["metrics"][metric])
+    if not base:
+        return {}
+    best = (max if higher else min)(base, key=lambda o: median(base[o]))
+    lo, hi = floor(done, metric, higher), median(base[best])
+    out = {"floor": lo, "baseline": best, "baseline_median": hi}
+    out.update({f"target{k}": lo + f * (hi - lo) for k, f in FRACTIONS.items()})
+    return out
+
+
+def to_target(r: dict, metric: str, target: float, higher: bool) -> tuple[float, float]:
+    """(steps, training seconds) of the run's first evaluation at or beyond ``target``; inf where it never gets there,
+    nan seconds where the run predates the train_seconds field."""
+    for e in r["evals"]:
+        value = e["metrics"].get(metric)
+        if value is not None and (value >= target if higher else value <= target):
+            seconds = e.get("train_seconds")
+            return float(e["step"]), (math.nan if seconds is None else float(seconds))
+    return math.inf, math.inf
+
+
+def run_columns(done: list[dict], metric: str, higher: bool) -> dict[str, dict]:
+    """{run id: {steps_to_target, seconds_to_target, steps_to_target50, seconds_to_target50}} (empty without a base GP)."""
+    t = targets(done, metric, higher)
+    if not t:
+        return {}
+    out = {}
+    for r in done:
+        row = {}
+        for k in FRACTIONS:
+            row[f"steps_to_target{k}"], row[f"seconds_to_target{k}"] = to_target(r, metric, t[f"target{k}"], higher)
+        out[r["run_id"]] = row
+    return out
+
+
+def optimizer_time(values: list[float]) -> float:
+    """The median over seeds; infinite when more than half of the seeds miss (their values are infinite)."""
+    if not values:
+        return math.nan
+    if sum(math.isinf(v) for v in values) * 2 > len(values):
+        return math.inf
+    return median(values)
+
+
+def profile(times: dict[str, dict[str, float]], taus: list[float] | None = None) -> dict[str, dict]:
+    """Performance profiles from {task: {optimizer: time}}: per optimizer its ratios per task, rho at each tau and
+    the score (area under rho on [1, TAU_MAX] / (TAU_MAX - 1)). Tasks where no optimizer has a finite time drop out;
+    an optimizer missing from a task (not run there) counts as never reaching the target."""
+    tasks = {t: ts for t, ts in times.items() if any(math.isfinite(v) and v > 0 for v in ts.values())}
+    optimizers = sorted({o for ts in tasks.values() for o in ts})
+    ratios = {o: [] for o in optimizers}
+    for ts in tasks.values():
+        best = min(v for v in ts.values() if math.isfinite(v) and v > 0)
+        for o in optimizers:
+            v = ts.get(o, math.inf)
+            ratios[o].append(v / best if math.isfinite(v) else math.inf)
+    taus = taus or [1 + 0.01 * i for i in range(int((TAU_MAX - 1) / 0.01) + 1)]
+    out = {}
+    for o, rs in ratios.items():
+        rho = [sum(r <= tau for r in rs) / len(rs) for tau in taus] if rs else []
+        # the exact area of a step function: each task contributes (TAU_MAX - max(r, 1)) where r <= TAU_MAX
+        area = sum(TAU_MAX - max(r, 1.0) for r in rs if r <= TAU_MAX) / len(rs) if rs else math.nan
+        out[o] = {"ratios": rs, "taus": taus, "rho": rho, "score": area / (TAU_MAX - 1)}
+    return out

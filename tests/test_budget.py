@@ -1,0 +1,42 @@
+"""The budget axis (experiments/reports/budget.py): targets, time to target and performance profiles, by hand."""
+
+import math
+
+from experiments.reports import budget
+
+
+def run(opt, seed, curve, seconds_per_step=0.5):
+    """A record with one evaluation per (step, metric) of ``curve``; its final row is the last."""
+    evals = [{"step": s, "train_seconds": s * seconds_per_step, "val_loss": 1.0, "metrics": {"acc": v}, "select": {}, "intervals": {},
+              "horizons": {}} for s, v in curve]
+    return {"run_id": f"{opt}-s{seed}", "optimizer": opt, "seed": seed, "evals": evals, "summary": {"final": {"step": curve[-1][0]}}}
+
+
+def test_targets_and_steps_to_target_by_hand():
+    done = [run("adamw", 0, [(100, 0.2), (200, 0.5), (300, 0.6)]), run("adamw", 1, [(100, 0.1), (200, 0.3), (300, 0.8)]),
+            run("adamw", 2, [(100, 0.4), (200, 0.7), (300, 0.7)]), run("muon", 0, [(100, 0.1), (200, 0.2), (300, 0.4)]),
+            run("dopr_adamw", 0, [(100, 0.65), (200, 0.9), (300, 0.95)], seconds_per_step=1.0)]
+    t = budget.targets(done, "acc", True)
+    # the best base GP by median final: adamw (0.7) over muon (0.4); floor 0; targets 0.63 and 0.35
+    assert t["baseline"] == "adamw" and t["baseline_median"] == 0.7 and t["floor"] == 0.0
+    assert math.isclose(t["target"], 0.63) and math.isclose(t["target50"], 0.35)
+    cols = budget.run_columns(done, "acc", True)
+    assert (cols["adamw-s0"]["steps_to_target"], cols["adamw-s0"]["steps_to_target50"]) == (math.inf, 200.0)
+    assert (cols["adamw-s2"]["steps_to_target"], cols["adamw-s2"]["seconds_to_target"]) == (200.0, 100.0)
+    assert (cols["dopr_adamw-s0"]["steps_to_target"], cols["dopr_adamw-s0"]["seconds_to_target"]) == (100.0, 100.0)
+    # per optimizer: the median over seeds, infinite when more than half miss
+    assert budget.optimizer_time([200.0, math.inf, 300.0]) == 300.0 and budget.optimizer_time([math.inf, math.inf, 100.0]) == math.inf
+    # lower is better: the floor is the base GPs' median first evaluation
+    fd = [run("adamw", s, [(100, v0), (200, v1)]) for s, (v0, v1) in enumerate([(90, 50), (100, 40), (80, 60)])]
+    t = budget.targets(fd, "acc", False)
+    assert t["floor"] == 90 and t["baseline_median"] == 50 and math.isclose(t["target"], 90 - 0.9 * 40)
+
+
+def test_performance_profile_by_hand():
+    times = {"a": {"x": 100.0, "y": 200.0}, "b": {"x": 300.0, "y": 150.0}, "c": {"x": math.inf, "y": 50.0},
+             "d": {"x": math.inf, "y": math.inf}}  # d: nobody reaches the target, so it drops out
+    prof = budget.profile(times, taus=[1.0, 2.0, 4.0])
+    assert prof["x"]["ratios"] == [1.0, 2.0, math.inf] and prof["y"]["ratios"] == [2.0, 1.0, 1.0]
+    assert prof["x"]["rho"] == [1 / 3, 2 / 3, 2 / 3] and prof["y"]["rho"] == [2 / 3, 1.0, 1.0]
+    # area under rho on [1, 4] over 3: x has tasks at r=1 (area 3) and r=2 (area 2): (3 + 2) / 3 tasks / 3
+    assert math.isclose(prof["x"]["score"], 5 / 9) and math.isclose(prof["y"]["score"], (2 + 3 + 3) / 9)
