@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # its other dependencies are in pyproject's experiments extra.
 ROBOSUITE ?= robosuite==1.5.2
 
-.PHONY: setup test test-all test-slow bench report clean-venv tune-lm tune-lm-lora tune-robot tune-flow tune-control reproduce-lm reproduce-lm-lora sweep-lm-lr reproduce-flow sweep-flow-lr reproduce-control reproduce-robot sweep-lm-damping sweep-flow-damping sweep-control-damping sweep-robot-damping
+.PHONY: setup test test-all test-slow bench report dashboards clean-venv tune-lm tune-lm-lora tune-robot tune-flow tune-control reproduce-lm reproduce-lm-lora sweep-lm-lr reproduce-flow sweep-flow-lr reproduce-control reproduce-robot sweep-lm-damping sweep-flow-damping sweep-control-damping sweep-robot-damping
 
 SCALE ?= cpu
 SEEDS ?= 0,1,2,3,4
@@ -50,6 +50,11 @@ test-slow: setup
 report: setup
 	$(PY) scripts/report.py --all
 	$(PY) scripts/summary.py
+
+# One W&B report per task, built from code (scripts/dashboards.py; needs a W&B login). DRY_RUN=1 writes their
+# specs to runs/dashboards/<task>.json instead, with no login and no network.
+dashboards: setup
+	$(PY) scripts/dashboards.py $(if $(DRY_RUN),--dry-run,)
 
 # Per-step time of each GP with and without AP, and the DoPr-X / X ratios (see README).
 bench: setup
