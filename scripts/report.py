@@ -105,7 +105,8 @@ def render(source: Path, out: Path, kind: str, shown: str) -> tuple[list[dict], 
         parts = header + tuning.protocol3_section(done, source, metric) + ["## Every run", "", table, ""]
     elif kind == "tuning":
         lines, _ = tuning.tuning_section(rows, metric, higher, out, title, lab, task, scale, horizons)
-        parts = header + lines + ["## Every trial", "", "Mean ± 95% t-interval over the tuning seeds of each trial.", "", table, ""]
+        parts = header + [f"This tuning followed the version-2 protocol (grids: `configs/sweep/{task}_tune_*.yaml`); `make tune-"
+                          f"{task.replace('_', '-')}` now runs version 3 (docs/protocol.md).", ""] + lines + ["## Every trial", "", "Mean ± 95% t-interval over the tuning seeds of each trial.", "", table, ""]
     else:
         parts += results_sections(source, done, rows, metric, out, title, lab, rate, horizons)
     if failed:
