@@ -256,10 +256,11 @@ class ActivationPreconditioner:
             without replacement (conv patches and long sequences have far more rows than d_in);
             ``None``: every row (the exact statistic).
         max_rows_per_dim: the same cap relative to the width, ``ceil(max_rows_per_dim * d_in)``
-            rows; with both caps the smaller one holds. Default 8: the cheapest value whose median
+            rows; with both caps the smaller one holds. Default ``None``: with ``max_rows=None``,
+            every row, the paper's exact per-batch statistic. 8 is the cheapest value whose median
             relative error of the preconditioned gradient over the layers stays within 10% of every
-            row's on the suite's conv U-Nets (docs/benchmark.md, "Row subsampling"); ``None``
-            together with ``max_rows=None`` is the exact statistic. A stride-1 conv whose exact
+            row's on the suite's conv U-Nets (docs/benchmark.md, "Row subsampling"); it was the
+            default until issue 42 and the suite's configs set it explicitly. A stride-1 conv whose exact
             statistic costs fewer flops from shifted products of its input than from its (capped)
             patch rows takes the exact one that way (docs/benchmark.md, "The shifted conv gram").
         solver: "auto" (the Woodbury identity when a statistic has fewer rows than d_in, which
@@ -294,7 +295,7 @@ class ActivationPreconditioner:
         ema_decay: float = 0.95,
         update_every: int = 1,
         max_rows: int | None = None,
-        max_rows_per_dim: float | None = 8.0,
+        max_rows_per_dim: float | None = None,
         solver: str = "auto",
         seed: int = 0,
         stats_precision: str = "float32",

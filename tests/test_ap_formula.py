@@ -1,6 +1,8 @@
 """AP gradients against the formula, computed independently (float64 linalg.solve from the inputs
 captured by the test's own hooks and patch extraction)."""
 
+import inspect
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -363,17 +365,30 @@ def test_subsampled_conv_patches_are_the_unfolded_rows():
         assert torch.equal(torch.cat(list(chunks)), reference[index]), conv
 
 
-def test_default_row_cap_is_eight_rows_per_input_dimension():
+def test_default_is_every_row_and_a_cap_of_eight_per_input_dimension_draws_the_formulas_rows():
+    # The paper's AP by default: the exact per-batch statistic, in AP, DoPr and build_optimizer alike.
+    assert inspect.signature(dopr.ActivationPreconditioner).parameters["max_rows_per_dim"].default is None
+    assert inspect.signature(dopr.ActivationPreconditioner).parameters["max_rows"].default is None
+    assert dopr.DoPr(nn.Linear(4, 2)).preconditioner.max_rows_per_dim is None
+    assert dopr.build_optimizer(nn.Linear(4, 2), "dopr_muon").preconditioner.max_rows_per_dim is None
     layer = nn.Linear(4, 2, bias=False)
     ap = dopr.ActivationPreconditioner(layer, damping=GAMMA, seed=5)
-    x = torch.randn(100, 4)  # 100 rows > 8 x 4: 32 of them are drawn
+    x = torch.randn(100, 4)  # 100 rows, 25 per input dimension: every one enters Sigma
+    layer(x).pow(2).sum().backward()
+    g = layer.weight.grad.clone()
+    ap.step()
+    assert rel_err(layer.weight.grad, expected_ap(g, x, GAMMA)) < TOL
+    # The suite's setting (configs/optimizer/dopr_*.yaml): 8 rows per input dimension, drawn by the seeded generator.
+    layer.weight.grad = None
+    ap = dopr.ActivationPreconditioner(layer, damping=GAMMA, max_rows_per_dim=8, seed=5)
     layer(x).pow(2).sum().backward()
     g = layer.weight.grad.clone()
     ap.step()
     idx = torch.randperm(100, generator=torch.Generator().manual_seed(5))[:32].sort().values
     assert rel_err(layer.weight.grad, expected_ap(g, x[idx], GAMMA)) < TOL
+    assert rel_err(layer.weight.grad, expected_ap(g, x, GAMMA)) > 1e-3  # the cap is not the exact statistic here
     small = nn.Linear(4, 2, bias=False)
-    ap = dopr.ActivationPreconditioner(small, damping=GAMMA)
+    ap = dopr.ActivationPreconditioner(small, damping=GAMMA, max_rows_per_dim=8)
     x = torch.randn(32, 4)  # 32 rows = 8 x 4: every row
     small(x).pow(2).sum().backward()
     g = small.weight.grad.clone()
