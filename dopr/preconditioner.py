@@ -694,9 +694,11 @@ class ActivationPreconditioner:
                 tap.close()
                 if not tap.fired and isinstance(output, tuple) and not self._warned_tap:  # a forward that returned
                     self._warned_tap = True
-                    warnings.warn(f"{out_layer.name}: nn.MultiheadAttention did not apply out_proj.weight through "
-                                  "torch.nn.functional.linear (has this torch version changed its functional path?), so "
-                                  "AP saw no input for it and leaves its gradient as is", CoverageWarning, stacklevel=2)
+                    warnings.warn(f"{out_layer.name}: AP saw no input for this nn.MultiheadAttention out_proj and leaves its "
+                                  "gradient as is. Its input is read where the attention's forward calls "
+                                  "torch.nn.functional.linear on out_proj.weight; torch.compile traces that forward without "
+                                  "the call (run the attention uncompiled to cover it), or this torch version computes it "
+                                  "another way", CoverageWarning, stacklevel=2)
 
         return pre, post
 
