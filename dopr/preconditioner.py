@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
+import sys
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -31,6 +34,88 @@ MIN_RELATIVE_EIGENVALUE = 1e-6
 _UNFOLD_CHUNK_ELEMENTS = 1 << 25
 
 FALLBACK_KINDS = ("float64", "eigh", "previous", "skipped", "nonfinite_stats")
+# Below this share of the trainable weight matrices' parameters covered, construction warns (CoverageWarning),
+# or raises with strict=True: DoPr would then be close to its base optimizer without saying so.
+MIN_COVERED_FRACTION = 0.5
+
+logger = logging.getLogger("dopr")
+
+
+class CoverageWarning(UserWarning):
+    """Most of a model's trainable weight-matrix parameters are left to the GP alone (no AP)."""
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside this package (the user's DoPr(...) or
+    ActivationPreconditioner(...) call), for warnings."""
+    package = __name__.rpartition(".")[0] + "."
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and (frame.f_globals.get("__name__", "") + ".").startswith(package):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+def _is_transformers_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2, GPT, ...): ``y = x @ W + b`` with W of shape (nx, nf) = (d_in, d_out).
+    Recognised by duck typing, so the library needs no transformers import: a class named ``Conv1D`` whose
+    integer ``nx``/``nf`` attributes match its weight's (nx, nf) shape."""
+    weight = module._parameters.get("weight")
+    nx, nf = getattr(module, "nx", None), getattr(module, "nf", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(nx, int) and isinstance(nf, int)
+            and isinstance(weight, nn.Parameter) and tuple(weight.shape) == (nx, nf))
+
+
+def _unsupported_reason(module: nn.Module) -> str:
+    name = type(module).__name__
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return (f"{name} is a transposed convolution, which AP does not cover: its weight gradient pairs each input "
+                "position with several output positions, so its rows would be patches of a zero-interleaved input "
+                "under a flipped, transposed kernel, which are not built here")
+    if isinstance(module, nn.Conv3d):
+        return f"{name} is not a layer AP covers (3-D patches are not built here; Conv1d and Conv2d are covered)"
+    if isinstance(module, nn.Linear):
+        return f"{name} subclasses nn.Linear with its own forward, so its input is not known to be the rows of x @ W^T"
+    return f"{name} is not a layer AP covers (Linear, transformers Conv1D, Conv1d, Conv2d, Embedding, MultiheadAttention)"
+
+
+class _LinearTap:
+    """While open, ``torch.nn.functional.linear`` calls with this ``weight`` hand their input to ``capture``.
+
+    nn.MultiheadAttention applies out_proj.weight inside F.multi_head_attention_forward through the
+    module-global ``linear`` of torch.nn.functional, never through out_proj's forward, so no module hook
+    sees that input. A TorchFunctionMode would not either: the functional first dispatches itself as a
+    whole to an active mode, which then runs it with the mode popped. So the name is rebound to a
+    wrapper for as long as some tap is open (opened by the attention's pre-hook, closed by its
+    always-called post-hook); the wrapper calls the original, so the forward is unchanged. Process-wide:
+    a concurrent F.linear call in another thread passes through the wrapper (and is ignored unless it uses
+    a tapped weight)."""
+
+    _open: dict[int, list] = {}  # id(weight) -> open taps (innermost last)
+    _original = None
+
+    def __init__(self, weight: torch.Tensor, capture):
+        self.weight, self.capture, self.fired = weight, capture, False
+        if not _LinearTap._open:
+            _LinearTap._original = F.linear
+            F.linear = _LinearTap._call
+        _LinearTap._open.setdefault(id(weight), []).append(self)
+
+    @staticmethod
+    def _call(input, weight, bias=None):
+        taps = _LinearTap._open.get(id(weight))
+        if taps and taps[-1].weight is weight:
+            taps[-1].fired = True
+            taps[-1].capture(input)
+        return _LinearTap._original(input, weight, bias)
+
+    def close(self) -> None:
+        taps = _LinearTap._open.get(id(self.weight), [])
+        if self in taps:
+            taps.remove(self)
+        if not taps:
+            _LinearTap._open.pop(id(self.weight), None)
+        if not _LinearTap._open and F.linear is _LinearTap._call:
+            F.linear = _LinearTap._original
 # Inputs at least this wide get their Z^T Z block by block from _GRAM_BLOCKS column blocks (below, _gram_sym).
 _SPLIT_GRAM_MIN_D = 192
 _GRAM_BLOCKS = 4
@@ -88,6 +173,11 @@ class _Layer:
     kind: str  # "linear" | "conv" | "embedding"
     d_in: int  # per group for grouped convs; vocabulary size for embeddings
     groups: int = 1
+    param: nn.Parameter | None = None  # the matrix preconditioned; None: module.weight
+    out_rows: slice | None = None  # only these rows of param (one of q/k/v in nn.MultiheadAttention's packed in_proj_weight)
+    transposed: bool = False  # param stores (d_in, d_out), as transformers' Conv1D does
+    note: str = ""  # what coverage() adds after "covered: <kind>, d_in=..."
+    family: str = ""  # how the coverage summary counts it; "" : kind
     parts: list = field(default_factory=list)  # [_Part] collected since the last step
     solver: _Solver | None = None  # shared by the layers of one statistic; dropped after use when update_every=1
     ema: torch.Tensor | None = None  # running second moment when stats="ema"
@@ -98,7 +188,17 @@ class _Layer:
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.module.weight
+        return self.param if self.param is not None else self.module.weight
+
+    def grad_view(self) -> torch.Tensor | None:
+        """The gradient as the paper's G (d_out rows; for convs the kernel dims still unflattened),
+        a view into ``weight.grad``: writing into it rewrites the gradient in place."""
+        grad = self.weight.grad
+        if grad is None:
+            return None
+        if self.out_rows is not None:
+            grad = grad[self.out_rows]
+        return grad.T if self.transposed else grad
 
 
 def _conv_input(module: nn.Module, x: torch.Tensor):
@@ -239,11 +339,17 @@ class ActivationPreconditioner:
 
     Args:
         model: the module whose layers to cover. Covered: ``nn.Linear`` (any leading dims),
+            transformers' ``Conv1D`` (GPT-2's projections: a Linear with its weight stored (in, out);
+            recognised by class name and shape, without importing transformers),
             ``nn.Conv1d``/``nn.Conv2d`` (unfolded patches; any stride, padding, dilation, padding
             mode; grouped convs get one block per group), ``nn.Embedding`` (diagonal token
-            frequencies), and so the A and B matrices of peft LoRA adapters (they are Linear
-            layers). Frozen weights, weights shared between modules (tied embeddings) and
-            ``exclude``-d names are left to the GP alone; see :meth:`coverage`.
+            frequencies), ``nn.MultiheadAttention`` (the query, key and value rows of its input
+            projection, each with the statistic of its own input, and out_proj), and so the A and
+            B matrices of peft LoRA adapters (they are Linear layers). Frozen weights, weights
+            shared between modules (tied embeddings), transposed convolutions and ``exclude``-d
+            names are left to the GP alone; see :meth:`coverage`. Construction logs
+            :meth:`coverage_summary` (logger ``"dopr"``, INFO) and warns (:class:`CoverageWarning`)
+            when less than half of the trainable weight matrices' parameters are covered.
         damping: gamma; the absolute damping is ``gamma * trace(Sigma) / d_in`` (relative to the
             mean eigenvalue, so it does not depend on the width). In the convention where gamma
             multiplies trace(Sigma) itself, the same lam is ``gamma_trace = damping / d_in``.
@@ -256,10 +362,11 @@ class ActivationPreconditioner:
             without replacement (conv patches and long sequences have far more rows than d_in);
             ``None``: every row (the exact statistic).
         max_rows_per_dim: the same cap relative to the width, ``ceil(max_rows_per_dim * d_in)``
-            rows; with both caps the smaller one holds. Default 8: the cheapest value whose median
+            rows; with both caps the smaller one holds. Default ``None``: with ``max_rows=None``,
+            every row, the paper's exact per-batch statistic. 8 is the cheapest value whose median
             relative error of the preconditioned gradient over the layers stays within 10% of every
-            row's on the suite's conv U-Nets (docs/benchmark.md, "Row subsampling"); ``None``
-            together with ``max_rows=None`` is the exact statistic. A stride-1 conv whose exact
+            row's on the suite's conv U-Nets (docs/benchmark.md, "Row subsampling"); it was the
+            default until issue 42 and the suite's configs set it explicitly. A stride-1 conv whose exact
             statistic costs fewer flops from shifted products of its input than from its (capped)
             patch rows takes the exact one that way (docs/benchmark.md, "The shifted conv gram").
         solver: "auto" (the Woodbury identity when a statistic has fewer rows than d_in, which
@@ -275,6 +382,8 @@ class ActivationPreconditioner:
         distributed: "auto" (all-reduce the statistics when ``torch.distributed`` is initialised
             with more than one rank), True or False.
         process_group: the group to all-reduce over (default: the world).
+        strict: raise ``ValueError`` instead of the ``CoverageWarning`` when most of the trainable
+            weight-matrix parameters would be left uncovered.
 
     Statistics and solves run in float32 whatever the model's dtype. Inputs are collected only
     while a module is in training mode with autograd enabled (never in eval or ``no_grad``
@@ -294,7 +403,7 @@ class ActivationPreconditioner:
         ema_decay: float = 0.95,
         update_every: int = 1,
         max_rows: int | None = None,
-        max_rows_per_dim: float | None = 8.0,
+        max_rows_per_dim: float | None = None,
         solver: str = "auto",
         seed: int = 0,
         stats_precision: str = "float32",
@@ -302,6 +411,7 @@ class ActivationPreconditioner:
         exclude: tuple[str, ...] | list[str] = (),
         distributed: bool | str = "auto",
         process_group=None,
+        strict: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"ActivationPreconditioner needs an nn.Module, got {type(model).__name__}")
@@ -346,7 +456,14 @@ class ActivationPreconditioner:
         self._paused = False  # inside paused(): no forward enters a statistic
         self._merged: dict = {}  # per step: (previous part, new part) -> their merge, shared by layers that shared both
         self._handles = []
+        self._tied_names: list[str] = []
+        self._warned_tap = False
         self._discover(model, embeddings, tuple(exclude))
+        try:
+            self._report_coverage(strict)
+        except ValueError:
+            self.remove()  # strict: leave the model without hooks
+            raise
 
     @contextlib.contextmanager
     def row_mask(self, mask: torch.Tensor):
@@ -399,13 +516,42 @@ class ActivationPreconditioner:
         for name, module in model.named_modules():
             for pname, p in module.named_parameters(recurse=False):
                 owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
+
+        def excluded(*names):
+            return any(n == e or n.startswith(e + ".") for n in names for e in exclude)
+
+        def why_not(name: str, weight: nn.Parameter, path: str):
+            """(group, reason) for a weight (``path``: its qualified name) of a supported layer that is
+            still left to the GP, or None."""
+            if excluded(name, path):
+                return "excluded", "excluded by the caller"
+            if not weight.requires_grad:
+                return "frozen", "frozen (requires_grad=False)"
+            if len(owners.get(id(weight), ())) > 1:
+                others = ", ".join(o for o in owners[id(weight)] if o != path)
+                return "tied", (f"weight shared with {others} (tied): its gradient is the sum of two layers' gradients, each "
+                                "from its own input, and no one Sigma preconditions that sum")
+            return None
+
+        self._matrix_status: dict[int, tuple] = {}  # id(param) -> (numel, trainable, group or None if covered, name)
+        handled: set[int] = set()  # modules covered as part of another (nn.MultiheadAttention's out_proj)
         for name, module in model.named_modules():
+            if id(module) in handled:
+                continue
+            if isinstance(module, nn.MultiheadAttention):
+                handled.add(id(module.out_proj))
+                self._discover_attention(name, module, why_not)
+                continue
             weight = module._parameters.get("weight")  # its own parameter, not a wrapper's alias of a child's
             if not isinstance(weight, nn.Parameter):
                 continue
-            kind = None
+            kind, transposed, note, family = None, False, "", ""
             if type(module) is nn.Linear or (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward):
                 kind, d_in, groups = "linear", module.in_features, 1
+            elif _is_transformers_conv1d(module):
+                # x @ W + b with W stored (d_in, d_out): a Linear whose G is weight.grad transposed
+                kind, d_in, groups, transposed = "linear", module.nx, 1, True
+                note, family = " (transformers Conv1D: a linear layer, weight stored (in, out))", "transformers Conv1D"
             elif isinstance(module, (nn.Conv1d, nn.Conv2d)) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
                 kind, groups = "conv", module.groups
                 d_in = module.in_channels // groups * math.prod(module.kernel_size)
@@ -413,35 +559,196 @@ class ActivationPreconditioner:
                 kind, d_in, groups = "embedding", module.num_embeddings, 1
             if kind is None and weight.ndim < 2:
                 continue  # norm gains: the GP alone, nothing to report
-            reason = None
             if kind is None:
-                reason = f"{type(module).__name__} is not a layer AP covers (Linear, Conv1d, Conv2d, Embedding)"
-            elif isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
-                reason = "nn.MultiheadAttention uses this weight without calling the module, so its inputs cannot be seen"
-            elif any(name == e or name.startswith(e + ".") for e in exclude):
-                reason = "excluded by the caller"
-            elif not weight.requires_grad:
-                reason = "frozen (requires_grad=False)"
-            elif len(owners.get(id(weight), ())) > 1:
-                reason = "weight shared with " + ", ".join(o for o in owners[id(weight)] if o != f"{name}.weight") + " (tied): its gradient mixes two inputs"
-            elif kind == "embedding" and not embeddings:
-                reason = "embeddings=False"
-            elif kind == "embedding" and module.sparse:
-                reason = "sparse embedding gradients are not supported"
-            if reason is not None:
-                self.uncovered[name] = reason
+                problem = ("unsupported " + type(module).__name__, _unsupported_reason(module))
+            else:
+                problem = why_not(name, weight, f"{name}.weight" if name else "weight")
+                if problem is None and kind == "embedding" and not embeddings:
+                    problem = "embeddings=False", "embeddings=False"
+                elif problem is None and kind == "embedding" and module.sparse:
+                    problem = "sparse embedding", "sparse embedding gradients are not supported"
+            if problem is not None:
+                self._leave(name, weight, *problem)
                 continue
-            layer = _Layer(name=name, module=module, kind=kind, d_in=d_in, groups=groups)
-            self.layers.append(layer)
+            layer = _Layer(name=name, module=module, kind=kind, d_in=d_in, groups=groups, param=weight, transposed=transposed,
+                           note=note, family=family)
+            self._cover(layer)
             self._handles.append(module.register_forward_pre_hook(self._make_hook(layer)))
             parent = self._lora_parent(model, name)
             if parent is not None:
                 self._handles.append(parent.register_forward_pre_hook(self._make_source_hook(layer)))
+        # Matrices that are no layer's weight (a bare nn.Parameter: position tables, class tokens, ...).
+        for name, module in model.named_modules():
+            for pname, p in module.named_parameters(recurse=False):
+                if p.ndim >= 2 and id(p) not in self._matrix_status:
+                    self._leave(f"{name}.{pname}" if name else pname, p, "not a layer weight",
+                                f"a bare parameter of {type(module).__name__}, not the weight of a layer whose input AP sees"
+                                if p.requires_grad else "frozen (requires_grad=False)")
         if not self.layers:
             raise ValueError(
-                "ActivationPreconditioner found no layer to cover (Linear, Conv1d, Conv2d, Embedding with a "
-                "trainable, untied weight); uncovered: " + (", ".join(f"{k}: {v}" for k, v in self.uncovered.items()) or "none")
+                "ActivationPreconditioner found no layer to cover (Linear, transformers Conv1D, Conv1d, Conv2d, Embedding, "
+                "nn.MultiheadAttention with a trainable, untied weight); uncovered: "
+                + (", ".join(f"{k}: {v}" for k, v in self.uncovered.items()) or "none")
             )
+
+    def _cover(self, layer: _Layer) -> None:
+        self.layers.append(layer)
+        status = self._matrix_status.get(id(layer.weight))
+        if status is None or status[2] is None:  # a packed in_proj_weight is covered when its parts are
+            self._matrix_status[id(layer.weight)] = (layer.weight.numel(), True, None, layer.name)
+
+    def _leave(self, name: str, param: nn.Parameter, group: str, reason: str) -> None:
+        """Record a matrix left to the GP alone: ``coverage()``'s line and the summary's group."""
+        self.uncovered[name] = reason
+        if reason.startswith("frozen"):
+            group = "frozen"
+        if id(param) not in self._matrix_status:  # a tied weight counts once
+            self._matrix_status[id(param)] = (param.numel(), param.requires_grad, group, name)
+        if group == "tied":  # list both modules of a tied weight under "tied"
+            self._tied_names.append(name)
+
+    def _discover_attention(self, name: str, module: nn.MultiheadAttention, why_not) -> None:
+        """nn.MultiheadAttention: its forward reads the projection weights itself (F.multi_head_attention_forward),
+        so one pre-hook on the attention sees query, key and value: the query rows of the packed in_proj_weight
+        (or q_proj_weight) get the query's statistic, the key and value rows theirs (one shared statistic under
+        self-attention, where the three are one tensor). out_proj's forward is never called: its input (the
+        heads' concatenated outputs) is captured from the F.linear call that applies out_proj.weight inside
+        that forward (_LinearTap)."""
+        out_layer, parts = None, {}
+        prefix = f"{name}." if name else ""
+        if type(module).forward is not nn.MultiheadAttention.forward:
+            reason = f"{type(module).__name__} overrides nn.MultiheadAttention.forward, so which inputs meet which weights is unknown"
+            for pname, p in list(module.named_parameters(recurse=False)) + [("out_proj", module.out_proj.weight)]:
+                if p.ndim >= 2:
+                    self._leave(prefix + pname, p, "unsupported " + type(module).__name__, reason)
+            return
+        e = module.embed_dim
+        if module._qkv_same_embed_dim:
+            specs = [(role, module.in_proj_weight, slice(i * e, (i + 1) * e), f"{prefix}in_proj_weight[{role}]", e)
+                     for i, role in enumerate(("query", "key", "value"))]
+        else:
+            specs = [(role, getattr(module, f"{role[0]}_proj_weight"), None, f"{prefix}{role[0]}_proj_weight", d)
+                     for role, d in (("query", e), ("key", module.kdim), ("value", module.vdim))]
+        for role, weight, rows, lname, d_in in specs:
+            problem = why_not(lname, weight, lname.partition("[")[0])
+            if problem is not None:
+                self._leave(lname, weight, *problem)
+                continue
+            parts[role] = _Layer(name=lname, module=module, kind="linear", d_in=d_in, param=weight, out_rows=rows,
+                                 note=f" (nn.MultiheadAttention {role} projection)", family="MultiheadAttention projection")
+            self._cover(parts[role])
+        out = module.out_proj
+        problem = why_not(prefix + "out_proj", out.weight, prefix + "out_proj.weight")
+        if problem is not None:
+            self._leave(prefix + "out_proj", out.weight, *problem)
+        else:
+            out_layer = _Layer(name=prefix + "out_proj", module=out, kind="linear", d_in=out.in_features, param=out.weight,
+                               note=" (nn.MultiheadAttention out_proj: input captured inside the attention's forward)",
+                               family="MultiheadAttention projection")
+            self._cover(out_layer)
+        if parts or out_layer is not None:
+            pre, post = self._make_attention_hooks(parts, out_layer)
+            self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
+
+    def _collecting(self, module: nn.Module) -> bool:
+        return not self._paused and module.training and torch.is_grad_enabled() and self.steps % self.update_every == 0
+
+    def _make_attention_hooks(self, parts: dict, out_layer):
+        taps = []  # the tap of the forward in progress (a stack: an attention may run inside another's forward)
+
+        def pre(module, args, kwargs):
+            # A module does not run inside its own forward: a tap still open here was left by a forward whose
+            # post-hook never ran (an exception torch did not route to it); close it before it captures more.
+            while taps:
+                stale = taps.pop()
+                if stale is not None:
+                    stale.close()
+            taps.append(None)
+            if not self._collecting(module):
+                return
+            inputs = [args[i] if len(args) > i else kwargs.get(role) for i, role in enumerate(("query", "key", "value"))]
+            if not all(isinstance(x, torch.Tensor) for x in inputs):
+                return
+            # (batch, length, E) whatever batch_first says, so a row_mask of (batch, length) applies; one view
+            # per distinct tensor, so self-attention's query, key and value share one statistic.
+            views = {}
+            for role, x in zip(("query", "key", "value"), inputs):
+                if id(x) not in views:
+                    views[id(x)] = x.transpose(0, 1) if x.dim() == 3 and not module.batch_first else x
+                if role in parts:
+                    self._add_part(parts[role], self._input_stats(parts[role], views[id(x)]))
+            if out_layer is not None:
+                q = inputs[0]
+                length = q.shape[1 if q.dim() == 3 and module.batch_first else 0]
+
+                def capture(a):  # (length * batch, E), length-major: F.multi_head_attention_forward's layout
+                    a = a.view(length, -1, a.shape[-1]).transpose(0, 1)
+                    self._add_part(out_layer, self._input_stats(out_layer, a.squeeze(0) if q.dim() == 2 else a))
+
+                taps[-1] = _LinearTap(module.out_proj.weight, capture)
+
+        def post(module, args, kwargs, output):
+            tap = taps.pop() if taps else None
+            if tap is not None:
+                tap.close()
+                if not tap.fired and isinstance(output, tuple) and not self._warned_tap:  # a forward that returned
+                    self._warned_tap = True
+                    warnings.warn(f"{out_layer.name}: AP saw no input for this nn.MultiheadAttention out_proj and leaves its "
+                                  "gradient as is. Its input is read where the attention's forward calls "
+                                  "torch.nn.functional.linear on out_proj.weight; torch.compile traces that forward without "
+                                  "the call (run the attention uncompiled to cover it), or this torch version computes it "
+                                  "another way", CoverageWarning, stacklevel=2)
+
+        return pre, post
+
+    # ------------------------------------------------------------------ the coverage summary
+    def coverage_summary(self) -> str:
+        """One line: the covered layers and their share of the trainable weight matrices' parameters,
+        then what is left to the GP alone, grouped by reason (logged at construction)."""
+        trainable = [st for st in self._matrix_status.values() if st[1]]
+        total = sum(st[0] for st in trainable)
+        kinds: dict[str, int] = {}
+        for layer in self.layers:
+            kinds[layer.family or layer.kind] = kinds.get(layer.family or layer.kind, 0) + 1
+        text = (f"DoPr activation preconditioning covers {len(self.layers)} layers "
+                f"({', '.join(f'{n} {k}' for k, n in kinds.items())}): {self.covered_fraction:.1%} of the "
+                f"{total:,} parameters of the trainable weight matrices")
+        groups: dict[str, list] = {}
+        for numel, trainable_, group, name in self._matrix_status.values():
+            if group is not None:
+                groups.setdefault(group, []).append((name, numel))
+        if not groups:
+            return text + "; nothing left to the gradient preconditioner alone"
+        out = []
+        for group, items in groups.items():
+            names = [n for n, _ in items] if group != "tied" else self._tied_names
+            shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+            params = sum(n for _, n in items)
+            out.append(f"{group}: {shown} ({params:,} parameters{', not trained' if group == 'frozen' else ''})")
+        return text + "; left to the gradient preconditioner alone: " + "; ".join(out) + " (details: coverage())"
+
+    @property
+    def covered_fraction(self) -> float:
+        """Share of the trainable weight matrices' parameters (every >= 2-D parameter with
+        requires_grad, a tied one counted once) whose gradient AP preconditions."""
+        trainable = [st for st in self._matrix_status.values() if st[1]]
+        total = sum(st[0] for st in trainable)
+        return sum(st[0] for st in trainable if st[2] is None) / total if total else 0.0
+
+    def _report_coverage(self, strict: bool) -> None:
+        summary = self.coverage_summary()
+        logger.info(summary)
+        if self.covered_fraction >= MIN_COVERED_FRACTION:
+            return
+        message = (f"{summary}. Most of the trainable weight-matrix parameters get no activation preconditioning, "
+                   "so DoPr is close to its base optimizer on this model. Layers AP covers: nn.Linear, transformers "
+                   "Conv1D, nn.Conv1d/Conv2d, nn.Embedding, nn.MultiheadAttention (docs/dopr.md, \"Layers covered\"); "
+                   "pass strict=True to make this an error.")
+        if strict:
+            raise ValueError(message.replace("pass strict=True to make this an error.",
+                                             "strict=True: replace the uncovered layers by covered ones, or pass strict=False to go on anyway."))
+        warnings.warn(message, CoverageWarning, stacklevel=_caller_stacklevel())
 
     @staticmethod
     def _lora_parent(model: nn.Module, name: str):
@@ -635,7 +942,8 @@ class ActivationPreconditioner:
                 grad.copy_(grad.float() * solver.a[:, None])
             return
         g, d = members[0].groups, members[0].d_in
-        blocks = [layer.weight.grad.float().reshape(g, -1, d) for layer in members]  # (g, out_i, d)
+        views = [layer.grad_view() for layer in members]
+        blocks = [view.float().reshape(g, -1, d) for view in views]  # (g, out_i, d)
         grad = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
         if solver.kind == "cholesky" and grad.shape[1] > d:
             # More output rows than d_in (a head, q/k/v or gate/up together): forming the inverse
@@ -651,8 +959,8 @@ class ActivationPreconditioner:
             y = torch.cholesky_solve((grad @ z.transpose(1, 2)).transpose(1, 2), solver.b)  # (g, n, out)
             out = (grad - y.transpose(1, 2) @ z) / solver.lam[:, None, None]
         start = 0
-        for layer, block in zip(members, blocks):
-            layer.weight.grad.copy_(out[:, start : start + block.shape[1]].reshape(layer.weight.grad.shape))
+        for view, block in zip(views, blocks):
+            view.copy_(out[:, start : start + block.shape[1]].reshape(view.shape))
             start += block.shape[1]
 
     def reset_stats(self) -> None:
@@ -838,11 +1146,14 @@ class ActivationPreconditioner:
 
     # ------------------------------------------------------------------ reporting
     def coverage(self) -> dict[str, str]:
-        """Every module with a weight matrix: what AP does with it ("covered: linear, d_in=...")
-        or why it leaves it to the GP alone."""
+        """Every weight matrix, by module name: what AP does with it ("covered: linear, d_in=...",
+        the covered layers first) or why it leaves it to the GP alone ("not covered: <reason>").
+        nn.MultiheadAttention's packed projection appears as ``<name>.in_proj_weight[query|key|value]``,
+        a >= 2-D parameter that is no layer's weight as ``<module>.<parameter>``. One line of it all:
+        :meth:`coverage_summary`."""
         report = {}
         for layer in self.layers:
-            text = f"covered: {layer.kind}, d_in={layer.d_in}" + (f", groups={layer.groups}" if layer.groups > 1 else "")
+            text = f"covered: {layer.kind}, d_in={layer.d_in}" + (f", groups={layer.groups}" if layer.groups > 1 else "") + layer.note
             if self.steps > 0 and not layer.refreshed:
                 text += " (but no input seen yet: the module was not called in training mode, so its gradient is left as is)"
             report[layer.name] = text

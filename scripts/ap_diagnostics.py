@@ -76,7 +76,8 @@ def low_eigen_share(task, start: dict, end: dict, batches: int, threshold: float
     """{layer: {"share": ..., "low_directions": fraction of input directions below the threshold}}."""
     model = task.model
     model.load_state_dict(end)
-    ap = dopr.ActivationPreconditioner(model, damping=0.0)
+    # The row cap the committed results/control/cpu/ap_diagnostics were made with (the library default then).
+    ap = dopr.ActivationPreconditioner(model, damping=0.0, max_rows_per_dim=8)
     model.train()
     with torch.enable_grad():  # AP collects inputs only from training-mode forwards with autograd on
         for b in range(batches):

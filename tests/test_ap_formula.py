@@ -1,6 +1,9 @@
 """AP gradients against the formula, computed independently (float64 linalg.solve from the inputs
 captured by the test's own hooks and patch extraction)."""
 
+import inspect
+
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -107,6 +110,130 @@ def test_embedding_one_hot_rows():
     rows = F.one_hot(idx.reshape(-1), 10)
     expected = expected_ap(g.T, rows, GAMMA).T
     assert rel_err(emb.weight.grad, expected) < TOL
+
+
+def test_transformers_conv1d_is_a_linear_layer_with_its_weight_transposed():
+    from transformers.pytorch_utils import Conv1D
+
+    model = nn.Sequential(Conv1D(12, 6), nn.GELU(), Conv1D(5, 12))  # Conv1D(nf=d_out, nx=d_in); weight (d_in, d_out)
+    nn.init.normal_(model[0].weight)  # its init (std 0.02) keeps GELU linear: hidden rows of rank 6 of 12
+    hidden_in = capture_inputs(model[2])
+    ap = dopr.ActivationPreconditioner(model, damping=GAMMA)
+    assert ap.coverage()["0"].startswith("covered: linear, d_in=6 (transformers Conv1D")
+    x = torch.randn(4, 7, 6)
+    model(x).pow(2).sum().backward()
+    g0, g2 = model[0].weight.grad.clone(), model[2].weight.grad.clone()  # (d_in, d_out): the paper's G is its transpose
+    bias_grad = model[0].bias.grad.clone()
+    ap.step()
+    assert rel_err(model[0].weight.grad, expected_ap(g0.T, x.reshape(-1, 6), GAMMA).T) < TOL
+    assert rel_err(model[2].weight.grad, expected_ap(g2.T, hidden_in[0].reshape(-1, 12), GAMMA).T) < TOL
+    assert torch.equal(model[0].bias.grad, bias_grad)
+
+
+def test_conv1d_is_recognised_by_name_and_shape_without_transformers():
+    class Conv1D(nn.Module):  # a vendored copy of transformers' layer (GPT-2 ports carry one)
+        def __init__(self, nf, nx):
+            super().__init__()
+            self.nf, self.nx = nf, nx
+            self.weight = nn.Parameter(torch.randn(nx, nf))
+
+        def forward(self, x):
+            return x @ self.weight
+
+    class Other(Conv1D):  # the same name's shape rule: a weight that is not (nx, nf) is not taken for one
+        pass
+
+    odd = Other(3, 4)
+    odd.weight = nn.Parameter(torch.randn(3, 4))
+    model = nn.ModuleDict({"a": Conv1D(3, 4), "b": odd})
+    ap = dopr.ActivationPreconditioner(model, damping=GAMMA)
+    cover = ap.coverage()
+    assert cover["a"].startswith("covered: linear, d_in=4") and cover["b"].startswith("not covered: Other")
+    x = torch.randn(20, 4)
+    model["a"](x).pow(2).sum().backward()
+    g = model["a"].weight.grad.clone()
+    ap.step()
+    assert rel_err(model["a"].weight.grad, expected_ap(g.T, x, GAMMA).T) < TOL
+
+
+def attention_outputs(mha, q, k, v):
+    """The heads' concatenated outputs (the input of out_proj) as rows, written out from the weights:
+    (L, B, E) inputs, no dropout, no mask."""
+    e, h = mha.embed_dim, mha.num_heads
+    if mha._qkv_same_embed_dim:
+        wq, wk, wv = mha.in_proj_weight.chunk(3)
+    else:
+        wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    bq, bk, bv = mha.in_proj_bias.chunk(3)
+
+    def heads(t):  # (L, B, E) -> (B, h, L, E / h)
+        return t.reshape(t.shape[0], t.shape[1], h, e // h).permute(1, 2, 0, 3)
+
+    qh, kh, vh = heads(F.linear(q, wq, bq)), heads(F.linear(k, wk, bk)), heads(F.linear(v, wv, bv))
+    a = torch.softmax(qh @ kh.transpose(-1, -2) / (e // h) ** 0.5, -1) @ vh
+    return a.permute(2, 0, 1, 3).reshape(-1, e).detach()
+
+
+def test_multihead_self_attention_packed_projection_and_out_proj():
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    ap = dopr.ActivationPreconditioner(mha, damping=GAMMA)
+    assert not ap.uncovered and len(ap.layers) == 4
+    x = torch.randn(8, 16, 8)  # (batch, length, E): 128 rows
+    out, _ = mha(x, x, x)
+    assert F.linear is torch._C._nn.linear  # the out_proj tap is closed after the forward
+    q_layer, k_layer, v_layer = ap.layers[:3]
+    assert q_layer.parts[0] is k_layer.parts[0] is v_layer.parts[0]  # self-attention: one statistic, one solve
+    out.pow(2).sum().backward()
+    g, g_out = mha.in_proj_weight.grad.clone(), mha.out_proj.weight.grad.clone()
+    bias_grad = mha.in_proj_bias.grad.clone()
+    ap.step()
+    rows = x.reshape(-1, 8)
+    for i in range(3):  # query, key and value rows of the packed weight: each read x
+        assert rel_err(mha.in_proj_weight.grad[8 * i : 8 * i + 8], expected_ap(g[8 * i : 8 * i + 8], rows, GAMMA)) < TOL
+    a = attention_outputs(mha, *(x.transpose(0, 1),) * 3)
+    assert rel_err(mha.out_proj.weight.grad, expected_ap(g_out, a, GAMMA)) < TOL
+    assert torch.equal(mha.in_proj_bias.grad, bias_grad)
+
+
+def test_multihead_cross_attention_gives_query_key_and_value_rows_their_own_statistic():
+    for kdim in (None, 5):  # packed in_proj_weight; separate q/k/v_proj_weight when the key width differs
+        mha = nn.MultiheadAttention(8, 2, kdim=kdim, vdim=kdim)  # batch_first=False: (L, B, E)
+        ap = dopr.ActivationPreconditioner(mha, damping=GAMMA)
+        d_kv = kdim or 8
+        q, k, v = torch.randn(16, 8, 8), torch.randn(12, 8, d_kv), torch.randn(12, 8, d_kv)
+        out, _ = mha(q, k, v)
+        out.pow(2).sum().backward()
+        if kdim is None:
+            g = mha.in_proj_weight.grad.clone()
+            grads = [g[:8], g[8:16], g[16:]]
+        else:
+            grads = [getattr(mha, f"{r}_proj_weight").grad.clone() for r in "qkv"]
+        g_out = mha.out_proj.weight.grad.clone()
+        ap.step()
+        if kdim is None:
+            new = [mha.in_proj_weight.grad[:8], mha.in_proj_weight.grad[8:16], mha.in_proj_weight.grad[16:]]
+        else:
+            new = [getattr(mha, f"{r}_proj_weight").grad for r in "qkv"]
+        for grad, before, rows in zip(new, grads, (q, k, v)):
+            assert rel_err(grad, expected_ap(before, rows.reshape(-1, rows.shape[-1]), GAMMA)) < TOL
+        # each part with the wrong input's statistic would be far off: the three inputs differ
+        assert rel_err(new[0], expected_ap(grads[0], torch.randn(192, 8), GAMMA)) > 0.01
+        assert rel_err(mha.out_proj.weight.grad, expected_ap(g_out, attention_outputs(mha, q, k, v), GAMMA)) < TOL
+
+
+def test_multihead_attention_collects_only_training_forwards_and_closes_its_tap_on_errors():
+    mha = nn.MultiheadAttention(4, 1, batch_first=True)
+    ap = dopr.ActivationPreconditioner(mha)
+    x = torch.randn(2, 3, 4)
+    with torch.no_grad():
+        mha(x, x, x)
+    mha.eval()
+    mha(x, x, x)
+    assert not any(layer.parts for layer in ap.layers)
+    mha.train()
+    with pytest.raises(AssertionError, match="does not match value shape"):
+        mha(x, x, torch.randn(2, 5, 4))  # key and value lengths differ: the forward fails inside
+    assert F.linear is torch._C._nn.linear
 
 
 def test_peft_lora_adapters_of_a_transformers_model():
@@ -363,17 +490,30 @@ def test_subsampled_conv_patches_are_the_unfolded_rows():
         assert torch.equal(torch.cat(list(chunks)), reference[index]), conv
 
 
-def test_default_row_cap_is_eight_rows_per_input_dimension():
+def test_default_is_every_row_and_a_cap_of_eight_per_input_dimension_draws_the_formulas_rows():
+    # The paper's AP by default: the exact per-batch statistic, in AP, DoPr and build_optimizer alike.
+    assert inspect.signature(dopr.ActivationPreconditioner).parameters["max_rows_per_dim"].default is None
+    assert inspect.signature(dopr.ActivationPreconditioner).parameters["max_rows"].default is None
+    assert dopr.DoPr(nn.Linear(4, 2)).preconditioner.max_rows_per_dim is None
+    assert dopr.build_optimizer(nn.Linear(4, 2), "dopr_muon").preconditioner.max_rows_per_dim is None
     layer = nn.Linear(4, 2, bias=False)
     ap = dopr.ActivationPreconditioner(layer, damping=GAMMA, seed=5)
-    x = torch.randn(100, 4)  # 100 rows > 8 x 4: 32 of them are drawn
+    x = torch.randn(100, 4)  # 100 rows, 25 per input dimension: every one enters Sigma
+    layer(x).pow(2).sum().backward()
+    g = layer.weight.grad.clone()
+    ap.step()
+    assert rel_err(layer.weight.grad, expected_ap(g, x, GAMMA)) < TOL
+    # The suite's setting (configs/optimizer/dopr_*.yaml): 8 rows per input dimension, drawn by the seeded generator.
+    layer.weight.grad = None
+    ap = dopr.ActivationPreconditioner(layer, damping=GAMMA, max_rows_per_dim=8, seed=5)
     layer(x).pow(2).sum().backward()
     g = layer.weight.grad.clone()
     ap.step()
     idx = torch.randperm(100, generator=torch.Generator().manual_seed(5))[:32].sort().values
     assert rel_err(layer.weight.grad, expected_ap(g, x[idx], GAMMA)) < TOL
+    assert rel_err(layer.weight.grad, expected_ap(g, x, GAMMA)) > 1e-3  # the cap is not the exact statistic here
     small = nn.Linear(4, 2, bias=False)
-    ap = dopr.ActivationPreconditioner(small, damping=GAMMA)
+    ap = dopr.ActivationPreconditioner(small, damping=GAMMA, max_rows_per_dim=8)
     x = torch.randn(32, 4)  # 32 rows = 8 x 4: every row
     small(x).pow(2).sum().backward()
     g = small.weight.grad.clone()

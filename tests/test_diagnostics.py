@@ -76,3 +76,14 @@ def test_every_dopr_config_uses_the_library_damping_default():
     assert dopr.DoPr(torch.nn.Linear(2, 2)).preconditioner.damping == default  # DoPr passes AP's defaults through
     for path in sorted((ROOT / "configs" / "optimizer").glob("dopr_*.yaml")):
         assert yaml.safe_load(path.read_text())["kwargs"]["damping"] == default, path
+
+
+def test_every_dopr_config_sets_the_row_cap_its_committed_runs_used():
+    # The library's default is every row (the paper's AP) since issue 42; the suite's runs since commit
+    # bd8fb11 drew 8 rows per input dimension (summary.json: ap_rows), so every DoPr config says so itself.
+    import yaml
+
+    paths = sorted((ROOT / "configs" / "optimizer").glob("dopr_*.yaml"))
+    assert len(paths) == 5
+    for path in paths:
+        assert yaml.safe_load(path.read_text())["kwargs"]["max_rows_per_dim"] == 8, path

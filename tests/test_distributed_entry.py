@@ -20,10 +20,10 @@ def free_port() -> int:
 
 def run(run_dir, optimizer, procs: int):
     # lr fixed here (not the task's chosen one): the tolerances below were measured at this LR
-    # every row (max_rows_per_dim=null): with the default row cap each process draws its own rows, so
+    # every row (max_rows_per_dim=null): with the configs' row cap each process draws its own rows, so
     # two processes would match one only in distribution
     overrides = ["task=flow", "scale=smoke", f"optimizer={optimizer}", "lr=1e-3", "logger=none", "threads=1", "trainer.steps=10",
-                 "+optimizer.kwargs.max_rows_per_dim=null",
+                 "optimizer.kwargs.max_rows_per_dim=null",
                  f"task.data_dir={run_dir.parent / 'cache'}", f"hydra.run.dir={run_dir}"]
     launcher = [] if procs == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={procs}", f"--master_port={free_port()}"]
     cmd = [sys.executable, *launcher, "-m", "experiments.train", *overrides]

@@ -4,6 +4,7 @@ import io
 import math
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -195,13 +196,56 @@ def test_coverage_reports_every_weight_and_why():
     ap = dopr.ActivationPreconditioner(Model(), exclude=["skip"])
     cover = ap.coverage()
     assert "tied" in cover["emb"] and "tied" in cover["head"]
-    assert "MultiheadAttention" in cover["attn.out_proj"]
-    assert cover["up"].startswith("not covered: ConvTranspose1d")
+    assert "shared with head.weight" in cover["emb"] and "shared with emb.weight" in cover["head"]
+    assert cover["up"].startswith("not covered: ConvTranspose1d is a transposed convolution")
     assert "frozen" in cover["frozen"] and "excluded" in cover["skip"]
-    assert cover["attn.out_proj"].startswith("not covered")
+    assert cover["attn.out_proj"].startswith("covered: linear, d_in=8 (nn.MultiheadAttention out_proj")
+    assert [cover[f"attn.in_proj_weight[{r}]"] for r in ("query", "key", "value")] == [
+        f"covered: linear, d_in=8 (nn.MultiheadAttention {r} projection)" for r in ("query", "key", "value")]
     assert cover["ok"] == "covered: linear, d_in=8"
+    assert sorted(n for n, v in cover.items() if v.startswith("covered")) == sorted(layer.name for layer in ap.layers)
     with pytest.raises(ValueError, match="no layer to cover"):
         dopr.ActivationPreconditioner(nn.LayerNorm(4))
+
+
+def mostly_uncovered():
+    return nn.ModuleDict({"up": nn.ConvTranspose2d(16, 16, 3), "tied_a": nn.Linear(16, 16), "tied_b": nn.Linear(16, 16),
+                          "ok": nn.Linear(16, 4)})
+
+
+def test_construction_summarises_coverage_and_warns_when_most_weights_are_uncovered(caplog):
+    model = mostly_uncovered()
+    model["tied_b"].weight = model["tied_a"].weight
+    with pytest.warns(dopr.CoverageWarning) as caught:
+        ap = dopr.ActivationPreconditioner(model)
+    # 64 of 2304 (ConvTranspose2d) + 256 (tied, counted once) + 64 trainable weight-matrix parameters are covered
+    assert ap.covered_fraction == pytest.approx(64 / (2304 + 256 + 64))
+    message = str(caught[0].message)
+    assert caught[0].filename == __file__  # points at the caller, not at the library
+    assert "covers 1 layers (1 linear): 2.4% of the 2,624 parameters" in message
+    assert "unsupported ConvTranspose2d: up (2,304 parameters)" in message
+    assert "tied: tied_a, tied_b (256 parameters)" in message and "strict=True" in message
+    # DoPr passes strict through; the error names the fix and leaves no hook on the model
+    fresh = mostly_uncovered()
+    with pytest.raises(ValueError, match="strict=True: replace the uncovered layers") as err:
+        dopr.DoPr(fresh, base="adamw", strict=True)
+    assert "ConvTranspose2d" in str(err.value)
+    assert not any(m._forward_pre_hooks for m in fresh.modules())
+    # A covered model: one INFO line on the "dopr" logger, no warning
+    with caplog.at_level("INFO", logger="dopr"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dopr.DoPr(make_model(0), base="adamw", strict=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "dopr"]
+    assert len(lines) == 1 and "100.0% of the" in lines[0] and "nothing left to the gradient preconditioner alone" in lines[0]
+
+
+def test_frozen_weights_do_not_count_against_coverage():
+    # LoRA-style fine-tuning: a large frozen base and small trainable adapters is fully covered
+    model = nn.ModuleDict({"base": nn.Linear(64, 64).requires_grad_(False), "a": nn.Linear(64, 2), "b": nn.Linear(2, 64)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ap = dopr.ActivationPreconditioner(model, strict=True)
+    assert ap.covered_fraction == 1.0 and "frozen: base (4,096 parameters, not trained)" in ap.coverage_summary()
 
 
 def test_condition_numbers_recover_sigma_anisotropy():
