@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from experiments.stats import mean_ci, paired, selection, spearman
 
@@ -216,3 +217,32 @@ def test_nested_bootstrap_redraws_seeds_then_episodes_and_stays_in_the_unit_inte
     assert 0.35 < lo < 0.5 < hi < 0.65
 
 
+
+
+def test_holm_adjusted_p_values_by_hand():
+    from experiments.stats import holm
+
+    # m = 4, sorted 0.01 < 0.02 < 0.03 < 0.5: 4 x 0.01 = 0.04; 3 x 0.02 = 0.06; 2 x 0.03 = 0.06 (the running max
+    # keeps it at 0.06); 1 x 0.5 = 0.5; returned in the order given
+    assert holm([0.03, 0.5, 0.01, 0.02]) == pytest.approx([0.06, 0.5, 0.04, 0.06])
+    # the running maximum: 2 x 0.02 = 0.04 < 3 x 0.015 = 0.045 would go down, so it stays 0.045
+    assert holm([0.015, 0.02, 0.9]) == pytest.approx([0.045, 0.045, 0.9])
+    assert holm([0.6, 0.7]) == [1.0, 1.0]  # 2 x 0.6 capped at 1, and 0.7 under the running maximum
+    assert holm([]) == [] and holm([0.2]) == [0.2]
+    with pytest.raises(ValueError, match="nan"):
+        holm([0.01, math.nan])
+
+
+def test_mdd_at_projects_the_minimum_detectable_difference_and_seeds_needed_counts_up():
+    from scipy import stats
+
+    from experiments.stats import mdd_at, minimum_detectable_difference, seeds_needed
+
+    diffs = [0.1, -0.1, 0.2, 0.0, 0.05]
+    sd = (sum((d - 0.05) ** 2 for d in diffs) / 4) ** 0.5
+    assert mdd_at(sd, 5) == pytest.approx(minimum_detectable_difference(diffs), rel=1e-12)
+    # sd 1, target 1: (t(.975, n-1) + t(.8, n-1)) / sqrt(n) first drops to <= 1 at n = 10 (1.0650 at 9, 0.9947 at 10)
+    for n, expected in ((9, 1.0650), (10, 0.9947)):
+        assert mdd_at(1.0, n) == pytest.approx((stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)) / n ** 0.5)
+        assert mdd_at(1.0, n) == pytest.approx(expected, abs=1e-4)
+    assert seeds_needed(1.0, 1.0) == 10 and seeds_needed(1.0, 0.01, cap=50) is None and seeds_needed(0.0, 0.1) == 2
