@@ -162,3 +162,39 @@ def minimum_detectable_difference(diffs: list[float], alpha: float = 0.05, power
     mean = sum(diffs) / n
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
     return float(stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n)
+
+
+def mdd_at(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The minimum detectable difference with ``n`` pairs whose differences have standard deviation ``sd``:
+    (t_{1-alpha/2, n-1} + t_{power, n-1}) * sd / sqrt(n), the formula of minimum_detectable_difference with the
+    spread given, so that it can be projected to other seed counts (nan for n < 2)."""
+    from scipy import stats
+
+    if n < 2:
+        return math.nan
+    return float(stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n)
+
+
+def seeds_needed(sd: float, target: float, cap: int = 100, alpha: float = 0.05, power: float = 0.8) -> int | None:
+    """The smallest n (2..``cap``) with mdd_at(sd, n) <= ``target``, found by counting up (t depends on n, so there
+    is no closed form); None when even ``cap`` pairs do not reach it."""
+    for n in range(2, cap + 1):
+        if mdd_at(sd, n, alpha, power) <= target:
+            return n
+    return None
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (Holm 1979), in the order given. Written by hand because statsmodels
+    (multipletests(method="holm")) is not a dependency of the suite: sort the m p-values ascending, multiply the
+    i-th smallest (i = 1..m) by m - i + 1, cap at 1, and make the sequence non-decreasing (the running maximum);
+    a hypothesis is rejected at level a when its adjusted p is <= a. tests/test_stats.py checks it by hand."""
+    m = len(pvalues)
+    if any(math.isnan(p) for p in pvalues):
+        raise ValueError("holm: a p-value is nan (a comparison without a test): leave it out of the family")
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    adjusted, running = [math.nan] * m, 0.0
+    for rank_, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank_) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted

@@ -6,7 +6,8 @@ tuning_runs.csv and their *_meta.json), so it needs no run folders and runs on a
     python scripts/summary.py                    # = make report
     python scripts/summary.py --results results --out results/README.md
 
-For every task and base GP: did AP change the rollout metric and the validation loss (paired
+The headline is the comparison protocol's primary family: DoPr-AdamW vs AdamW and DoPr-Muon vs Muon per
+task in results/<task>/cpu, Holm-adjusted across all tasks (one family). For every task and base GP: did AP change the rollout metric and the validation loss (paired
 over seeds: mean difference, 95% CI, paired t-test)? For every tuning: which trial validation loss
 picks, which the rollout metric picks, and what picking by validation loss costs; Spearman rank
 correlation between validation loss and the rollout metric per optimizer.
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from experiments.checkpoint import atomic_write_text  # noqa: E402
 from experiments.registry import pair_rank, rank  # noqa: E402
-from experiments.stats import bootstrap_ci, iqm, mean_ci, minimum_detectable_difference, paired, probability_of_improvement, selection, spearman  # noqa: E402
+from experiments.stats import bootstrap_ci, holm, iqm, mean_ci, minimum_detectable_difference, paired, probability_of_improvement, selection, spearman  # noqa: E402
 
 
 
@@ -72,6 +73,13 @@ def verdict(diff: dict, better_sign: int) -> str:
 
 
 def comparisons(entry: dict) -> list[dict]:
+    """Per base GP with its DoPr-X: the paired comparisons (computed once per entry: the bootstraps are the cost)."""
+    if "comparisons" not in entry:
+        entry["comparisons"] = _comparisons(entry)
+    return entry["comparisons"]
+
+
+def _comparisons(entry: dict) -> list[dict]:
     meta, runs = entry["meta"], entry["runs"]
     metric_key = f"final_{meta['metric']}"
     sign = 1 if meta["higher_is_better"] else -1
@@ -119,16 +127,63 @@ def p_text(p: float) -> str:
     return "n/a" if math.isnan(p) else f"{p:.3f}"
 
 
-def headline(entries: list[dict]) -> list[str]:
-    """One paragraph the front README quotes: how the paired comparisons came out."""
+PRIMARY_BASES = ("adamw", "muon")  # the primary family: DoPr-AdamW vs AdamW and DoPr-Muon vs Muon
+PRIMARY_EXPERIMENT = "cpu"  # in each task's headline experiment, results/<task>/cpu (current task version)
+ALPHA = 0.05
+LABEL = {"adamw": "AdamW", "muon": "Muon"}
+
+
+def primary_family(entries: list[dict]) -> dict:
+    """The comparison protocol's primary family: per task, DoPr-AdamW vs AdamW and DoPr-Muon vs Muon on the final
+    rollout metric in results/<task>/cpu, Holm-adjusted across all tasks as one family. A primary comparison
+    without a test (fewer than 2 paired seeds) is named and left out of the family (its size depends on the seeds
+    run, never on an outcome). Returns {"tested": [(entry, comparison, adjusted p)], "untested": [(entry,
+    comparison)]} in the order of the entries."""
+    tested, untested = [], []
+    for e in entries:
+        if e["folder"].name != PRIMARY_EXPERIMENT:
+            continue
+        for c in comparisons(e):
+            if c["base"] not in PRIMARY_BASES:
+                continue
+            (tested if c["metric"]["n"] >= 2 and not math.isnan(c["metric"]["p"]) else untested).append((e, c))
+    adjusted = holm([c["metric"]["p"] for _, c in tested])
+    return {"tested": [(e, c, q) for (e, c), q in zip(tested, adjusted)], "untested": untested}
+
+
+def family_key(e: dict, c: dict) -> tuple:
+    return (str(e["folder"]), c["base"])
+
+
+def headline(entries: list[dict], family: dict) -> list[str]:
+    """The paragraph the front README quotes: the primary family, Holm-adjusted, then every paired comparison."""
+    tested = family["tested"]
+    significant = [(e, c, q) for e, c, q in tested if q <= ALPHA]
+    name = lambda e, c: f"{e['meta']['task']} DoPr-{LABEL.get(c['base'], c['base'])}"  # noqa: E731
+    parts = ["## Headline", "",
+             f"Primary family (the comparison protocol, version 3): per task, DoPr-AdamW vs AdamW and DoPr-Muon vs Muon on the "
+             f"final rollout metric at the task's step budget, in each task's headline experiment (`<task>/{PRIMARY_EXPERIMENT}`); "
+             f"paired t-tests over seeds, Holm-adjusted across all tasks as one family. {len(tested)} comparisons in the family; "
+             f"{len(significant)} significant after Holm at {ALPHA}"
+             + (": " + ", ".join(f"{name(e, c)} ({'better' if (c['metric']['mean'] > 0) == bool(e['meta']['higher_is_better']) else 'worse'}, "
+                                 f"adjusted p {q:.3f})" for e, c, q in significant) if significant else "") + "."
+             + (" Not in the family (fewer than 2 paired seeds, no test): " + ", ".join(f"{name(e, c)} ({c['metric']['n']} seed{'s' if c['metric']['n'] != 1 else ''})"
+                                                                                        for e, c in family["untested"]) + "." if family["untested"] else ""),
+             "", "| task | comparison | seeds | metric | difference (DoPr-X minus X) | raw p | adjusted p (Holm) | significant at 0.05 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e, c, q in tested:
+        m = e["meta"]
+        parts.append(f"| {m['task']} | DoPr-{LABEL.get(c['base'], c['base'])} vs {LABEL.get(c['base'], c['base'])} | {c['metric']['n']} | "
+                     f"{m['metric']} ({'higher' if m['higher_is_better'] else 'lower'} is better) | {c['metric']['mean']:+.4g} | "
+                     f"{p_text(c['metric']['p'])} | {p_text(q)} | {'yes' if q <= ALPHA else 'no'} |")
     verdicts = [c["metric_verdict"] for e in entries for c in comparisons(e)]
     few = verdicts.count("too few seeds")  # one seed (e.g. robot_image's one-seed table): no interval, not counted
     verdicts = [v for v in verdicts if v != "too few seeds"]
     better, worse = verdicts.count("**better**"), verdicts.count("**worse**")
-    return ["## Headline", "",
-            f"Of {len(verdicts)} paired DoPr-X vs X comparisons on the rollout metric (over {len(entries)} results folders), "
-            f"DoPr was better in {better}, worse in {worse} and not distinguishable in {len(verdicts) - better - worse} "
-            "(95% t-interval over seeds)." + (f" Left out: {few} with one seed (no interval)." if few else ""), ""]
+    parts += ["", f"Unadjusted, over all {len(verdicts)} paired DoPr-X vs X comparisons on the rollout metric ({len(entries)} results "
+              f"folders, secondary GPs included), the 95% t-interval over seeds excluded 0 in favour of DoPr in {better}, against it "
+              f"in {worse}, and included 0 in {len(verdicts) - better - worse}." + (f" Left out: {few} with one seed (no interval)." if few else ""), ""]
+    return parts
 
 
 def main(argv=None) -> int:
@@ -142,10 +197,13 @@ def main(argv=None) -> int:
     if not entries:
         parser.error(f"no per-task report under {args.results} (results/<task>/<scale>/results_meta.json): "
                      "run a make reproduce-<task> first, or scripts/report.py on its run folders")
+    family = primary_family(entries)
+    adjusted = {family_key(e, c): q for e, c, q in family["tested"]}
+    untested = {family_key(e, c) for e, c in family["untested"]}
     parts = ["# Results across tasks", "",
              "Generated by `make report` (`python scripts/summary.py`) from the per-task reports in this folder; "
              "do not edit by hand. Each task's folder holds its table, per-run CSV, figures and the command that made them.", "",
-             *headline(entries),
+             *headline(entries, family),
              "## Did AP help? (DoPr-X against X, paired by seed)", "",
              "Differences are DoPr-X minus X on the final weights, paired over the seeds both have: mean, 95% t-interval "
              "[low, high], and the two-sided paired t-test p-value. 'better'/'worse' means the interval excludes 0 "
@@ -154,17 +212,20 @@ def main(argv=None) -> int:
              "interquartile mean of each over seeds and P(DoPr-X > X), the probability that a DoPr-X run beats an X run "
              "on the metric, with stratified-bootstrap 95% intervals (2000 replicates; with 3 seeds these intervals are "
              "coarse); and the minimum detectable difference (MDD): the true paired difference the t-test would detect "
-             "with 80% power at these seeds' spread.", "",
-             "| task | results folder | base GP | seeds | metric | X | DoPr-X | difference in metric [95% CI] | p | AP on metric | "
+             "with 80% power at these seeds' spread. 'adjusted p (Holm)' is the metric's p-value adjusted over the primary family "
+             "(the headline); comparisons outside it (other base GPs, other experiments) are 'secondary' and not adjusted.", "",
+             "| task | results folder | base GP | seeds | metric | X | DoPr-X | difference in metric [95% CI] | p | adjusted p (Holm) | AP on metric | "
              "MDD | IQM X [95% CI] | IQM DoPr-X [95% CI] | P(DoPr-X > X) [95% CI] | "
              "difference in val loss [95% CI] | p | AP on val loss |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         m = e["meta"]
         for c in comparisons(e):
+            key = family_key(e, c)
+            holm_p = p_text(adjusted[key]) if key in adjusted else "n/a (not tested)" if key in untested else "secondary"
             parts.append(f"| [{m['task']}]({e['folder'].relative_to(args.results)}/results.md) | {e['folder'].name} | {c['base']} | "
                          f"{c['metric']['n']} | {m['metric']} ({'higher' if m['higher_is_better'] else 'lower'} is better) | "
-                         f"{c['base_mean']:.4g} | {c['dopr_mean']:.4g} | {ci_text(c['metric'])} | {p_text(c['metric']['p'])} | "
+                         f"{c['base_mean']:.4g} | {c['dopr_mean']:.4g} | {ci_text(c['metric'])} | {p_text(c['metric']['p'])} | {holm_p} | "
                          f"{c['metric_verdict']} | {mdd_text(c['mdd'])} | "
                          f"{interval_text(c['iqm'][0])} | {interval_text(c['iqm'][1])} | {interval_text(c['poi'], 2)} | "
                          f"{ci_text(c['loss'])} | {p_text(c['loss']['p'])} | {c['loss_verdict']} |")

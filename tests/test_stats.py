@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from experiments.stats import mean_ci, paired, selection, spearman
 
@@ -66,6 +67,8 @@ def _write_report(folder: Path, metric: str, higher: bool, runs: list[dict], ste
 
 
 def test_summary_on_synthetic_reports_is_right_and_deterministic(tmp_path):
+    from scipy import stats
+
     results = tmp_path / "results"
     # task "alpha": accuracy up by 0.19, 0.20, 0.21 with AP (sd 0.01: the interval excludes 0 -> better);
     # val loss changed by +0.01, -0.02, +0.015 (the interval includes 0 -> no difference)
@@ -90,6 +93,14 @@ def test_summary_on_synthetic_reports_is_right_and_deterministic(tmp_path):
     _write_report(results / "gamma" / "cpu", "accuracy", True,
                   [{"optimizer": o, "lr": 0.001, "seed": 0, "final_val_loss": 1.0, "final_accuracy": a, "damping": 1.0}
                    for o, a in (("adamw", 0.5), ("dopr_adamw", 0.9))])
+    # task "delta": adamw differences 0.1, 0.3, 0.2 (t = 0.2 / (0.1 / sqrt 3), p = 0.074), in the primary family; and a
+    # secondary GP (signum), outside it
+    runs = []
+    for seed, d in enumerate([0.1, 0.3, 0.2]):
+        for base in ("adamw", "signum"):
+            runs.append({"optimizer": base, "lr": 0.001, "seed": seed, "final_val_loss": 1.0, "final_accuracy": 0.3})
+            runs.append({"optimizer": f"dopr_{base}", "lr": 0.001, "seed": seed, "final_val_loss": 1.0, "final_accuracy": 0.3 + d, "damping": 1.0})
+    _write_report(results / "delta" / "cpu", "accuracy", True, runs)
 
     def make():
         subprocess.run([sys.executable, "scripts/summary.py", "--results", str(results)], cwd=ROOT, check=True, capture_output=True)
@@ -102,13 +113,31 @@ def test_summary_on_synthetic_reports_is_right_and_deterministic(tmp_path):
     assert f"+0.2000 [{0.2 - half:+.4f}, {0.2 + half:+.4f}]" in alpha and "| **better** |" in alpha
     assert alpha.rstrip(" |").endswith("no difference")
     beta = next(line for line in text.splitlines() if line.startswith("| [beta]"))
-    assert "+1.0000 [+1.0000, +1.0000]" in beta and "**worse**" in beta.split("|")[10]
+    assert "+1.0000 [+1.0000, +1.0000]" in beta and "**worse**" in beta.split("|")[11]
     # the tuning: val loss picks 0.1 (loss 0.7, accuracy 0.2), accuracy picks 0.01 (0.5): regret 0.3
     sweep_line = next(line for line in text.splitlines() if line.startswith("| alpha | adamw |"))
     cells = [c.strip() for c in sweep_line.strip("|").split("|")]
     assert cells[2:8] == ["3", "0.1, 0.1", "0.01, 0.1", "0.2", "0.5", "0.3"]
-    assert "Of 2 paired DoPr-X vs X comparisons on the rollout metric (over 3 results folders), DoPr was better in 1, worse in 1 " \
-           "and not distinguishable in 0" in text and "Left out: 1 with one seed (no interval)." in text
+    # the primary family: alpha adamw (p = 2 t.sf(0.2 / (0.01 / sqrt 3), 2)), beta muon (differences all +1: p 0),
+    # delta adamw (p 0.074); gamma's one seed is named and left out; delta's signum is secondary. Holm by hand:
+    # sorted 0 (x3), p_alpha (x2), p_delta (x1), each under the running maximum
+    p_alpha, p_delta = (2 * stats.t.sf(m / (sd / math.sqrt(3)), 2) for m, sd in ((0.2, 0.01), (0.2, 0.1)))
+    assert 0.07 < p_delta < 0.08
+    assert "3 comparisons in the family; 2 significant after Holm at 0.05: alpha DoPr-AdamW (better, adjusted p " \
+           f"{2 * p_alpha:.3f}), beta DoPr-Muon (worse, adjusted p 0.000)." in text
+    assert "Not in the family (fewer than 2 paired seeds, no test): gamma DoPr-AdamW (1 seed)." in text
+    family = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in text.split("## Did AP help?")[0].splitlines()
+              if line.startswith("| ") and " vs " in line and not line.startswith("| task")}
+    assert family["alpha"][5:] == [f"{p_alpha:.3f}", f"{2 * p_alpha:.3f}", "yes"]
+    assert family["delta"][5:] == [f"{p_delta:.3f}", f"{p_delta:.3f}", "no"] and set(family) == {"alpha", "beta", "delta"}
+    holm_column = {(line.split("|")[1], line.split("|")[3].strip()): line.split("|")[10].strip() for line in text.splitlines()
+                   if line.startswith("| [")}
+    assert holm_column[(" [delta](delta/cpu/results.md) ", "signum")] == "secondary"
+    assert holm_column[(" [gamma](gamma/cpu/results.md) ", "adamw")] == "n/a (not tested)"
+    assert holm_column[(" [alpha](alpha/cpu/results.md) ", "adamw")] == f"{2 * p_alpha:.3f}"
+    assert "Unadjusted, over all 4 paired DoPr-X vs X comparisons on the rollout metric (4 results folders, secondary GPs " \
+           "included), the 95% t-interval over seeds excluded 0 in favour of DoPr in 1, against it in 1, and included 0 in 2." in text
+    assert "Left out: 1 with one seed (no interval)." in text
     assert "too few seeds" in next(line for line in text.splitlines() if line.startswith("| [gamma]"))
     assert cells[8] == "+0.50"
     # Spearman over the 3 sweep runs: loss ranks 3,2,1 vs accuracy ranks 2,3,1: 1 - 6*2/(3*8)
@@ -216,3 +245,32 @@ def test_nested_bootstrap_redraws_seeds_then_episodes_and_stays_in_the_unit_inte
     assert 0.35 < lo < 0.5 < hi < 0.65
 
 
+
+
+def test_holm_adjusted_p_values_by_hand():
+    from experiments.stats import holm
+
+    # m = 4, sorted 0.01 < 0.02 < 0.03 < 0.5: 4 x 0.01 = 0.04; 3 x 0.02 = 0.06; 2 x 0.03 = 0.06 (the running max
+    # keeps it at 0.06); 1 x 0.5 = 0.5; returned in the order given
+    assert holm([0.03, 0.5, 0.01, 0.02]) == pytest.approx([0.06, 0.5, 0.04, 0.06])
+    # the running maximum: 2 x 0.02 = 0.04 < 3 x 0.015 = 0.045 would go down, so it stays 0.045
+    assert holm([0.015, 0.02, 0.9]) == pytest.approx([0.045, 0.045, 0.9])
+    assert holm([0.6, 0.7]) == [1.0, 1.0]  # 2 x 0.6 capped at 1, and 0.7 under the running maximum
+    assert holm([]) == [] and holm([0.2]) == [0.2]
+    with pytest.raises(ValueError, match="nan"):
+        holm([0.01, math.nan])
+
+
+def test_mdd_at_projects_the_minimum_detectable_difference_and_seeds_needed_counts_up():
+    from scipy import stats
+
+    from experiments.stats import mdd_at, minimum_detectable_difference, seeds_needed
+
+    diffs = [0.1, -0.1, 0.2, 0.0, 0.05]
+    sd = (sum((d - 0.05) ** 2 for d in diffs) / 4) ** 0.5
+    assert mdd_at(sd, 5) == pytest.approx(minimum_detectable_difference(diffs), rel=1e-12)
+    # sd 1, target 1: (t(.975, n-1) + t(.8, n-1)) / sqrt(n) first drops to <= 1 at n = 10 (1.0650 at 9, 0.9947 at 10)
+    for n, expected in ((9, 1.0650), (10, 0.9947)):
+        assert mdd_at(1.0, n) == pytest.approx((stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)) / n ** 0.5)
+        assert mdd_at(1.0, n) == pytest.approx(expected, abs=1e-4)
+    assert seeds_needed(1.0, 1.0) == 10 and seeds_needed(1.0, 0.01, cap=50) is None and seeds_needed(0.0, 0.1) == 2

@@ -1,0 +1,255 @@
+#!/usr/bin/env python
+"""How many seeds a comparison needs: a power calculation for each DoPr-X vs X pair of an experiment.
+
+    python scripts/power.py --runs results/control/cpu
+    python scripts/power.py --runs results/control/cpu --json
+
+Per comparison (DoPr-X against X, paired by seed over the seeds both have): the number of paired seeds n,
+the mean and standard deviation (SD) of the paired differences, the minimum detectable difference at this n
+(a two-sided paired t-test at 0.05 with 80% power: (t(0.975, n-1) + t(0.8, n-1)) x SD / sqrt(n)), the target
+MDD, and the seeds needed to reach it (the smallest n with MDD(n) <= target at this SD, counted up because t
+depends on n). The target is 10% of the task's floor-to-ceiling range:
+
+    control          0.1 x expert_return (the committed expert's mean return; records' task_meta)
+    lm, lm_lora      0.1 (accuracy, range 1)
+    robot, robot_*   0.1 (success rate, range 1)
+    flow             0.1 x (best baseline's mean FD - fd_floor): the better of adamw's and muon's mean FD, and
+                     the mean of the fd_floor column (what real images of the sample's size score)
+
+Where the seed budget (20) cannot reach the target, it says which noise source dominates the paired SD: the
+seeds (between-seed variance) or the episodes / problems (the sampling variance of each run's mean over its
+evaluation instances: p(1-p)/n for a rate, the per-episode variance / n for a return; summed over the two runs
+of a pair and averaged over the seeds), estimated from the records' per-episode / per-problem outcomes.
+
+It reads the records (experiments/reports/load.py), not results_runs.csv: the outcomes the noise split needs
+are only there, and the numbers do not depend on the pages having been rebuilt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from experiments import record  # noqa: E402
+from experiments.registry import BASES, rank  # noqa: E402
+from experiments.reports import load  # noqa: E402
+from experiments.stats import mdd_at, minimum_detectable_difference, seeds_needed  # noqa: E402
+
+BUDGET = 20  # the most seeds a headline comparison is planned with
+CAP = 100  # seeds needed are counted up to this
+MIN_SEEDS = 3  # fewer paired seeds give no usable SD
+TARGET_RULES = {"control": "0.1 x expert_return", "lm": "0.1 (accuracy, range 1)", "lm_lora": "0.1 (accuracy, range 1)",
+                "robot": "0.1 (success rate, range 1)", "robot_image": "0.1 (success rate, range 1)",
+                "flow": "0.1 x (best baseline's mean FD - mean fd_floor)"}
+
+
+class Refusal(Exception):
+    """A reason the tool cannot answer; the message names the fix (exit code 2)."""
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def sample_var(xs):
+    m = mean(xs)
+    return sum((x - m) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else math.nan
+
+
+def target_mdd(task: str, rows: list[dict], done: list[dict], metric: str) -> tuple[float, str]:
+    """(target MDD, how it was made) for a task (see the module docstring)."""
+    if task not in TARGET_RULES:
+        raise Refusal(f"no target MDD for task {task!r}: the known tasks are {', '.join(TARGET_RULES)}; "
+                      f"give one with --target VALUE (in {metric}'s units)")
+    if task == "control":
+        expert = next((r["summary"].get("task_meta", {}).get("expert_return") for r in done
+                       if (r["summary"].get("task_meta") or {}).get("expert_return") is not None), None)
+        if expert is None:
+            raise Refusal("control: the records name no expert_return (task_meta): rerun with the committed expert, "
+                          "or give the target with --target VALUE")
+        return 0.1 * expert, f"0.1 x expert_return {expert:g}"
+    if task == "flow":
+        means = {o: mean([r[f"final_{metric}"] for r in rows if r["optimizer"] == o]) for o in ("adamw", "muon")
+                 if any(r["optimizer"] == o for r in rows)}
+        floors = [r["fd_floor"] for r in rows if r.get("fd_floor") is not None]
+        if not means or not floors:
+            raise Refusal("flow: the target needs adamw or muon runs and the fd_floor column: give it with --target VALUE")
+        best = min(means, key=means.get)
+        return 0.1 * (means[best] - mean(floors)), f"0.1 x ({best} mean FD {means[best]:.4g} - fd_floor {mean(floors):.4g})"
+    return 0.1, TARGET_RULES[task]
+
+
+def run_outcomes(r: dict) -> tuple[list[float], list[int]] | None:
+    """The final evaluation's per-instance outcomes of the headline metric as strata: ([variance of the run's mean
+    from that stratum's instances], [instances]) per stratum, or None where the record has none. One stratum where
+    the outcomes are the metric's own (control's returns, robot's successes); the main horizon series' strata
+    where the metric pools them (lm's accuracy: problems of each chain length), when they give the metric back."""
+    s = r["summary"]
+    metric, last = s["metric_name"], load.final_eval(r)
+    outcomes = (r.get("outcomes") or {}).get(str(last["step"])) or {}
+    if metric in outcomes:
+        strata = [outcomes[metric]]
+    else:
+        series = next(iter(load.horizon_series([r]).values()), [])
+        names = [column.removeprefix("final_") for _, column in series]
+        if not names or any(n not in outcomes for n in names):
+            return None
+        strata = [outcomes[n] for n in names]
+        pooled = [x for st in strata for x in st]
+        if not pooled or abs(mean(pooled) - last["metrics"][metric]) > 1e-9:
+            return None  # the strata do not pool into the metric: no estimate
+    total = sum(len(st) for st in strata)
+    if total == 0:
+        return None
+    var = 0.0
+    for st in strata:
+        binary = set(st) <= {0, 1}
+        v = mean(st) * (1 - mean(st)) if binary else sample_var(st)  # p(1-p) for a rate, else the sample variance
+        if math.isnan(v):
+            return None
+        var += (len(st) / total) ** 2 * v / len(st)  # the stratum's share of the pooled mean
+    return [var], [total]
+
+
+def noise_split(pairs: list[tuple[dict, dict]], sd: float) -> dict:
+    """The paired variance SD^2 split into the episodes' part (each run's sampling variance of its mean over
+    instances, the two runs of a pair taken as independent draws, averaged over seeds) and the seeds' part (the
+    rest, at least 0)."""
+    total = sd ** 2
+    parts = []
+    for treated, control in pairs:
+        a, b = run_outcomes(treated), run_outcomes(control)
+        if a is None or b is None:
+            return {"episodes_var": None, "seed_var": None, "dominant": "unknown",
+                    "why": "the records hold no per-episode / per-problem outcomes of the metric"}
+        parts.append(a[0][0] + b[0][0])
+    episodes = mean(parts)
+    seed = max(total - episodes, 0.0)
+    return {"episodes_var": episodes, "seed_var": seed, "dominant": "seed" if seed >= episodes else "episodes",
+            "episodes_var_over_paired_var": episodes / total if total > 0 else math.nan}
+
+
+def comparisons(done: list[dict], target: float, budget: int, cap: int) -> list[dict]:
+    rows, by_id = load.per_run_rows(done), {r["run_id"]: r for r in done}
+    metric = done[0]["summary"]["metric_name"]
+    by_opt = defaultdict(dict)
+    for row in rows:
+        if int(row["seed"]) in by_opt[row["optimizer"]]:
+            raise Refusal(f"{row['optimizer']} has more than one run with seed {int(row['seed'])} (a sweep of settings): power pairs "
+                          "one run per optimizer and seed; point --runs at an evaluation experiment such as results/<task>/cpu")
+        by_opt[row["optimizer"]][int(row["seed"])] = row
+    out = []
+    bases = sorted((o for o in by_opt if not o.startswith("dopr_") and f"dopr_{o}" in by_opt), key=rank)
+    for base in bases:
+        treated, control = by_opt[f"dopr_{base}"], by_opt[base]
+        seeds = sorted(set(treated) & set(control))
+        diffs = [treated[s][f"final_{metric}"] - control[s][f"final_{metric}"] for s in seeds]
+        c = {"comparison": f"dopr_{base} vs {base}", "base": base, "primary": base in BASES[:2], "n": len(seeds), "seeds": seeds,
+             "target_mdd": target}
+        if len(seeds) < MIN_SEEDS:
+            c["note"] = (f"only {len(seeds)} paired seed{'s' if len(seeds) != 1 else ''}: the SD of the differences needs at least "
+                         f"{MIN_SEEDS}; run more seeds of both (e.g. seed=0,1,2)")
+            out.append(c)
+            continue
+        sd = math.sqrt(sample_var(diffs))
+        need = seeds_needed(sd, target, cap)
+        c.update({"mean_diff": mean(diffs), "sd": sd, "mdd": minimum_detectable_difference(diffs), "seeds_needed": need,
+                  "mdd_at_budget": mdd_at(sd, budget), "reaches_target_within_budget": need is not None and need <= budget})
+        c["noise"] = noise_split([(by_id[treated[s]["run"]], by_id[control[s]["run"]]) for s in seeds], sd)
+        if not c["reaches_target_within_budget"]:
+            split = c["noise"]
+            where = ("the seeds dominate (between-seed variance {seed_var:.3g} against {episodes_var:.3g} from the episodes / "
+                     "instances): only more seeds or a steadier training narrow it" if split["dominant"] == "seed" else
+                     "the episodes / instances dominate ({episodes_var:.3g} against {seed_var:.3g} between seeds): more "
+                     "evaluation episodes / problems per run narrow it" if split["dominant"] == "episodes" else
+                     "which noise dominates is not known: " + split.get("why", ""))
+            c["note"] = f"{budget} seeds cannot reach the target (MDD at {budget}: {c['mdd_at_budget']:.3g}); " + where.format(**split)
+        out.append(c)
+    return out
+
+
+def analyse(runs: Path, target: float | None = None, budget: int = BUDGET, cap: int = CAP) -> dict:
+    runs = Path(runs)
+    if not (runs / record.RECORDS).exists():
+        hint = "" if runs.exists() else " (no such folder)"
+        raise Refusal(f"no records at {runs / record.RECORDS}{hint}: give an experiment folder, results/<task>/<experiment> "
+                      f"(e.g. --runs results/control/cpu), or add run folders to it with "
+                      f"`python -m experiments.record add runs/<task>/<experiment> {runs}`")
+    try:
+        done, _ = load.load_runs(runs)
+    except record.RecordError as err:
+        raise Refusal(str(err)) from None
+    if not done:
+        raise Refusal(f"no finished run in {runs}: run the experiment first (see docs/experiments.md)")
+    s = done[0]["summary"]
+    task, metric = s["task"], s["metric_name"]
+    if target is None:
+        target, rule = target_mdd(task, load.per_run_rows(done), done, metric)
+    else:
+        rule = "given with --target"
+    return {"runs": str(runs), "task": task, "metric": metric, "higher_is_better": s.get("higher_is_better", True),
+            "target_mdd": target, "target_rule": rule, "budget": budget, "cap": cap, "alpha": 0.05, "power": 0.8,
+            "comparisons": comparisons(done, target, budget, cap)}
+
+
+def finite(x):
+    """JSON has no nan: None in its place."""
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [finite(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def g(x, digits=3):
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
+
+
+def table(result: dict) -> str:
+    lines = [f"{result['runs']}: task {result['task']}, metric {result['metric']} "
+             f"({'higher' if result['higher_is_better'] else 'lower'} is better); paired t-test at 0.05, 80% power",
+             f"target MDD {g(result['target_mdd'])} = {result['target_rule']}", ""]
+    head = ["comparison", "n", "mean diff", "paired SD", "MDD now", "target", "seeds needed", "dominant noise (seed / episodes var)"]
+    body = []
+    for c in result["comparisons"]:
+        if "sd" not in c:
+            body.append([c["comparison"], str(c["n"]), "-", "-", "-", g(c["target_mdd"]), "-", "-"])
+            continue
+        need = str(c["seeds_needed"]) if c["seeds_needed"] is not None else f"more than {result['cap']}"
+        n = c["noise"]
+        noise = f"{n['dominant']} ({g(n['seed_var'])} / {g(n['episodes_var'])})" if n["dominant"] != "unknown" else "unknown"
+        body.append([c["comparison"], str(c["n"]), f"{c['mean_diff']:+.3g}", g(c["sd"]), g(c["mdd"]), g(c["target_mdd"]), need, noise])
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    fmt = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
+    lines += [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)]
+    notes = [f"- {c['comparison']}: {c['note']}" for c in result["comparisons"] if c.get("note")]
+    if not result["comparisons"]:
+        notes.append("- no DoPr-X with its X in these runs: nothing to compare")
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=Path, required=True, help="an experiment folder: results/<task>/<experiment>")
+    parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    parser.add_argument("--target", type=float, default=None, help="the target MDD in the metric's units (default: the task's rule)")
+    parser.add_argument("--budget", type=int, default=BUDGET, help=f"the seed budget (default {BUDGET})")
+    parser.add_argument("--max-seeds", type=int, default=CAP, help=f"count seeds needed up to this (default {CAP})")
+    args = parser.parse_args(argv)
+    try:
+        result = analyse(args.runs, args.target, args.budget, args.max_seeds)
+    except Refusal as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(finite(result), indent=2, allow_nan=False) if args.json else table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
