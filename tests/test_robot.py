@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 import dopr
 from experiments import robot_sim
 from experiments.robomimic_data import env_meta, read_demos
-from experiments.tasks import robot
+from experiments.tasks import robot, robot_vision
 from test_experiments import ENV, rows, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,22 +217,22 @@ def test_ap_covers_the_unet_conv1d_layers_and_both_encoders(tmp_path, objective)
 
 def test_resnet18_encoder_crops_randomly_in_training_pools_to_keypoints_and_ap_covers_it(tmp_path):
     images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
-    x = robot.to_unit(images)
-    crops = [robot.crop(x, 0.75, training=True) for _ in range(4)]
+    x = robot_vision.to_unit(images)
+    crops = [robot_vision.crop(x, 0.75, training=True) for _ in range(4)]
     assert all(c.shape == (2, 3, 24, 24) for c in crops) and any(not torch.equal(crops[0], c) for c in crops[1:])
     for c in crops:  # every random crop is a window of its own image
         found = any(torch.equal(c[0], x[0, :, t : t + 24, l : l + 24]) for t in range(9) for l in range(9))
         assert found
-    assert torch.equal(robot.crop(x, 0.75, training=False), x[..., 4:28, 4:28]) and robot.crop(x, None, training=True) is x
+    assert torch.equal(robot_vision.crop(x, 0.75, training=False), x[..., 4:28, 4:28]) and robot_vision.crop(x, None, training=True) is x
     # both encoders crop: the small CNN (crop_ratio set) sees only the window, ResNet-18 too
-    for enc in (robot.ImageEncoder(16, width=8, crop_ratio=0.75), robot.ResNet18Encoder(16, crop_ratio=0.75, keypoints=8)):
+    for enc in (robot_vision.ImageEncoder(16, width=8, crop_ratio=0.75), robot_vision.ResNet18Encoder(16, crop_ratio=0.75, keypoints=8)):
         enc.eval()
         outside = images.clone()
         outside[:, :4] = 255 - outside[:, :4]  # change only rows the centre crop leaves out
         with torch.no_grad():
             assert torch.equal(enc(images), enc(outside))
     # spatial softmax: a map peaked at one pixel gives that pixel's coordinates
-    pool = robot.SpatialSoftmax(4, keypoints=1)
+    pool = robot_vision.SpatialSoftmax(4, keypoints=1)
     with torch.no_grad():
         pool.proj.weight.zero_(); pool.proj.bias.zero_(); pool.proj.weight[0, 0] = 1.0
     peaked = torch.zeros(1, 4, 5, 9)

@@ -108,11 +108,12 @@ def test_summary_on_synthetic_reports_is_right_and_deterministic(tmp_path):
 
     text = make()
     assert make() == text  # deterministic
-    alpha = next(line for line in text.splitlines() if line.startswith("| [alpha]"))
+    detail = text.split("## Did AP help?")[1].splitlines()  # the verdict table at the top holds the same rows, in short
+    alpha = next(line for line in detail if line.startswith("| [alpha]"))
     half = T2 * 0.01 / math.sqrt(3)  # differences 0.19, 0.20, 0.21: sd 0.01
     assert f"+0.2000 [{0.2 - half:+.4f}, {0.2 + half:+.4f}]" in alpha and "| **better** |" in alpha
     assert alpha.rstrip(" |").endswith("no difference")
-    beta = next(line for line in text.splitlines() if line.startswith("| [beta]"))
+    beta = next(line for line in detail if line.startswith("| [beta]"))
     assert "+1.0000 [+1.0000, +1.0000]" in beta and "**worse**" in beta.split("|")[11]
     # the tuning: val loss picks 0.1 (loss 0.7, accuracy 0.2), accuracy picks 0.01 (0.5): regret 0.3
     sweep_line = next(line for line in text.splitlines() if line.startswith("| alpha | adamw |"))
@@ -130,7 +131,7 @@ def test_summary_on_synthetic_reports_is_right_and_deterministic(tmp_path):
               if line.startswith("| ") and " vs " in line and not line.startswith("| task")}
     assert family["alpha"][5:] == [f"{p_alpha:.3f}", f"{2 * p_alpha:.3f}", "yes"]
     assert family["delta"][5:] == [f"{p_delta:.3f}", f"{p_delta:.3f}", "no"] and set(family) == {"alpha", "beta", "delta"}
-    holm_column = {(line.split("|")[1], line.split("|")[3].strip()): line.split("|")[10].strip() for line in text.splitlines()
+    holm_column = {(line.split("|")[1], line.split("|")[3].strip()): line.split("|")[10].strip() for line in detail
                    if line.startswith("| [")}
     assert holm_column[(" [delta](delta/cpu/results.md) ", "signum")] == "secondary"
     assert holm_column[(" [gamma](gamma/cpu/results.md) ", "adamw")] == "n/a (not tested)"
@@ -138,7 +139,12 @@ def test_summary_on_synthetic_reports_is_right_and_deterministic(tmp_path):
     assert "Unadjusted, over all 4 paired DoPr-X vs X comparisons on the rollout metric (4 results folders, secondary GPs " \
            "included), the 95% t-interval over seeds excluded 0 in favour of DoPr in 1, against it in 1, and included 0 in 2." in text
     assert "Left out: 1 with one seed (no interval)." in text
-    assert "too few seeds" in next(line for line in text.splitlines() if line.startswith("| [gamma]"))
+    assert "too few seeds" in next(line for line in detail if line.startswith("| [gamma]"))
+    # the verdict table at the top: one row per task and GP, the adjusted p, the equal-time arm not run yet
+    verdicts = text.split("## Verdicts")[1].split("## Headline")[0]
+    row = next(line for line in verdicts.splitlines() if line.startswith("| [alpha]"))
+    assert f"| {2 * p_alpha:.3f} | not run |" in row, row
+    assert next(line for line in verdicts.splitlines() if line.startswith("| [delta]") and "| signum |" in line).count("secondary") == 1
     assert cells[8] == "+0.50"
     # Spearman over the 3 sweep runs: loss ranks 3,2,1 vs accuracy ranks 2,3,1: 1 - 6*2/(3*8)
 

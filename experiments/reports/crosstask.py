@@ -131,6 +131,18 @@ def _rho_ci(rows: list[dict], key: str) -> str:
     return f"{point:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
+def agreement(entry: dict) -> tuple[float, str]:
+    """(Spearman of final val loss against the final metric, pooled over the task's tuning runs, else its seed runs;
+    its reading: "agree" when lower loss goes with a better metric, else "inverted")."""
+    key, higher = f"final_{entry['meta']['metric']}", entry["meta"]["higher_is_better"]
+    for rows in ((entry["sweep"] or (None, []))[1], entry["runs"]):
+        rows = [r for r in rows if key in r and "final_val_loss" in r]
+        rho = spearman([float(r["final_val_loss"]) for r in rows], [float(r[key]) for r in rows])
+        if not math.isnan(rho):
+            return rho, "agree" if (rho < 0) == higher else "inverted: lower loss, worse metric"
+    return math.nan, "n/a"
+
+
 def loss_versus_performance(entries: list[dict]) -> list[str]:
     lines = ["## Loss versus performance", "",
              "Does the validation loss predict the rollout metric, and does AP change the metric at a matched loss? Spearman's "
@@ -143,13 +155,9 @@ def loss_versus_performance(entries: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|"]
     for e in entries:
         m, key = e["meta"], f"final_{e['meta']['metric']}"
-        higher = m["higher_is_better"]
         tune_rows = [r for r in (e["sweep"] or (None, []))[1] if key in r and "final_val_loss" in r]
         seed_rows = [r for r in e["runs"] if key in r and "final_val_loss" in r]
-        rho_seed = spearman([float(r["final_val_loss"]) for r in seed_rows], [float(r[key]) for r in seed_rows])
-        rho_tune = spearman([float(r["final_val_loss"]) for r in tune_rows], [float(r[key]) for r in tune_rows])
-        rho = rho_tune if not math.isnan(rho_tune) else rho_seed
-        reading = "n/a" if math.isnan(rho) else "agree" if (rho < 0) == higher else "inverted: lower loss, worse metric"
+        reading = agreement(e)[1]
         effect, half, n = _ap_at_matched_loss(seed_rows, key)
         eff = "n/a" if math.isnan(effect) else f"{effect:+.4g} [{effect - half:+.4g}, {effect + half:+.4g}] ({n})"
         lines.append(f"| {m['task']} | {m['metric']} | {_rho_ci(tune_rows, key)} ({len(tune_rows)}) | {_rho_ci(seed_rows, key)} "
