@@ -128,7 +128,7 @@ def test_feature_classifier_trains_on_one_thread_whatever_the_caller_uses(glyph_
         torch.set_num_threads(before)
     # a classifier trained before this rule is not reused: the cache key names the trainer
     path = flow_metrics.classifier_path(cfg)
-    monkeypatch.setattr(flow, "CLASSIFIER_TRAINER", flow_metrics.CLASSIFIER_TRAINER - 1)
+    monkeypatch.setattr(flow_metrics, "CLASSIFIER_TRAINER", flow_metrics.CLASSIFIER_TRAINER - 1)
     assert flow_metrics.classifier_path(cfg) != path
 
 
