@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # its other dependencies are in pyproject's experiments extra.
 ROBOSUITE ?= robosuite==1.5.2
 
-.PHONY: setup test test-all test-slow bench report dashboards clean-venv tune-lm tune-lm-lora tune-robot tune-flow tune-control reproduce-lm reproduce-lm-lora sweep-lm-lr reproduce-flow sweep-flow-lr reproduce-control reproduce-robot sweep-lm-damping sweep-flow-damping sweep-control-damping sweep-robot-damping
+.PHONY: equal-time-lm equal-time-lm-lora equal-time-flow equal-time-control equal-time-robot setup test test-all test-slow bench report dashboards clean-venv tune-lm tune-lm-lora tune-robot tune-flow tune-control reproduce-lm reproduce-lm-lora sweep-lm-lr reproduce-flow sweep-flow-lr reproduce-control reproduce-robot sweep-lm-damping sweep-flow-damping sweep-control-damping sweep-robot-damping
 
 SCALE ?= cpu
 SEEDS ?= 0,1,2,3,4
@@ -81,6 +81,15 @@ sweep-$(1)-lr: setup
 	$$(PY) -m experiments.train -m +sweep=$(1)_lr $$(LAUNCH)
 	$$(PY) scripts/report.py results/$(1)/cpu_lr --wandb
 endef
+
+# make equal-time-<task>: the equal-time arm (scripts/equal_time.py): each X with a DoPr-X in results/<task>/cpu runs
+# again on the same seeds for DoPr-X's measured training time, into results/<task>/cpu_equal_time; then the summary.
+define equal_time
+equal-time-$(1): setup
+	$$(PY) scripts/equal_time.py $(2) --launcher "$$(LAUNCHER)" --jobs $$(JOBS) --threads $$(THREADS)
+	$$(PY) scripts/summary.py
+endef
+$(foreach t,lm lm_lora flow control robot,$(eval $(call equal_time,$(subst _,-,$(t)),$(t))))
 
 $(eval $(call reproduce,lm,lm,LM_OPTIMIZERS))
 $(eval $(call reproduce,lm-lora,lm_lora,LM_OPTIMIZERS))

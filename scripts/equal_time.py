@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""The equal-time arm (docs/protocol.md, "The budget axis"): each base GP X that has a DoPr-X in a task's headline
+evaluation runs again on the same seeds for DoPr-X's measured training time: its steps (and warmup, evaluation and
+checkpoint periods) scaled by the time ratio, the LR schedule stretched to match. The ratio is measured from the
+evaluation runs themselves (the median over seeds of DoPr-X's training seconds over X's, from their records), so it
+belongs to the machine they ran on, which the records and this arm's page name.
+
+    python scripts/equal_time.py lm            # reads results/lm/cpu, runs the arm into results/lm/cpu_equal_time
+    python scripts/equal_time.py lm --plan     # the ratios and the commands, nothing run
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+from statistics import median
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from experiments import record  # noqa: E402
+from experiments.registry import base_of, has_ap, rank  # noqa: E402
+
+PERIODS = ("warmup_steps", "eval_every", "rollout_every", "checkpoint_every", "log_every")
+
+
+def plan(records: list[dict]) -> dict[str, dict]:
+    """{X: {"of": DoPr-X, "ratio", "steps", "trainer": {key: value}, "seeds", "cpu"}} for every X with a DoPr-X."""
+    done = [r for r in records if r["status"] == "done"]
+    by = {}
+    for r in done:
+        by.setdefault(r["optimizer"], {})[r["seed"]] = r
+    out = {}
+    for opt in sorted(by, key=rank):
+        if not has_ap(opt) or base_of(opt) not in by:
+            continue
+        x, d = by[base_of(opt)], by[opt]
+        seeds = sorted(set(x) & set(d))
+        secs = [(d[s]["evals"][-1].get("train_seconds"), x[s]["evals"][-1].get("train_seconds")) for s in seeds]
+        if not seeds or any(a is None or b is None or b <= 0 for a, b in secs):
+            raise SystemExit(f"error: the runs of {opt} and {base_of(opt)} have no training seconds in their records (made before the "
+                             "loop recorded them): rerun the headline evaluation with the current code first (make reproduce-<task>)")
+        ratio = median(a / b for a, b in secs)
+        tr = x[seeds[0]]["config"]["trainer"]
+        steps = max(1, round(tr["steps"] * ratio))
+        trainer = {"steps": steps, **{k: max(1, round(tr[k] * ratio)) for k in PERIODS if tr.get(k)}}
+        cpus = sorted({x[s]["provenance"].get("gpu") or x[s]["provenance"].get("cpu") for s in seeds}
+                      | {d[s]["provenance"].get("gpu") or d[s]["provenance"].get("cpu") for s in seeds})
+        out[base_of(opt)] = {"of": opt, "ratio": ratio, "steps": steps, "trainer": trainer, "seeds": seeds, "machine": cpus}
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", help="a task with a headline evaluation in results/<task>/cpu")
+    parser.add_argument("--results", type=Path, default=ROOT / "results", help="the results folder")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="where the run folders go (runs/<task>/cpu_equal_time)")
+    parser.add_argument("--plan", action="store_true", help="print the ratios and commands, run nothing")
+    parser.add_argument("--launcher", default="local", help="hydra launcher: local (JOBS at once), slurm, or '' (one after another)")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("overrides", nargs="*", help="extra overrides for every run (e.g. scale=smoke logger=none)")
+    args = parser.parse_intermixed_args(argv)
+    source = args.results / args.task / "cpu"
+    if not (source / record.RECORDS).exists():
+        parser.error(f"{source / record.RECORDS} does not exist: run the task's headline evaluation first (make reproduce-{args.task.replace('_', '-')})")
+    arms = plan(record.read(source))
+    if not arms:
+        parser.error(f"{source} has no X with a DoPr-X on common seeds: nothing to equalise")
+    out = args.results / args.task / "cpu_equal_time"
+    launch = [] if not args.launcher else [f"hydra/launcher={args.launcher}"]
+    if args.launcher == "local":
+        launch += [f"hydra.launcher.n_jobs={args.jobs}", f"threads={args.threads}"]
+    for x, arm in arms.items():
+        machines = ", ".join(m for m in arm["machine"] if m)
+        print(f"{x}: {arm['of']} trained {arm['ratio']:.3f}x as long per run (median over seeds {arm['seeds']}, measured on {machines}): "
+              f"{x} runs {arm['steps']} steps", flush=True)
+        cmd = [sys.executable, "-m", "experiments.train", "-m", f"+experiment={args.task}/cpu", f"optimizer={x}",
+               f"seed={','.join(map(str, arm['seeds']))}", f"results_dir={out}", f"hydra.sweep.dir={args.runs / args.task / 'cpu_equal_time'}",
+               *(f"trainer.{k}={v}" for k, v in arm["trainer"].items()),
+               f"+equal_time={{of: {arm['of']}, ratio: {arm['ratio']:.4f}, machine: '{machines}'}}", *launch, *args.overrides]
+        if args.plan:
+            print(" ".join(cmd[1:]))
+            continue
+        subprocess.run(cmd, cwd=ROOT, check=False)
+    if not args.plan and (out / record.RECORDS).exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(out)], cwd=ROOT, check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
