@@ -127,3 +127,13 @@ def resolve(cfg: DictConfig, given: set[str] | None = None) -> DictConfig:
         raise ValueError(f"trainer settings {bad} must be whole numbers >= 1 (steps between events); to evaluate or "
                          f"roll out only at the end, set them to trainer.steps ({periods.get('steps')})")
     return cfg
+
+
+def launch_overrides(launcher: str, jobs: int, threads: int) -> list[str]:
+    """The Hydra overrides that send a sweep's runs where the Makefile's LAUNCHER/JOBS/THREADS say: ``local`` runs
+    ``jobs`` at once with ``threads`` torch threads each, another launcher (``slurm``) by name, ``''`` one after
+    another in the calling process (scripts/tune.py and scripts/equal_time.py start their sweeps this way)."""
+    out = [f"hydra/launcher={launcher}"] if launcher else []
+    if launcher == "local":
+        out += [f"hydra.launcher.n_jobs={jobs}", f"threads={threads}"]
+    return out

@@ -20,6 +20,7 @@ from statistics import median
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from experiments import record  # noqa: E402
+from experiments.protocol import launch_overrides  # noqa: E402
 from experiments.registry import base_of, has_ap, rank  # noqa: E402
 
 PERIODS = ("warmup_steps", "eval_every", "rollout_every", "checkpoint_every", "log_every")
@@ -69,9 +70,7 @@ def main(argv=None) -> int:
     if not arms:
         parser.error(f"{source} has no X with a DoPr-X on common seeds: nothing to equalise")
     out = args.results / args.task / "cpu_equal_time"
-    launch = [] if not args.launcher else [f"hydra/launcher={args.launcher}"]
-    if args.launcher == "local":
-        launch += [f"hydra.launcher.n_jobs={args.jobs}", f"threads={args.threads}"]
+    launch = launch_overrides(args.launcher, args.jobs, args.threads)
     for x, arm in arms.items():
         machines = ", ".join(m for m in arm["machine"] if m)
         print(f"{x}: {arm['of']} trained {arm['ratio']:.3f}x as long per run (median over seeds {arm['seeds']}, measured on {machines}): "

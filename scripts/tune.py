@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from experiments import record, tuning  # noqa: E402
 from experiments.checkpoint import atomic_write_json  # noqa: E402
+from experiments.protocol import launch_overrides  # noqa: E402
 
 
 def compose(configs: Path, experiment: str, overrides: list[str]):
@@ -64,11 +65,9 @@ def main(argv=None) -> int:
     if stale:
         parser.error(f"{results / record.RECORDS} holds {len(stale)} runs of an older tuning protocol (e.g. {stale[0]}): "
                      f"remove them first (git rm {results / record.RECORDS}; git history keeps them)")
-    launch = [] if not args.launcher else [f"hydra/launcher={args.launcher}"]
+    launch = launch_overrides(args.launcher, args.jobs, args.threads)
     if args.configs.resolve() != (ROOT / "configs").resolve():  # the runs find the experiment in the copy too
         launch.append(f"hydra.searchpath=[file://{args.configs.resolve()}]")
-    if args.launcher == "local":
-        launch += [f"hydra.launcher.n_jobs={args.jobs}", f"threads={args.threads}"]
     progress = None
     while True:
         records = record.read(results) if (results / record.RECORDS).exists() else []
