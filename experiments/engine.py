@@ -136,11 +136,20 @@ def enable_checkpointing(model) -> None:
                          f"(transformers and diffusers models do): set trainer.grad_checkpointing=false")
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warmup, then cosine decay to 0 (as transformers' get_cosine_schedule_with_warmup)."""
+def lr_factor(step: int, warmup: int, total: int, schedule: str = "cosine", decay_fraction: float = 0.2) -> float:
+    """Linear warmup, then ``cosine`` decay to 0 (as transformers' get_cosine_schedule_with_warmup), ``constant``
+    (the LR stays at its peak: a run of k steps is the first k steps of any longer run), or ``wsd`` (warmup-stable-
+    decay: constant, then linear to 0 over the last ``decay_fraction`` of the steps)."""
+    if schedule not in ("cosine", "constant", "wsd"):
+        raise ValueError(f"trainer.schedule={schedule!r} is not a schedule: use cosine, constant or wsd")
     if step < warmup:
         return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    if schedule == "wsd":
+        decay = max(1, round(decay_fraction * total))
+        return min(1.0, (total - step) / decay)
+    return 1.0  # constant
 
 
 def machine(device: torch.device) -> dict:

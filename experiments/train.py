@@ -103,7 +103,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     # DDP averages the gradients; AP all-reduces its statistics itself (dopr's distributed="auto").
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = build_optimizer(model, cfg.optimizer, cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tr.warmup_steps, tr.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tr.warmup_steps, tr.steps, tr.get("schedule", "cosine"),
+                                                                            tr.get("decay_fraction", 0.2)))
     ema, ema_step = None, [0]
     if tr.ema_decay:
         ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update(tr.ema_decay, tr.get("ema_power"), ema_step))
