@@ -40,3 +40,22 @@ def test_performance_profile_by_hand():
     assert prof["x"]["rho"] == [1 / 3, 2 / 3, 2 / 3] and prof["y"]["rho"] == [2 / 3, 1.0, 1.0]
     # area under rho on [1, 4] over 3: x has tasks at r=1 (area 3) and r=2 (area 2): (3 + 2) / 3 tasks / 3
     assert math.isclose(prof["x"]["score"], 5 / 9) and math.isclose(prof["y"]["score"], (2 + 3 + 3) / 9)
+
+
+def test_lr_schedules_follow_their_formulas_and_reject_unknown_names():
+    import math
+
+    import pytest
+
+    from experiments.engine import lr_factor
+
+    warm, total = 10, 100
+    assert [lr_factor(s, warm, total, "constant") for s in (0, 4, 9)] == [0.1, 0.5, 1.0]  # the same warmup for all
+    assert all(lr_factor(s, warm, total, "constant") == 1.0 for s in range(warm, total))
+    for s in range(warm, total):
+        assert lr_factor(s, warm, total) == pytest.approx(0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm))))
+    # wsd: flat until the last 20% of the steps, then linear to 0 (one step before the end: 1/20)
+    assert lr_factor(79, warm, total, "wsd") == 1.0 and lr_factor(90, warm, total, "wsd") == pytest.approx(0.5)
+    assert lr_factor(99, warm, total, "wsd", 0.2) == pytest.approx(1 / 20)
+    with pytest.raises(ValueError, match="trainer.schedule='linear'.*cosine, constant or wsd"):
+        lr_factor(0, warm, total, "linear")  # named even during warmup, before the first decayed step
