@@ -379,6 +379,10 @@ def test_lm_headline_accuracy_covers_training_lengths_and_extrapolation_is_apart
     assert out["accuracy"] == 0.5  # not 2/3: the extrapolation length stays out of the headline
     assert set(result.outcomes) == {"accuracy_steps1", "accuracy_steps4", "accuracy_extrap6"}
     assert all(p["steps"] in (1, 4) for ps in task.select_sets.values() for p in ps)  # checkpoints are chosen on training lengths
+    # an intermediate rollout skips the extrapolation lengths (cheaper); the headline and selection are the same
+    mid = task.evaluate(task.model, final=False)
+    assert "accuracy_extrap6" not in mid.metrics and set(mid.outcomes) == {"accuracy_steps1", "accuracy_steps4"}
+    assert mid.metrics["accuracy"] == out["accuracy"] and mid.metrics["select_accuracy"] == out["select_accuracy"]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         bad = compose("train", overrides=["task=lm", "scale=smoke", f"task.data_dir={tmp_path}", "task.train_steps=[1,2,3,4]",
                                           "task.eval_steps=[1,5]"])
