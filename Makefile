@@ -20,10 +20,11 @@ LAUNCHER ?= local
 JOBS ?= 2
 THREADS ?= 1
 LM_OPTIMIZERS ?= adamw,dopr_adamw,muon,dopr_muon
-FLOW_OPTIMIZERS ?= adamw,dopr_adamw,muon,dopr_muon
+# flow and robot also run DoPr-X@10 (dopr_<X>_k10: AP refreshed every 10 steps; secondary, docs/protocol.md)
+FLOW_OPTIMIZERS ?= adamw,dopr_adamw,dopr_adamw_k10,muon,dopr_muon,dopr_muon_k10
 CONTROL_OPTIMIZERS ?= adamw,dopr_adamw,muon,dopr_muon,signum,dopr_signum,adamuon,dopr_adamuon
 # robot: the longest runs (DoPr) first, so that less time is left with one core idle at the end
-ROBOT_OPTIMIZERS ?= dopr_muon,dopr_adamw,muon,adamw
+ROBOT_OPTIMIZERS ?= dopr_muon,dopr_adamw,dopr_muon_k10,dopr_adamw_k10,muon,adamw
 LAUNCH := $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER),) $(if $(filter local,$(LAUNCHER)),hydra.launcher.n_jobs=$(JOBS) threads=$(THREADS),)
 
 setup: $(VENV)/.installed
