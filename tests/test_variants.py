@@ -122,3 +122,7 @@ def test_robot_cpu_reports_at_least_100_episodes_with_disjoint_selection_episode
     selection = set(range(task.select_seed, task.select_seed + task.select_episodes))
     assert not reported & selection
     assert composed("+experiment=robot/cpu").task.eval_episodes == task.eval_episodes
+    # 120 environments at once held 19 GB in one process: version 5 steps them in waves, the pixel task keeps its 10
+    assert task.rollout_envs and task.rollout_envs < task.eval_episodes + task.select_episodes
+    image = composed("task=robot_image", "scale=cpu").task
+    assert (image.eval_episodes, image.rollout_envs) == (50, 10)
