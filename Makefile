@@ -84,7 +84,8 @@ sweep-$(1)-lr: setup
 endef
 
 # make equal-time-<task>: the equal-time arm (scripts/equal_time.py): each X with a DoPr-X in results/<task>/cpu runs
-# again on the same seeds for DoPr-X's measured training time, into results/<task>/cpu_equal_time; then the summary.
+# again on the same seeds for DoPr-X's measured training time, into results/<task>/cpu_equal_time (and for DoPr-X@10's,
+# into results/<task>/cpu_equal_time_k10, where the headline evaluation ran it); then the summary.
 define equal_time
 equal-time-$(1): setup
 	$$(PY) scripts/equal_time.py $(2) --launcher "$$(LAUNCHER)" --jobs $$(JOBS) --threads $$(THREADS)
