@@ -20,10 +20,11 @@ LAUNCHER ?= local
 JOBS ?= 2
 THREADS ?= 1
 LM_OPTIMIZERS ?= adamw,dopr_adamw,muon,dopr_muon
-FLOW_OPTIMIZERS ?= adamw,dopr_adamw,muon,dopr_muon
+# flow and robot also run DoPr-X@10 (dopr_<X>_k10: AP refreshed every 10 steps; secondary, docs/protocol.md)
+FLOW_OPTIMIZERS ?= adamw,dopr_adamw,dopr_adamw_k10,muon,dopr_muon,dopr_muon_k10
 CONTROL_OPTIMIZERS ?= adamw,dopr_adamw,muon,dopr_muon,signum,dopr_signum,adamuon,dopr_adamuon
 # robot: the longest runs (DoPr) first, so that less time is left with one core idle at the end
-ROBOT_OPTIMIZERS ?= dopr_muon,dopr_adamw,muon,adamw
+ROBOT_OPTIMIZERS ?= dopr_muon,dopr_adamw,dopr_muon_k10,dopr_adamw_k10,muon,adamw
 LAUNCH := $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER),) $(if $(filter local,$(LAUNCHER)),hydra.launcher.n_jobs=$(JOBS) threads=$(THREADS),)
 
 setup: $(VENV)/.installed
@@ -83,7 +84,8 @@ sweep-$(1)-lr: setup
 endef
 
 # make equal-time-<task>: the equal-time arm (scripts/equal_time.py): each X with a DoPr-X in results/<task>/cpu runs
-# again on the same seeds for DoPr-X's measured training time, into results/<task>/cpu_equal_time; then the summary.
+# again on the same seeds for DoPr-X's measured training time, into results/<task>/cpu_equal_time (and for DoPr-X@10's,
+# into results/<task>/cpu_equal_time_k10, where the headline evaluation ran it); then the summary.
 define equal_time
 equal-time-$(1): setup
 	$$(PY) scripts/equal_time.py $(2) --launcher "$$(LAUNCHER)" --jobs $$(JOBS) --threads $$(THREADS)

@@ -18,15 +18,17 @@ from dopr.factory import AP_OPTIONS
 
 def build_optimizer(model: torch.nn.Module, opt_cfg, lr: float) -> torch.optim.Optimizer:
     """The run's optimizer from its config (configs/optimizer/<name>.yaml): a named GP of the library (adamw, muon,
-    signum, adamuon, sgd, or dopr_<one of them>: dopr.build_optimizer), or any ``torch.optim.Optimizer`` by import
-    path (``class_path``, Hydra ``_target_`` style) with its ``kwargs``, AP put in front of it when ``ap: true``
-    (AP's options, e.g. ``damping``, then go in ``kwargs`` too). docs/extending.md, "Add an optimizer"."""
+    signum, adamuon, sgd, or dopr_<one of them>: dopr.build_optimizer; ``build`` names it where the config's ``name``
+    is a label of its own, e.g. dopr_adamw_k10 builds dopr_adamw with ``update_every: 10``), or any
+    ``torch.optim.Optimizer`` by import path (``class_path``, Hydra ``_target_`` style) with its ``kwargs``, AP put in
+    front of it when ``ap: true`` (AP's options, e.g. ``damping``, then go in ``kwargs`` too). docs/extending.md, "Add
+    an optimizer"."""
     from omegaconf import OmegaConf
 
     kwargs = OmegaConf.to_container(opt_cfg.kwargs) if opt_cfg.get("kwargs") is not None else {}
     weight_decay = opt_cfg.get("weight_decay") or 0.0
     if not opt_cfg.get("class_path"):
-        return dopr.build_optimizer(model, opt_cfg.name, lr=lr, weight_decay=weight_decay, **kwargs)
+        return dopr.build_optimizer(model, opt_cfg.get("build") or opt_cfg.name, lr=lr, weight_decay=weight_decay, **kwargs)
     from hydra.utils import get_class
 
     try:

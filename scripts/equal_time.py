@@ -5,6 +5,11 @@ checkpoint periods) scaled by the time ratio, the LR schedule stretched to match
 evaluation runs themselves (the median over seeds of DoPr-X's training seconds over X's, from their records), so it
 belongs to the machine they ran on, which the records and this arm's page name.
 
+A variant DoPr-X@10 (dopr_<X>_k10: AP refreshed every 10 steps; experiments/registry.py) gets an arm of its own: X
+again for DoPr-X@10's measured time, into results/<task>/cpu_equal_time_k10. X's arm for DoPr-X ran longer than
+DoPr-X@10 trained, so pairing DoPr-X@10 with it would ask a harder question than equal time; the k10 arm asks the
+right one (docs/protocol.md: secondary; docs/tasks/flow.md, "DoPr-X@10").
+
     python scripts/equal_time.py lm            # reads results/lm/cpu, runs the arm into results/lm/cpu_equal_time
     python scripts/equal_time.py lm --plan     # the ratios and the commands, nothing run
 """
@@ -21,20 +26,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from experiments import record  # noqa: E402
 from experiments.protocol import launch_overrides  # noqa: E402
-from experiments.registry import base_of, has_ap, rank  # noqa: E402
+from experiments.registry import base_of, has_ap, rank, variant_suffix  # noqa: E402
 
 PERIODS = ("warmup_steps", "eval_every", "rollout_every", "checkpoint_every", "log_every")
 
 
-def plan(records: list[dict]) -> dict[str, dict]:
-    """{X: {"of": DoPr-X, "ratio", "steps", "trainer": {key: value}, "seeds", "cpu"}} for every X with a DoPr-X."""
+def plan(records: list[dict], suffix: str = "") -> dict[str, dict]:
+    """{X: {"of": DoPr-X, "ratio", "steps", "trainer": {key: value}, "seeds", "cpu"}} for every X with a DoPr-X; with
+    ``suffix`` ("k10") for every X with that variant of its DoPr-X (dopr_<X>_k10) instead."""
     done = [r for r in records if r["status"] == "done"]
     by = {}
     for r in done:
         by.setdefault(r["optimizer"], {})[r["seed"]] = r
     out = {}
     for opt in sorted(by, key=rank):
-        if not has_ap(opt) or base_of(opt) not in by:
+        if not has_ap(opt) or variant_suffix(opt) != suffix or base_of(opt) not in by:
             continue
         x, d = by[base_of(opt)], by[opt]
         seeds = sorted(set(x) & set(d))
@@ -66,17 +72,27 @@ def main(argv=None) -> int:
     source = args.results / args.task / "cpu"
     if not (source / record.RECORDS).exists():
         parser.error(f"{source / record.RECORDS} does not exist: run the task's headline evaluation first (make reproduce-{args.task.replace('_', '-')})")
-    arms = plan(record.read(source))
-    if not arms:
-        parser.error(f"{source} has no X with a DoPr-X on common seeds: nothing to equalise")
-    out = args.results / args.task / "cpu_equal_time"
+    records = record.read(source)
+    suffixes = sorted({variant_suffix(r["optimizer"]) for r in records if has_ap(r["optimizer"])})  # "": DoPr-X; "k10": DoPr-X@10
     launch = launch_overrides(args.launcher, args.jobs, args.threads)
+    planned = {s: plan(records, s) for s in suffixes}
+    if not any(planned.values()):
+        parser.error(f"{source} has no X with a DoPr-X on common seeds: nothing to equalise")
+    for suffix, arms in planned.items():
+        if arms:
+            run_arms(args, arms, "cpu_equal_time" + (f"_{suffix}" if suffix else ""), launch)
+    return 0
+
+
+def run_arms(args, arms: dict, name: str, launch: list[str]) -> None:
+    """Run (or with --plan print) one equal-time experiment, results/<task>/<name>, then render its page."""
+    out = args.results / args.task / name
     for x, arm in arms.items():
         machines = ", ".join(m for m in arm["machine"] if m)
         print(f"{x}: {arm['of']} trained {arm['ratio']:.3f}x as long per run (median over seeds {arm['seeds']}, measured on {machines}): "
               f"{x} runs {arm['steps']} steps", flush=True)
         cmd = [sys.executable, "-m", "experiments.train", "-m", f"+experiment={args.task}/cpu", f"optimizer={x}",
-               f"seed={','.join(map(str, arm['seeds']))}", f"results_dir={out}", f"hydra.sweep.dir={args.runs / args.task / 'cpu_equal_time'}",
+               f"seed={','.join(map(str, arm['seeds']))}", f"results_dir={out}", f"hydra.sweep.dir={args.runs / args.task / name}",
                *(f"trainer.{k}={v}" for k, v in arm["trainer"].items()),
                f"+equal_time={{of: {arm['of']}, ratio: {arm['ratio']:.4f}, machine: '{machines}'}}", *launch, *args.overrides]
         if args.plan:
@@ -85,7 +101,6 @@ def main(argv=None) -> int:
         subprocess.run(cmd, cwd=ROOT, check=False)
     if not args.plan and (out / record.RECORDS).exists():
         subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(out)], cwd=ROOT, check=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def estimate(cfg, model_config: dict) -> dict:
     dtype = getattr(torch, task.get("dtype") or "float32")
     lora = dict(task.lora) if task.get("lora") else None
     model = build(model_config, dtype, lora)
-    name = cfg.optimizer.name
+    name = cfg.optimizer.get("build") or cfg.optimizer.name  # dopr_adamw_k10 builds dopr_adamw (update_every: 10)
     opt = dopr.build_optimizer(model, name, lr=1e-4, weight_decay=0.0, **dict(cfg.optimizer.get("kwargs") or {}))
     ap = getattr(opt, "preconditioner", None)
     params = list(model.parameters())

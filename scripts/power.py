@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""How many seeds a comparison needs: a power calculation for each DoPr-X vs X pair of an experiment.
+"""How many seeds a comparison needs: a power calculation for each DoPr-X vs X pair of an experiment (and for a
+variant DoPr-X@10, experiments/registry.py: DoPr-X@10 vs X and vs DoPr-X, secondary).
 
     python scripts/power.py --runs results/control/cpu
     python scripts/power.py --runs results/control/cpu --json
@@ -37,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from experiments import record  # noqa: E402
-from experiments.registry import BASES, rank  # noqa: E402
+from experiments.registry import base_of, is_primary_pair, pairs  # noqa: E402
 from experiments.reports import load  # noqa: E402
 from experiments.stats import mdd_at, minimum_detectable_difference, seeds_needed  # noqa: E402
 
@@ -145,13 +146,12 @@ def comparisons(done: list[dict], target: float, budget: int, cap: int) -> list[
                           "one run per optimizer and seed; point --runs at an evaluation experiment such as results/<task>/cpu")
         by_opt[row["optimizer"]][int(row["seed"])] = row
     out = []
-    bases = sorted((o for o in by_opt if not o.startswith("dopr_") and f"dopr_{o}" in by_opt), key=rank)
-    for base in bases:
-        treated, control = by_opt[f"dopr_{base}"], by_opt[base]
+    for t_name, c_name in pairs(by_opt):
+        treated, control = by_opt[t_name], by_opt[c_name]
         seeds = sorted(set(treated) & set(control))
         diffs = [treated[s][f"final_{metric}"] - control[s][f"final_{metric}"] for s in seeds]
-        c = {"comparison": f"dopr_{base} vs {base}", "base": base, "primary": base in BASES[:2], "n": len(seeds), "seeds": seeds,
-             "target_mdd": target}
+        c = {"comparison": f"{t_name} vs {c_name}", "base": base_of(t_name), "primary": is_primary_pair(t_name, c_name), "n": len(seeds),
+             "seeds": seeds, "target_mdd": target}
         if len(seeds) < MIN_SEEDS:
             c["note"] = (f"only {len(seeds)} paired seed{'s' if len(seeds) != 1 else ''}: the SD of the differences needs at least "
                          f"{MIN_SEEDS}; run more seeds of both (e.g. seed=0,1,2)")

@@ -61,6 +61,22 @@ def log_to_wandb(rows: list[dict], metric: str, task: str, group: str, where: Pa
     return out
 
 
+def best_text(done: list[dict], metric: str) -> str:
+    """What `best <metric>` is: the reported metric at the checkpoint the selection instances chose (train.py), where
+    every run chose on them, else (older runs) the best rollout evaluation."""
+    if all((r["summary"].get("best") or {}).get("chosen_on") == "selection set" for r in done):
+        return (f"{metric} at the best checkpoint, the rollout evaluation chosen on the selection instances (`select_{metric}`, "
+                f"disjoint from the reported ones), so it can be worse than `final {metric}`")
+    return "the best rollout evaluation during training (best checkpoint)"
+
+
+def rollout_episodes(done: list[dict]):
+    """The reported episodes (problems) per evaluation, task.eval_episodes: one number where every run agrees, else
+    the sorted list of the values (runs of different task versions in one folder); None for a task without it."""
+    values = sorted({(r["config"].get("task") or {}).get("eval_episodes") for r in done}, key=lambda v: (v is None, v or 0))
+    return values[0] if len(values) == 1 else values
+
+
 def render(source: Path, out: Path, kind: str, shown: str) -> tuple[list[dict], dict]:
     """Write one experiment's pages into ``out``; returns (run rows, meta)."""
     done, failed = load.load_runs(source)
@@ -97,8 +113,7 @@ def render(source: Path, out: Path, kind: str, shown: str) -> tuple[list[dict], 
         "Mean ± half-width of the 95% Student-t confidence interval over seeds" + (
             f"; {metric} is a rate: its mean and [low, high] of a 95% bootstrap interval that redraws seeds and then "
             "each seed's episodes (seeds only where per-episode outcomes were not logged), inside [0, 1]" if rate else "") + ". `final` is the last step's "
-        f"weights; `best {metric}` is the best rollout evaluation during training (best checkpoint); "
-        "`best val loss` the lowest validation loss seen.", "",
+        f"weights; `best {metric}` is " + best_text(done, metric) + "; `best val loss` the lowest validation loss seen.", "",
         *([f"Task setting (the same in every run): {', '.join(f'{k} = {v:.6g}' if isinstance(v, float) else f'{k} = {v}' for k, v in sorted(setting.items()))}.", ""]
           if setting else []), table, ""]
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +146,7 @@ def render(source: Path, out: Path, kind: str, shown: str) -> tuple[list[dict], 
             "lr_sweep": kind == "lr_sweep", "damping_sweep": kind == "damping", "runs": len(done),
             "failed": [{"run": f["run_id"], "status": f["status"], "error": f.get("error", "")} for f in failed],
             "training_commits": commits, "command": " and ".join(made_by) or None, "metric_range": [0, 1] if rate else None,
-            "rollout_episodes": ((done[0]["config"].get("task") or {}).get("eval_episodes")),
+            "rollout_episodes": rollout_episodes(done),
             "horizons": {name: [n for n, _ in pts] for name, pts in horizons.items()},
             "targets": budget.targets(done, metric, higher)}
     meta.update(setting)

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from experiments.checkpoint import atomic_write_text  # noqa: E402
-from experiments.registry import pair_rank, rank  # noqa: E402
+from experiments.registry import base_of, display, is_primary_pair, pair_rank, pairs, variant_suffix  # noqa: E402
 from experiments.reports import crosstask  # noqa: E402
 from experiments.stats import bootstrap_ci, holm, iqm, mean_ci, minimum_detectable_difference, paired, probability_of_improvement, selection, spearman  # noqa: E402
 
@@ -74,7 +74,8 @@ def verdict(diff: dict, better_sign: int) -> str:
 
 
 def comparisons(entry: dict) -> list[dict]:
-    """Per base GP with its DoPr-X: the paired comparisons (computed once per entry: the bootstraps are the cost)."""
+    """The paired comparisons of the registry's pairs (experiments/registry.py: DoPr-X vs X, and a variant such as
+    DoPr-X@10 vs X and vs DoPr-X), computed once per entry: the bootstraps are the cost."""
     if "comparisons" not in entry:
         entry["comparisons"] = _comparisons(entry)
     return entry["comparisons"]
@@ -88,15 +89,15 @@ def _comparisons(entry: dict) -> list[dict]:
     for r in runs:
         by_opt[r["optimizer"]][int(r["seed"])] = r
     rows = []
-    for base in sorted((o for o in by_opt if not o.startswith("dopr_") and f"dopr_{o}" in by_opt),
-                       key=rank):
-        treated, control = by_opt[f"dopr_{base}"], by_opt[base]
+    for t_name, c_name in pairs(by_opt):
+        treated, control = by_opt[t_name], by_opt[c_name]
         d_metric = paired({s: r[metric_key] for s, r in treated.items()}, {s: r[metric_key] for s, r in control.items()})
         d_loss = paired({s: r["final_val_loss"] for s, r in treated.items()}, {s: r["final_val_loss"] for s, r in control.items()})
         x = [r[metric_key] for r in control.values()]
         dx = [r[metric_key] for r in treated.values()]
         keys = d_metric["seeds"]
-        rows.append({"base": base, "metric": d_metric, "loss": d_loss, "metric_verdict": verdict(d_metric, sign),
+        rows.append({"base": base_of(t_name), "treated": t_name, "control": c_name, "primary_pair": is_primary_pair(t_name, c_name),
+                     "ap_vs_x": c_name == base_of(t_name), "metric": d_metric, "loss": d_loss, "metric_verdict": verdict(d_metric, sign),
                      # rliable's estimators: IQM of each, P(DoPr-X beats X) on a run, both with stratified-bootstrap 95% intervals
                      "iqm": (bootstrap_ci(iqm, x), bootstrap_ci(iqm, dx)),
                      "poi": bootstrap_ci(probability_of_improvement, [sign * v for v in dx], [sign * v for v in x]),
@@ -128,10 +129,9 @@ def p_text(p: float) -> str:
     return "n/a" if math.isnan(p) else f"{p:.3f}"
 
 
-PRIMARY_BASES = ("adamw", "muon")  # the primary family: DoPr-AdamW vs AdamW and DoPr-Muon vs Muon
 PRIMARY_EXPERIMENT = "cpu"  # in each task's headline experiment, results/<task>/cpu (current task version)
+EQUAL_TIME = "cpu_equal_time"  # its equal-time arms: cpu_equal_time (X for DoPr-X's time), cpu_equal_time_k10 (for DoPr-X@10's)
 ALPHA = 0.05
-LABEL = {"adamw": "AdamW", "muon": "Muon"}
 
 
 def primary_family(entries: list[dict]) -> dict:
@@ -145,7 +145,7 @@ def primary_family(entries: list[dict]) -> dict:
         if e["folder"].name != PRIMARY_EXPERIMENT:
             continue
         for c in comparisons(e):
-            if c["base"] not in PRIMARY_BASES:
+            if not c["primary_pair"]:  # other GPs and DoPr-X@10 (experiments/registry.py) are secondary
                 continue
             (tested if c["metric"]["n"] >= 2 and not math.isnan(c["metric"]["p"]) else untested).append((e, c))
     adjusted = holm([c["metric"]["p"] for _, c in tested])
@@ -153,14 +153,31 @@ def primary_family(entries: list[dict]) -> dict:
 
 
 def family_key(e: dict, c: dict) -> tuple:
-    return (str(e["folder"]), c["base"])
+    return (str(e["folder"]), c["treated"], c["control"])
+
+
+def gp_cell(c: dict) -> str:
+    """The GP column: X for DoPr-X vs X, the pair's names for a variant's comparisons (DoPr-X@10 vs X, vs DoPr-X)."""
+    return c["base"] if c["treated"] == f"dopr_{c['base']}" and c["ap_vs_x"] else f"{c['treated']} vs {c['control']}"
+
+
+def equal_time_cell(e: dict, c: dict, equal_time: dict) -> str:
+    """DoPr-X (or DoPr-X@10) minus X given its measured training time, paired by seed: X's runs from the arm that
+    equalised that optimizer (`<task>/cpu_equal_time`, `<task>/cpu_equal_time_k10`: scripts/equal_time.py)."""
+    arm = equal_time.get((e["meta"]["task"], variant_suffix(c["treated"]))) if c["ap_vs_x"] else None
+    if arm is None:
+        return "not run" if c["ap_vs_x"] else "n/a"
+    key = f"final_{e['meta']['metric']}"
+    x = {int(float(r["seed"])): float(r[key]) for r in arm["runs"] if r["optimizer"] == c["control"]}
+    d = {int(float(r["seed"])): float(r[key]) for r in e["runs"] if r["optimizer"] == c["treated"]}
+    return ci_text(paired(d, x), 3) if set(x) & set(d) else "not run"
 
 
 def headline(entries: list[dict], family: dict) -> list[str]:
     """The paragraph the front README quotes: the primary family, Holm-adjusted, then every paired comparison."""
     tested = family["tested"]
     significant = [(e, c, q) for e, c, q in tested if q <= ALPHA]
-    name = lambda e, c: f"{e['meta']['task']} DoPr-{LABEL.get(c['base'], c['base'])}"  # noqa: E731
+    name = lambda e, c: f"{e['meta']['task']} {display(c['treated'])}"  # noqa: E731
     parts = ["## Headline (the primary family)", "",
              f"Primary family (the comparison protocol, version 3): per task, DoPr-AdamW vs AdamW and DoPr-Muon vs Muon on the "
              f"final rollout metric at the task's step budget, in each task's headline experiment (`<task>/{PRIMARY_EXPERIMENT}`); "
@@ -174,10 +191,10 @@ def headline(entries: list[dict], family: dict) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     for e, c, q in tested:
         m = e["meta"]
-        parts.append(f"| {m['task']} | DoPr-{LABEL.get(c['base'], c['base'])} vs {LABEL.get(c['base'], c['base'])} | {c['metric']['n']} | "
+        parts.append(f"| {m['task']} | {display(c['treated'])} vs {display(c['control'])} | {c['metric']['n']} | "
                      f"{m['metric']} ({'higher' if m['higher_is_better'] else 'lower'} is better) | {c['metric']['mean']:+.4g} | "
                      f"{p_text(c['metric']['p'])} | {p_text(q)} | {'yes' if q <= ALPHA else 'no'} |")
-    verdicts = [c["metric_verdict"] for e in entries for c in comparisons(e)]
+    verdicts = [c["metric_verdict"] for e in entries for c in comparisons(e) if c["ap_vs_x"]]  # not DoPr-X@10 vs DoPr-X
     few = verdicts.count("too few seeds")  # one seed (e.g. robot_image's one-seed table): no interval, not counted
     verdicts = [v for v in verdicts if v != "too few seeds"]
     better, worse = verdicts.count("**better**"), verdicts.count("**worse**")
@@ -185,6 +202,11 @@ def headline(entries: list[dict], family: dict) -> list[str]:
               f"folders, secondary GPs included), the 95% t-interval over seeds excluded 0 in favour of DoPr in {better}, against it "
               f"in {worse}, and included 0 in {len(verdicts) - better - worse}." + (f" Left out: {few} with one seed (no interval)." if few else ""), ""]
     return parts
+
+
+VARIANT_NOTE = (" Rows named `dopr_<X>_k10 vs ...` are DoPr-X@10 (AP's statistic refreshed every 10 steps, secondary): against X, "
+                "and against DoPr-X, where the X column holds DoPr-X's mean and there is no equal-time arm; against X at equal "
+                "time, X ran for DoPr-X@10's measured training time (`<task>/cpu_equal_time_k10`).")
 
 
 def verdict_table(entries: list[dict], family: dict, equal_time: dict) -> list[str]:
@@ -195,7 +217,8 @@ def verdict_table(entries: list[dict], family: dict, equal_time: dict) -> list[s
              "Holm-adjusted p over the primary family (docs/protocol.md; other GPs are secondary), the same comparison at "
              "equal training time where that arm has run (X given DoPr-X's measured training time, `<task>/cpu_equal_time`), "
              "and whether validation loss and the metric agree on the task (Spearman over its tuning runs, \"Loss versus "
-             "performance\" below).", "",
+             "performance\" below)." + (VARIANT_NOTE if any(not c["primary_pair"] and c["treated"] != f"dopr_{c['base']}"
+                                                          for e in entries for c in comparisons(e)) else ""), "",
              "| task | GP | X | DoPr-X | difference [95% CI] | adjusted p (Holm) | at equal time | loss and metric |",
              "|---|---|---|---|---|---|---|---|"]
     for e in entries:
@@ -203,15 +226,9 @@ def verdict_table(entries: list[dict], family: dict, equal_time: dict) -> list[s
         rho, reading = crosstask.agreement(e)
         for c in comparisons(e):
             q = adjusted.get(family_key(e, c))
-            holm_p = p_text(q) if q is not None else "secondary" if c["base"] not in PRIMARY_BASES else "n/a"
-            eq = "not run"
-            if m["task"] in equal_time:
-                key = f"final_{m['metric']}"
-                x = {int(float(r["seed"])): float(r[key]) for r in equal_time[m["task"]]["runs"] if r["optimizer"] == c["base"]}
-                d = {int(float(r["seed"])): float(r[key]) for r in e["runs"] if r["optimizer"] == f"dopr_{c['base']}"}
-                eq = ci_text(paired(d, x), 3) if set(x) & set(d) else "not run"
-            lines.append(f"| [{m['task']}]({m['task']}/cpu/results.md) | {c['base']} | {c['base_mean']:.4g} | {c['dopr_mean']:.4g} | "
-                         f"{ci_text(c['metric'], 3)} | {holm_p} | {eq} | {reading}" + ("" if math.isnan(rho) else f" ({rho:+.2f})") + " |")
+            holm_p = p_text(q) if q is not None else "n/a" if c["primary_pair"] else "secondary"
+            lines.append(f"| [{m['task']}]({m['task']}/cpu/results.md) | {gp_cell(c)} | {c['base_mean']:.4g} | {c['dopr_mean']:.4g} | "
+                         f"{ci_text(c['metric'], 3)} | {holm_p} | {equal_time_cell(e, c, equal_time)} | {reading}" + ("" if math.isnan(rho) else f" ({rho:+.2f})") + " |")
     return lines + [""]
 
 
@@ -226,8 +243,10 @@ def main(argv=None) -> int:
     if not entries:
         parser.error(f"no per-task report under {args.results} (results/<task>/<scale>/results_meta.json): "
                      "run a make reproduce-<task> first, or scripts/report.py on its run folders")
-    others = [e for e in entries if e["folder"].name not in (PRIMARY_EXPERIMENT, "cpu_equal_time")]
-    equal_time = {e["meta"]["task"]: e for e in entries if e["folder"].name == "cpu_equal_time"}
+    others = [e for e in entries if e["folder"].name != PRIMARY_EXPERIMENT and not e["folder"].name.startswith(EQUAL_TIME)]
+    # the equal-time arms (scripts/equal_time.py): {(task, "" or a variant's suffix such as "k10"): entry}
+    equal_time = {(e["meta"]["task"], e["folder"].name.removeprefix(EQUAL_TIME).lstrip("_")): e for e in entries
+                  if e["folder"].name.startswith(EQUAL_TIME)}
     entries = [e for e in entries if e["folder"].name == PRIMARY_EXPERIMENT]  # the headline experiments; the rest is linked below
     family = primary_family(entries)
     adjusted = {family_key(e, c): q for e, c, q in family["tested"]}
@@ -256,7 +275,7 @@ def main(argv=None) -> int:
         for c in comparisons(e):
             key = family_key(e, c)
             holm_p = p_text(adjusted[key]) if key in adjusted else "n/a (not tested)" if key in untested else "secondary"
-            parts.append(f"| [{m['task']}]({e['folder'].relative_to(args.results)}/results.md) | {e['folder'].name} | {c['base']} | "
+            parts.append(f"| [{m['task']}]({e['folder'].relative_to(args.results)}/results.md) | {e['folder'].name} | {gp_cell(c)} | "
                          f"{c['metric']['n']} | {m['metric']} ({'higher' if m['higher_is_better'] else 'lower'} is better) | "
                          f"{c['base_mean']:.4g} | {c['dopr_mean']:.4g} | {ci_text(c['metric'])} | {p_text(c['metric']['p'])} | {holm_p} | "
                          f"{c['metric_verdict']} | {mdd_text(c['mdd'])} | "

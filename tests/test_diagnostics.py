@@ -84,6 +84,6 @@ def test_every_dopr_config_sets_the_row_cap_its_committed_runs_used():
     import yaml
 
     paths = sorted((ROOT / "configs" / "optimizer").glob("dopr_*.yaml"))
-    assert len(paths) == 5
+    assert len(paths) == 7  # dopr_<X> for five GPs, and dopr_adamw_k10, dopr_muon_k10 (update_every: 10)
     for path in paths:
         assert yaml.safe_load(path.read_text())["kwargs"]["max_rows_per_dim"] == 8, path

@@ -7,11 +7,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..registry import base_of, colour, has_ap, ordered, rank
+from ..registry import base_of, colour, has_ap, ordered, rank, reference_of
 from ..stats import spearman
 from . import budget
 
-PRIMARY = ("adamw", "dopr_adamw", "muon", "dopr_muon")  # docs/protocol.md: the primary family's optimizers and tasks
+PRIMARY = ("adamw", "dopr_adamw", "muon", "dopr_muon")  # docs/protocol.md: the primary family's optimizers and tasks (no DoPr-X@10)
 PRIMARY_TASKS = ("lm", "lm_lora", "flow", "control", "robot")
 
 
@@ -93,7 +93,9 @@ def performance_profiles(entries: list[dict], out: Path) -> list[str]:
 def _ap_at_matched_loss(runs: list[dict], key: str) -> tuple[float, float, int]:
     """AP's effect on the metric at matched validation loss: the AP coefficient of an ordinary least-squares fit of
     metric ~ val_loss + AP + base GP over the runs, with its 95% t half-width. (numpy's lstsq; the t quantile from
-    scipy: no kept library offers this small a regression with its interval without pulling in statsmodels.)"""
+    scipy: no kept library offers this small a regression with its interval without pulling in statsmodels.)
+    Variants (DoPr-X@10) are left out: the AP indicator is DoPr-X's."""
+    runs = [r for r in runs if reference_of(r["optimizer"]) is None]
     import numpy as np
     from scipy import stats
 
@@ -167,24 +169,24 @@ def loss_versus_performance(entries: list[dict]) -> list[str]:
 
 def delta_figure(entry: dict, out: Path) -> str | None:
     """The paper's picture for one task: per seed, DoPr-X minus X in validation loss (x) against the same in the
-    metric (y), one colour per base GP. Returns the file name, or None without pairs."""
+    metric (y), one colour per base GP (and per variant, DoPr-X@10 minus X). Returns the file name, or None without pairs."""
     key = f"final_{entry['meta']['metric']}"
     by = {(r["optimizer"], int(float(r["seed"]))): r for r in entry["runs"]}
     pairs = {}
     for (opt, seed), r in by.items():
         if has_ap(opt) and (base_of(opt), seed) in by:
             b = by[(base_of(opt), seed)]
-            pairs.setdefault(base_of(opt), []).append((float(r["final_val_loss"]) - float(b["final_val_loss"]), float(r[key]) - float(b[key])))
+            pairs.setdefault(opt, []).append((float(r["final_val_loss"]) - float(b["final_val_loss"]), float(r[key]) - float(b[key])))
     if not pairs:
         return None
     from .figures import _pyplot, _save_png
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.4, 4.2), dpi=120)
-    for base in sorted(pairs, key=rank):
-        pts = pairs[base]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=colour(f"dopr_{base}"), label=f"DoPr-{base} - {base}",
-                   edgecolors="black", linewidths=0.5)
+    for opt in sorted(pairs, key=rank):
+        pts, base = pairs[opt], base_of(opt)
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=colour(opt), label=f"DoPr-{base} - {base}" if opt == f"dopr_{base}"
+                   else f"{opt} - {base}", edgecolors="black", linewidths=0.5, marker="o" if opt == f"dopr_{base}" else "^")
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.axvline(0, color="grey", linewidth=0.8)
     better = "up" if entry["meta"]["higher_is_better"] else "down"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..registry import base_of
 from ..stats import selection
 from .figures import _pyplot, _save_png
 
@@ -78,7 +79,7 @@ def damping_section(rows: list[dict], metric: str, higher: bool, out: Path, titl
                 best = max(have, key=lambda r: s_ * r[key])
                 picks.append(f"{best['damping']:g}")
                 bests.append(f"{best[key]:.4g}")
-            base = [r for r in base_rows if r["lr"] == lr and r["optimizer"] == opt.removeprefix("dopr_")]
+            base = [r for r in base_rows if r["lr"] == lr and r["optimizer"] == base_of(opt)]
             base_cells = ", ".join(f"{sum(r[k] for r in base if k in r) / len(base):.4g}" for k, _ in quantities) if base else "n/a"
             lines.append(f"| {opt} | {lr:g} | " + " | ".join(picks) + " | " + " | ".join(bests) + f" | {base_cells} |")
     return lines + ["", "![metric and validation loss against damping](damping.png)", ""]

@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import record
 from .. import tuning as protocol3
 from ..protocol import lr_ladder
-from ..registry import pair_rank
+from ..registry import base_of, has_ap, pair_rank
 from ..stats import mean_ci, selection
 from .figures import _pyplot, _save_png
 
@@ -74,7 +74,7 @@ def tuning_section(rows: list[dict], metric: str, higher: bool, out: Path, title
         lrs, hps = sorted({t[0] for t in trials}), sorted({t[1] for t in trials if t[1] is not None})
         where = [f"LR {lr:g}"] if len(lrs) > 1 and lr in (lrs[0], lrs[-1]) else []
         lr_edges += [opt] if where else []
-        where += [f"{'damping' if opt.startswith('dopr_') else 'weight decay'} {hp:g}"] if hp is not None and len(hps) > 1 and hp in (hps[0], hps[-1]) else []
+        where += [f"{'damping' if has_ap(opt) else 'weight decay'} {hp:g}"] if hp is not None and len(hps) > 1 and hp in (hps[0], hps[-1]) else []
         if where:
             edges.append(f"{opt} ({', '.join(where)})")
     if edges:
@@ -106,8 +106,8 @@ def tuning_section(rows: list[dict], metric: str, higher: bool, out: Path, title
     lines += ["", "## Observation 4.3: does X's learning rate carry over to DoPr-X?", "",
               "| optimizer | best LR (by metric) | X's best LR | ratio | best damping (by metric) | best LR by val loss | X's | ratio |", "|---|---|---|---|---|---|---|---|"]
     for opt in opts:
-        base = opt.removeprefix("dopr_")
-        if not opt.startswith("dopr_") or base not in selections:
+        base = base_of(opt)  # DoPr-X@10 too: its LR against X's
+        if not has_ap(opt) or base not in selections:
             continue
         d, b = selections[opt], selections[base]
         lines.append(f"| {opt} | {d['by_metric'][0]:g} | {b['by_metric'][0]:g} | {d['by_metric'][0] / b['by_metric'][0]:g} | {d['by_metric'][1]:g} | "
@@ -120,7 +120,7 @@ def tuning_section(rows: list[dict], metric: str, higher: bool, out: Path, title
         trials = by_opt[opt]
         for hp in sorted({t[1] for t in trials}, key=lambda x: -1 if x is None else x):
             pts = sorted((t[0], mean(rs, f"final_{metric}")) for t, rs in trials.items() if t[1] == hp)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=("damping " if opt.startswith("dopr_") else "wd ") + f"{hp:g}")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=("damping " if has_ap(opt) else "wd ") + f"{hp:g}")
         ax.set_xscale("log")
         lrs = sorted({t[0] for t in trials})
         ax.set_xticks(lrs, [f"{x:g}" for x in lrs])  # the grid's LRs, no overlapping minor labels
@@ -137,7 +137,7 @@ def tuning_section(rows: list[dict], metric: str, higher: bool, out: Path, title
               f"Each optimizer at its setting selected by {metric} (the suite's question), on evaluation seeds 0-4:", "", "```bash"]
     for opt in opts:
         lr, hp = selections[opt]["by_metric"]
-        own = f"optimizer.kwargs.damping={hp:g}" if opt.startswith("dopr_") else f"optimizer.weight_decay={hp:g}"
+        own = f"optimizer.kwargs.damping={hp:g}" if has_ap(opt) else f"optimizer.weight_decay={hp:g}"
         lines.append(f"python -m experiments.train -m task={task} scale={scale} optimizer={opt} lr={lr:g} {own} seed=0,1,2,3,4")
     lines += ["```", "", f"or set these entries in `configs/task/{task}.yaml` (the other optimizers' entries of `lr` stay) and run "
               f"`make reproduce-{task.replace('_', '-')}`; `task.tuned` applies whenever `lr=` is not given:", "", "```yaml"]
@@ -145,7 +145,7 @@ def tuning_section(rows: list[dict], metric: str, higher: bool, out: Path, title
     lines.append("tuned:")
     for opt in opts:
         hp = selections[opt]["by_metric"][1]
-        lines.append(f"  {opt}: " + (f"{{kwargs: {{damping: {hp:g}}}}}" if opt.startswith("dopr_") else f"{{weight_decay: {hp:g}}}"))
+        lines.append(f"  {opt}: " + (f"{{kwargs: {{damping: {hp:g}}}}}" if has_ap(opt) else f"{{weight_decay: {hp:g}}}"))
     lines += ["```", ""]
     return lines, selections
 
