@@ -186,6 +186,19 @@ def test_the_comparators_evaluation_runs_on_the_primary_familys_seeds_into_its_o
     assert cfg.optimizer.name == "shampoo_input"
 
 
+def test_the_comparators_tuning_page_joins_their_evaluation_as_the_primary_tunings_does():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import report
+
+    from experiments.reports.tuning import evaluated_by
+
+    results = Path("results") / "lm"
+    assert report.kind_and_pages(results / "cpu_tune") == ("tuning", results / "cpu")
+    assert report.kind_and_pages(results / "cpu_tune_comparators") == ("tuning", results / "cpu_comparators")
+    assert evaluated_by(results / "cpu_tune_comparators") == results / "cpu_comparators" and evaluated_by(results / "cpu_tune") == results / "cpu"
+    assert report.kind_and_pages(results / "cpu_comparators") == ("results", results / "cpu_comparators")
+
+
 @pytest.mark.slow  # 12 entry-point runs at scale=smoke (about 2 minutes): .ci/run runs the slow suite
 @pytest.mark.parametrize("name", NAMES)
 def test_each_comparator_trains_and_resumes_through_the_entry_point_with_and_without_ap(tmp_path, name):
