@@ -21,8 +21,9 @@ def build_optimizer(model: torch.nn.Module, opt_cfg, lr: float) -> torch.optim.O
     signum, adamuon, sgd, or dopr_<one of them>: dopr.build_optimizer; ``build`` names it where the config's ``name``
     is a label of its own, e.g. dopr_adamw_k10 builds dopr_adamw with ``update_every: 10``), or any
     ``torch.optim.Optimizer`` by import path (``class_path``, Hydra ``_target_`` style) with its ``kwargs``, AP put in
-    front of it when ``ap: true`` (AP's options, e.g. ``damping``, then go in ``kwargs`` too). docs/extending.md, "Add
-    an optimizer"."""
+    front of it when ``ap: true`` (AP's options, e.g. ``damping``, then go in ``kwargs`` too). A class with a
+    ``for_model(model)`` classmethod is built as the class it returns (experiments/comparators.py: one-sided Shampoo
+    keeps embeddings diagonal). docs/extending.md, "Add an optimizer"."""
     from omegaconf import OmegaConf
 
     kwargs = OmegaConf.to_container(opt_cfg.kwargs) if opt_cfg.get("kwargs") is not None else {}
@@ -38,6 +39,8 @@ def build_optimizer(model: torch.nn.Module, opt_cfg, lr: float) -> torch.optim.O
                          "name reachable from this process, e.g. torch.optim.RAdam") from None
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise ValueError(f"optimizer.class_path={opt_cfg.class_path!r} is not a torch.optim.Optimizer subclass")
+    if callable(getattr(cls, "for_model", None)):  # a class that routes parameters by their layer (e.g. embeddings apart)
+        cls = cls.for_model(model)
     if opt_cfg.get("ap"):
         return dopr.DoPr(model, base=cls, lr=lr, weight_decay=weight_decay, **kwargs)
     stray = sorted(set(kwargs) & set(AP_OPTIONS))

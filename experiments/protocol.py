@@ -13,6 +13,9 @@ import math
 from omegaconf import DictConfig, OmegaConf
 
 OmegaConf.register_new_resolver("lr_tag", lambda lr: "" if lr is None else f"-lr{lr:g}", replace=True)
+# ``name: ${ap_name:soap,${.ap}}`` in an optimizer config: "soap", or "dopr_soap" with ``optimizer.ap=true`` (AP in
+# front), so a run with AP gets its own run folder, records and place beside its base in the reports.
+OmegaConf.register_new_resolver("ap_name", lambda base, ap: f"dopr_{base}" if ap else base, replace=True)
 
 
 def lr_ladder(lr: float, k: int) -> float:

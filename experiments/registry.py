@@ -19,9 +19,13 @@ import re
 COLOURS = {"adamw": "#9ecae1", "dopr_adamw": "#08519c", "dopr_adamw_k10": "#3182bd",
            "muon": "#fdae6b", "dopr_muon": "#a63603", "dopr_muon_k10": "#e6550d",
            "signum": "#a1d99b", "dopr_signum": "#006d2c", "adamuon": "#bcbddc", "dopr_adamuon": "#54278f",
-           "sgd": "#bdbdbd", "dopr_sgd": "#252525"}
+           "sgd": "#bdbdbd", "dopr_sgd": "#252525",
+           # the comparators (docs/comparators.md), after the GPs; dopr_<one> is AP in front of it (optimizer.ap=true)
+           "soap": "#c7eae5", "dopr_soap": "#01665e", "shampoo_input": "#fbb4b9", "dopr_shampoo_input": "#ae017e",
+           "psgd_kron": "#dfc27d", "dopr_psgd_kron": "#8c510a"}
 ORDER = list(COLOURS)
-BASES = [o for o in ORDER if not o.startswith("dopr_")]  # the base GPs, in order
+BASES = [o for o in ORDER if not o.startswith("dopr_")]  # the base GPs, then the comparators, in order
+COMPARATORS = ("soap", "shampoo_input", "psgd_kron")  # what a user would pick instead of DoPr: secondary comparisons
 GREY = "#777777"
 # How the pages name a base GP in prose (DoPr-AdamW, DoPr-AdamW@10); others go by their config name.
 NAMES = {"adamw": "AdamW", "muon": "Muon", "signum": "Signum", "adamuon": "AdaMuon", "sgd": "SGD"}

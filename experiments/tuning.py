@@ -2,7 +2,9 @@
 
 - **Equal budgets over spaces of equal dimension.** Every optimizer gets the same number of trials per round, drawn
   from a scrambled Sobol sequence (scipy.stats.qmc) over its declared space: X searches LR x weight decay x one
-  hyperparameter of its own (AdamW: 1 - beta2; Muon: 1 - momentum), DoPr-X searches LR x weight decay x damping.
+  hyperparameter of its own (AdamW: 1 - beta2; Muon: 1 - momentum; the comparators, docs/comparators.md: SOAP's
+  precondition frequency, a whole number, one-sided Shampoo's ridge, PSGD's preconditioner update probability),
+  DoPr-X searches LR x weight decay x damping.
 - **Successive seeds.** Every trial runs on the first tuning seed; the best third (by the selection score) runs on
   the other tuning seeds too, and the selection is the best mean over all of them (at least 3).
 - **Selection on the selection instances.** The score is ``select_<metric>`` (problems, reference images, episodes
@@ -28,11 +30,19 @@ from .checkpoint import atomic_write_text
 EDGE = 1 / 6  # a selection this close (in log units, as a share of the range) to an end of its range is "at the edge"
 
 
-def _to_value(dim: dict, u: float) -> float:
+def _to_value(dim: dict, u: float) -> float | int:
     """A point u in [0, 1) of the unit cube to the dimension's value: log-uniform over [low, high]; for
-    ``scale: log1m`` the range is of 1 - value (1 - beta2, 1 - momentum: log-uniform near 1)."""
+    ``scale: log1m`` the range is of 1 - value (1 - beta2, 1 - momentum: log-uniform near 1); for ``type: int``
+    (a precondition frequency in steps) rounded to the nearest whole number, within [low, high]."""
     lo, hi = math.log10(dim["low"]), math.log10(dim["high"])
     x = 10 ** (lo + u * (hi - lo))
+    kind = dim.get("type", "float")
+    if kind == "int":
+        if dim.get("scale") == "log1m":
+            raise ValueError(f"a tuning dimension cannot be both type: int and scale: log1m ({dim})")
+        return min(max(int(round(x)), math.ceil(dim["low"])), math.floor(dim["high"]))
+    if kind != "float":
+        raise ValueError(f"tuning dimension type {kind!r}: choose float (the default) or int")
     return float(f"{(1 - x if dim.get('scale') == 'log1m' else x):.4g}")
 
 
@@ -43,7 +53,7 @@ def _to_unit(dim: dict, value: float) -> float:
 
 
 def sobol_points(space: dict, n: int, seed: int) -> list[dict]:
-    """``n`` points of a scrambled Sobol sequence over ``space`` ({key: {low, high, scale}}), as {key: value}."""
+    """``n`` points of a scrambled Sobol sequence over ``space`` ({key: {low, high, scale, type}}), as {key: value}."""
     from scipy.stats import qmc
 
     keys = list(space)

@@ -112,7 +112,7 @@ def measure(title, model, loss_fn, ratios, draws, damping, rounds):
         from bench_optimizer import bench
 
         settings = [("exact", {"max_rows_per_dim": None})] + [(f"{r:g}", {"max_rows_per_dim": r}) for r in ratios]
-        times, _ = bench(model, loss_fn, ["adamw"], rounds, 2, "cpu", settings)
+        times, *_ = bench(model, loss_fn, ["adamw"], rounds, 2, "cpu", settings)
         print(f"per-step time, DoPr-AdamW exact / AdamW: {times[('adamw', 'exact')] / times[('adamw', '')]:.2f} "
               f"(AdamW {1e3 * times[('adamw', '')]:.1f} ms/step, {rounds} interleaved steps)\n")
     print("| max_rows_per_dim | DoPr-AdamW / AdamW per step | layers subsampled | median over all layers | whole model | median over subsampled layers | 90th pct | max |")

@@ -18,6 +18,11 @@ own copy of the model on the same batches; variants run interleaved, one step ea
 drift of the machine hits all of them alike. The time per step is the mean over a multiple of 10
 steps, so the refreshes of update_every=10 are counted, not hidden. "AP state" is
 ``ActivationPreconditioner.state_bytes()`` after the last step (what AP keeps between steps).
+
+The comparators (docs/comparators.md: SOAP, one-sided Shampoo on the input side, PSGD-Kron; ``--comparators``,
+'' for none) run in the same rounds, built from their configs (configs/optimizer/<name>.yaml) as the training loop
+builds them; a second table per workload gives each one's time per step, its ratio to AdamW's, and its optimizer
+state (the bytes of every tensor the optimizer keeps between steps, AP's included) beside AdamW's and DoPr-AdamW's.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dopr  # noqa: E402
 import dopr.preconditioner as pre  # noqa: E402
+from experiments.registry import COMPARATORS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,16 +191,57 @@ def gram(name: str):
         pre._SPLIT_GRAM_MIN_D, pre._SHIFTED_GRAM_CALL_FLOPS, pre._GRAM_BLOCKS = saved
 
 
-def bench(model: nn.Module, loss_fn, bases, rounds: int, warmup: int, device: str, settings=VARIANTS):
-    """Mean seconds per step of each GP ((base, "")) and of DoPr-GP in each of ``settings``
-    ((base, name)), interleaved; and the AP state's bytes of each DoPr variant."""
+def comparator(model: nn.Module, name: str):
+    """The comparator ``name`` over ``model``, from its config as the training loop builds it (lr 1e-4, as every variant)."""
+    from omegaconf import OmegaConf
+
+    import experiments.protocol  # noqa: F401  (the configs' ${ap_name:...} resolver)
+    from experiments.engine import build_optimizer
+
+    return build_optimizer(model, OmegaConf.load(ROOT / "configs" / "optimizer" / f"{name}.yaml"), lr=1e-4)
+
+
+def optimizer_state_bytes(opt) -> int:
+    """Bytes of the tensors ``opt`` keeps between steps: its state, walked through containers and through the
+    objects some libraries keep there (ScalableShampoo's preconditioners), each tensor once; with AP's."""
+    seen, total = set(), 0
+
+    def walk(x, depth: int = 0) -> None:
+        nonlocal total
+        if isinstance(x, torch.Tensor):
+            if id(x) not in seen:
+                seen.add(id(x))
+                total += x.numel() * x.element_size()
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v, depth)
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            for v in x:
+                walk(v, depth)
+        elif hasattr(x, "__dict__") and not isinstance(x, (type, nn.Module)) and depth < 3:
+            for v in vars(x).values():
+                walk(v, depth + 1)
+
+    for st in opt.state.values():
+        walk(st)
+    ap = getattr(opt, "preconditioner", None)
+    return total + (ap.state_bytes() if ap is not None else 0)
+
+
+def bench(model: nn.Module, loss_fn, bases, rounds: int, warmup: int, device: str, settings=VARIANTS, comparators=()):
+    """Mean seconds per step of each GP ((base, "")), of DoPr-GP in each of ``settings`` ((base, name)) and of each
+    of ``comparators`` ((name, "comparator"); AdamW too then), interleaved; the AP state's bytes of each DoPr
+    variant; and every variant's optimizer state in bytes (``optimizer_state_bytes``)."""
     variants = {}
-    for base in bases:
+    for base in bases + (["adamw"] if comparators and "adamw" not in bases else []):
         m = copy.deepcopy(model).to(device)
         variants[(base, "")] = [m, dopr.build_optimizer(m, base, lr=1e-4), []]
-        for name, kw in settings:
+        for name, kw in settings if base in bases else ():
             m = copy.deepcopy(model).to(device)
             variants[(base, name)] = [m, dopr.build_optimizer(m, f"dopr_{base}", lr=1e-4, **kw), []]
+    for name in comparators:
+        m = copy.deepcopy(model).to(device)
+        variants[(name, "comparator")] = [m, comparator(m, name), []]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for r in range(warmup + rounds):
         for (_, name), (m, opt, times) in variants.items():
@@ -208,8 +255,8 @@ def bench(model: nn.Module, loss_fn, bases, rounds: int, warmup: int, device: st
             if r >= warmup:
                 times.append(time.perf_counter() - t0)
     seconds = {key: statistics.fmean(v[2]) for key, v in variants.items()}
-    state = {key: v[1].preconditioner.state_bytes() for key, v in variants.items() if key[1]}
-    return seconds, state
+    state = {key: v[1].preconditioner.state_bytes() for key, v in variants.items() if key[1] and key[1] != "comparator"}
+    return seconds, state, {key: optimizer_state_bytes(v[1]) for key, v in variants.items()}
 
 
 def megabytes(n: int) -> str:
@@ -224,6 +271,8 @@ def main(argv=None):
     parser.add_argument("--lm-batch", type=int, default=16, help="sequences of 128 tokens per LM step (default 16)")
     parser.add_argument("--bases", default="adamw", help="comma-separated GPs (default adamw; all: " + ",".join(dopr.BASES) + ")")
     parser.add_argument("--workloads", default="flow,robot,unet2d,llama,lora,mlp", help="comma-separated subset of the default")
+    parser.add_argument("--comparators", default=",".join(COMPARATORS), help="comma-separated comparators timed beside AdamW and "
+                        "DoPr-AdamW (default all: " + ",".join(COMPARATORS) + "; '' for none)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compare-gram", action="store_true", help="time the defaults with Z^T Z as one product against "
                         "the library's split product (dopr.preconditioner._gram_sym), in place of the usual variants")
@@ -244,6 +293,9 @@ def main(argv=None):
     for b in bases:
         if b not in dopr.BASES:
             parser.error(f"unknown GP {b!r}; choose from {', '.join(dopr.BASES)}")
+    comparators = [c.strip() for c in args.comparators.split(",") if c.strip()]
+    if set(comparators) - set(COMPARATORS):
+        parser.error(f"unknown comparators {sorted(set(comparators) - set(COMPARATORS))}; choose from {', '.join(COMPARATORS)}")
     chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
     known = ("flow", "robot", "unet2d", "llama", "lora", "mlp")
     if set(chosen) - set(known):
@@ -258,7 +310,8 @@ def main(argv=None):
         print(f"\n### {title}\n", flush=True)
         t0 = time.perf_counter()
         settings = GRAM_VARIANTS if args.compare_gram else SHIFTED_VARIANTS if args.compare_shifted else VARIANTS
-        times, state = bench(model, loss_fn, bases, rounds, args.warmup, args.device, settings)
+        plain = not (args.compare_gram or args.compare_shifted)
+        times, state, memory = bench(model, loss_fn, bases, rounds, args.warmup, args.device, settings, comparators if plain else ())
         if args.compare_gram or args.compare_shifted:
             print("| GP | X (ms/step) | " + " | ".join(f"DoPr-X {name} (ms) | ratio" for name, _ in settings) + " |")
             print("|---|---:|" + "---:|---:|" * len(settings))
@@ -275,6 +328,12 @@ def main(argv=None):
             cells = [f"{1e3 * times[(base, name)]:.2f} | {times[(base, name)] / x:.3f}" for name, _ in VARIANTS]
             mem = " / ".join(megabytes(state[(base, name)]) for name, _ in VARIANTS)
             print(f"| {base} | {1e3 * x:.2f} | " + " | ".join(cells) + f" | {mem} |")
+        if comparators:
+            adamw = times[("adamw", "")]
+            rows = [("adamw", ("adamw", ""))] + ([("dopr_adamw (default)", ("adamw", "default"))] if "adamw" in bases else [])
+            print("\n| optimizer | ms/step | ratio to AdamW | optimizer state (MiB) |\n|---|---:|---:|---:|")
+            for label, key in rows + [(c, (c, "comparator")) for c in comparators]:
+                print(f"| {label} | {1e3 * times[key]:.2f} | {times[key] / adamw:.3f} | {megabytes(memory[key])} |")
         print(f"\n({time.perf_counter() - t0:.0f} s)", flush=True)
 
 

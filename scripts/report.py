@@ -39,6 +39,8 @@ def kind_and_pages(source: Path) -> tuple[str, Path]:
     for suffix, kind in KINDS.items():
         if source.name.endswith(suffix):
             return kind, source.with_name(source.name.removesuffix(suffix))
+    if "_tune_" in source.name:  # cpu_tune_comparators: the tuning of cpu_comparators (docs/comparators.md)
+        return "tuning", tuning.evaluated_by(source)
     return "results", source
 
 

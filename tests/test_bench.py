@@ -23,6 +23,22 @@ def test_benchmark_prints_a_ratio_row_per_gp_and_workload():
             assert float(m3) > 0  # update_every=10 keeps its inverses
 
 
+def test_benchmark_times_the_comparators_beside_adamw_and_dopr_adamw_in_the_same_rounds():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_optimizer.py"), "--quick", "--workloads", "mlp"],
+                         check=True, capture_output=True, text=True, timeout=300).stdout
+    rows = re.findall(rf"^\| (adamw|dopr_adamw \(default\)|soap|shampoo_input|psgd_kron) \| {NUMBER} \| {NUMBER} \| {NUMBER} \|$", out, re.M)
+    assert [r[0] for r in rows] == ["adamw", "dopr_adamw (default)", "soap", "shampoo_input", "psgd_kron"], out
+    (_, adamw_ms, one, adamw_mib), (_, _, _, dopr_mib), *comparators = rows
+    assert float(one) == 1.0 and float(dopr_mib) == float(adamw_mib) > 0  # AP keeps nothing between steps at update_every=1
+    for _, ms, ratio, mib in comparators:
+        assert abs(float(ms) / float(adamw_ms) - float(ratio)) < 0.02 * float(ratio) + 0.002 and float(mib) > 0
+    timed = re.search(r"^\| adamw \| ([\d.]+) \| ", out, re.M).group(1)
+    assert timed == adamw_ms  # the ratios' AdamW is the one in the GP table: one set of interleaved rounds
+    none = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_optimizer.py"), "--quick", "--workloads", "mlp", "--comparators", ""],
+                          check=True, capture_output=True, text=True, timeout=300).stdout
+    assert "| optimizer |" not in none and none.count("| adamw |") == 1
+
+
 def test_rows_error_is_zero_without_subsampling_and_grows_with_fewer_rows():
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "ap_rows_error.py"), "--quick", "--ratios", "0.5,2,1000",
                           "--draws", "2", "--rounds", "0"], check=True, capture_output=True, text=True, timeout=300).stdout
@@ -95,7 +111,8 @@ def test_compare_flags_time_the_older_gram_against_the_library_in_one_run(flag, 
 def test_benchmark_can_reuse_freed_memory_as_the_training_loop_does():
     import platform
 
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_optimizer.py"), "--quick", "--workloads", "mlp", "--keep-freed-memory"],
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_optimizer.py"), "--quick", "--workloads", "mlp", "--keep-freed-memory",
+                          "--comparators", ""],
                          check=True, capture_output=True, text=True, timeout=600).stdout
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert f"freed memory kept (as in training): {glibc}" in out and out.count("| adamw |") == 1

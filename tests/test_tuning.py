@@ -173,3 +173,78 @@ def test_lr_given_on_the_command_line_says_which_tuned_settings_it_drops(capsys)
         resolve(cfg, given=set())
     cfg.optimizer.lr = 0.02
     assert resolve(cfg, given=set()).lr == 0.02
+
+
+def test_an_integer_dimension_is_searched_in_whole_numbers_inside_its_range():
+    """SOAP's precondition frequency (the comparators' tuning, docs/comparators.md): ``type: int`` rounds each point to
+    a whole number in [low, high], in every round; the edge rule and the extension work in the same log units."""
+    space = {"lr": {"low": 1e-4, "high": 1e-2}, "optimizer.kwargs.precondition_frequency": {"low": 1, "high": 100, "type": "int"}}
+    pts = tuning.sobol_points(space, 16, seed=1)
+    freqs = [p["optimizer.kwargs.precondition_frequency"] for p in pts]
+    assert all(isinstance(f, int) and 1 <= f <= 100 for f in freqs) and len(set(freqs)) >= 10
+    spec = {**SPEC, "optimizers": ["soap"], "space": {"soap": space}, "bounds": {"optimizer.kwargs.precondition_frequency": [1, 1000]}}
+    records = []
+    score = lambda opt, v: math.log10(v["optimizer.kwargs.precondition_frequency"])  # noqa: E731  best at the top: an edge
+    for _ in range(2):
+        run_phase(tuning.plan(spec, records, "accuracy", True), score, records)
+    p = tuning.plan(spec, records, "accuracy", True)
+    assert (p["round"], p["phase"]) == (2, "explore") and p["history"][0]["edges"]["soap"] == {"optimizer.kwargs.precondition_frequency": 1}
+    assert p["history"][1]["spaces"]["soap"]["optimizer.kwargs.precondition_frequency"] == {"low": 10.0, "high": 1000.0, "type": "int"}
+    assert all(isinstance(q["values"]["optimizer.kwargs.precondition_frequency"], int) for q in p["points"]["soap"])
+    with pytest.raises(ValueError, match="type 'integer'"):
+        tuning.sobol_points({"x": {"low": 1, "high": 10, "type": "integer"}}, 2, seed=1)
+
+
+@pytest.mark.parametrize("task", ["lm", "lm_lora", "flow", "control", "robot"])
+def test_the_comparators_tuning_has_the_primary_tunings_budget_and_dimension(task):
+    """configs/experiment/<task>/cpu_tune_comparators.yaml: the same trials, seeds, rounds and selection metric as the
+    task's primary tuning (cpu_tune.yaml, which it leaves alone), a 3-D space per comparator (LR over AdamW's range,
+    weight decay, one of its own), and a documented bound for every searched key."""
+    from omegaconf import OmegaConf
+
+    primary = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "experiment" / task / "cpu_tune.yaml").tune_spec)
+    spec = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "experiment" / task / "cpu_tune_comparators.yaml").tune_spec)
+    assert spec["optimizers"] == ["soap", "shampoo_input", "psgd_kron"]
+    assert {k: spec[k] for k in ("metric", "higher_is_better", "trials", "seeds", "max_rounds")} == \
+        {k: primary[k] for k in ("metric", "higher_is_better", "trials", "seeds", "max_rounds")}
+    own = {"soap": "optimizer.kwargs.precondition_frequency", "shampoo_input": "optimizer.kwargs.matrix_eps",
+           "psgd_kron": "optimizer.kwargs.preconditioner_update_probability"}
+    for opt, space in spec["space"].items():
+        assert list(space) == ["lr", "optimizer.weight_decay", own[opt]] and space["lr"] == primary["space"]["adamw"]["lr"]
+        assert all(key in spec["bounds"] for key in space)
+    plan = tuning.plan(spec, [], spec["metric"], spec["higher_is_better"])
+    assert {o: len(p) for o, p in plan["points"].items()} == {o: 16 for o in spec["optimizers"]}
+    assert all(isinstance(p["values"][own["soap"]], int) for p in plan["points"]["soap"])
+
+
+def test_the_tool_writes_the_comparators_selection_and_the_runs_apply_it(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import torch
+
+    from experiments.engine import build_optimizer
+    from experiments.protocol import resolve
+
+    task_yaml = tmp_path / "lm.yaml"
+    shutil.copy(ROOT / "configs" / "task" / "lm.yaml", task_yaml)
+    selection = {"soap": {"values": {"lr": 0.002, "optimizer.weight_decay": 0.05, "optimizer.kwargs.precondition_frequency": 16}},
+                 "shampoo_input": {"values": {"lr": 0.004, "optimizer.weight_decay": 0.2, "optimizer.kwargs.matrix_eps": 0.0011}},
+                 "psgd_kron": {"values": {"lr": 0.0007, "optimizer.weight_decay": 0.01, "optimizer.kwargs.preconditioner_update_probability": 1.0}}}
+    tuning.write_selection(task_yaml, selection, source=" (test)")
+    written = OmegaConf.load(task_yaml)
+    assert written.tuned.soap.kwargs.precondition_frequency == 16 and written.lr.adamw == 3e-3  # the primary's entries kept
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    for opt, sel in selection.items():
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose("train", overrides=["task=lm", "scale=smoke", f"optimizer={opt}"])
+        cfg.task.lr, cfg.task.tuned = written.lr, written.tuned
+        cfg = resolve(cfg, given=set())
+        built = build_optimizer(model, cfg.optimizer, cfg.lr)
+        key = next(k for k in sel["values"] if k.startswith("optimizer.kwargs."))
+        assert cfg.lr == sel["values"]["lr"] and cfg.optimizer.weight_decay == sel["values"]["optimizer.weight_decay"]
+        group = built.param_groups[0]
+        assert group["lr"] == sel["values"]["lr"] and group["weight_decay"] == sel["values"]["optimizer.weight_decay"]
+        setting = {"soap": lambda: group["precondition_frequency"], "shampoo_input": lambda: built.matrix_eps,
+                   "psgd_kron": lambda: built.precond_schedule}[opt]()
+        assert setting == sel["values"][key] and type(setting) is type(sel["values"][key]), (opt, setting)

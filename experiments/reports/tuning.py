@@ -150,6 +150,13 @@ def tuning_section(rows: list[dict], metric: str, higher: bool, out: Path, title
     return lines, selections
 
 
+def evaluated_by(tuning_dir: Path) -> Path:
+    """The experiment a tuning chose the settings of, whose pages it joins: results/<task>/cpu_tune -> .../cpu,
+    results/<task>/cpu_tune_comparators -> .../cpu_comparators (the comparators' tuning and evaluation)."""
+    name = tuning_dir.name
+    return tuning_dir.with_name(name.removesuffix("_tune") if name.endswith("_tune") else name.replace("_tune_", "_", 1))
+
+
 def protocol3_section(done: list[dict], experiment_dir: Path, metric: str) -> list[str]:
     """The page of a version-3 tuning (experiments/tuning.py), replayed from its records and the spec they carry:
     per optimizer the rounds, the trials and seeds, the selection and its score on the selection instances, beside
@@ -157,7 +164,7 @@ def protocol3_section(done: list[dict], experiment_dir: Path, metric: str) -> li
     spec = done[0]["config"]["tune_spec"]
     higher = bool(spec.get("higher_is_better", True))
     plan = protocol3.plan(spec, done, metric, higher)
-    headline = experiment_dir.with_name(experiment_dir.name.removesuffix("_tune"))
+    headline = evaluated_by(experiment_dir)
     evaluation = record.read(headline) if (headline / record.RECORDS).exists() else []
     lines = ["## Selection (protocol version 3)", "",
              f"Every optimizer searched a {len(next(iter(spec['space'].values())))}-D space with {spec['trials']} scrambled-Sobol "
