@@ -564,3 +564,39 @@ def test_validation_loss_builds_no_graph_and_restores_the_training_mode():
     model.train()
     expected = (model(torch.ones(2, 3)).sum() + model(torch.zeros(2, 3)).sum()).item() / 2
     assert abs(validation_loss(Task(), model) - expected) < 1e-6 and grad == [False, False] and model.training
+
+
+def test_lm_hard_family_is_mixed_into_training_and_the_headline_with_disjoint_selection(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from experiments.tasks import build_task
+
+    hard = "task.hard={fraction:0.25,operand_max:49,total_max:199}"
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["task=lm", "scale=smoke", f"task.data_dir={tmp_path}", "task.train_steps=[1,2]",
+                                          "task.eval_steps=[1,2]", "task.extrap_steps=[]", "task.max_len=64", hard])
+    task = build_task(cfg.task, 0, torch.device("cpu"))
+    assert set(task.eval_sets) == {"steps1", "steps2", "hard1", "hard2"}
+    assert all(len(task.eval_sets[f"hard{k}"]) == len(task.eval_sets[f"steps{k}"]) == cfg.task.eval_per_length for k in (1, 2))
+    # the hard family draws operands up to its operand_max; the easy family's stay at most 9
+    def operands(p):
+        return [abs(int(t)) for t in p["question"].split()[1:-2]]
+
+    assert any(max(operands(p)) > 9 for k in (1, 2) for p in task.eval_sets[f"hard{k}"])
+    assert all(max(operands(p)) <= 9 for k in (1, 2) for p in task.eval_sets[f"steps{k}"])
+    # a quarter of the training problems are hard: decode the encoded questions and count operands above 9
+    tok = task.tok
+    questions = [tok.decode(row.tolist()).split("\n")[0] for row in task.train[0]]
+    big = sum(any(abs(int(t)) > 9 for t in q.split()[1:-2]) for q in questions)
+    assert 0.1 < big / len(questions) <= 0.25 + 1e-9  # not every hard problem draws an operand above 9
+    for k in (1, 2):
+        reported = {p["question"] for p in task.eval_sets[f"hard{k}"]}
+        assert task.select_sets[f"hard{k}"] and not reported & {p["question"] for p in task.select_sets[f"hard{k}"]}
+    # the headline is the mean over both families' reported problems
+    task._score = lambda model, problems: [1 if problems is task.eval_sets["hard1"] else 0 for _ in problems]
+    out = task.evaluate(task.model).metrics
+    assert out["accuracy_hard1"] == 1 and out["accuracy_steps1"] == 0 and out["accuracy"] == 0.25
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        bad = compose("train", overrides=["task=lm", "scale=smoke", f"task.data_dir={tmp_path}", "task.hard={fraction:1.0,operand_max:49,total_max:199}"])
+    with pytest.raises(ValueError, match=r"task.hard.fraction=1.0 must lie in \(0, 1\)"):
+        build_task(bad.task, 0, torch.device("cpu"))

@@ -125,8 +125,15 @@ class ArithmeticLM(TokenBatches):
         self.tok = CharTokenizer()
         cache = str(Path(cfg.data_dir).expanduser()) if cfg.data_dir else None
         gen = {"cache_dir": cache, "operand_max": cfg.operand_max, "total_max": cfg.total_max}
-        train = generate_split(cfg.train_size, 1, cfg.train_steps, **gen)
-        val = generate_split(cfg.val_size, 2, cfg.train_steps, **gen)
+        hard = cfg.get("hard")  # a second, harder family of problems mixed into training, validation and the headline
+        n_hard = round(hard.fraction * cfg.train_size) if hard else 0
+        v_hard = round(hard.fraction * cfg.val_size) if hard else 0
+        train = list(generate_split(cfg.train_size - n_hard, 1, cfg.train_steps, **gen))
+        val = list(generate_split(cfg.val_size - v_hard, 2, cfg.train_steps, **gen))
+        if hard:
+            hgen = {"cache_dir": cache, "operand_max": hard.operand_max, "total_max": hard.total_max}
+            train += list(generate_split(n_hard, 21, cfg.train_steps, **hgen))
+            val += list(generate_split(v_hard, 22, cfg.train_steps, **hgen))
         self.train = encode_examples(self.tok, train, cfg.max_len)
         self.val = encode_examples(self.tok, val, cfg.max_len)
         # Rollout problems: a fixed set per chain length. The headline `accuracy` covers the lengths
@@ -136,6 +143,8 @@ class ArithmeticLM(TokenBatches):
             raise ValueError(f"task.eval_steps={list(cfg.eval_steps)} must be training lengths (task.train_steps={list(cfg.train_steps)}) "
                              f"and task.extrap_steps={extrap} must not be: move the longer lengths to task.extrap_steps")
         self.eval_sets = {f"steps{k}": list(generate_split(cfg.eval_per_length, 100 + k, [k], **gen)) for k in cfg.eval_steps}
+        if hard:  # reported as accuracy_hard<k>, inside the headline: the same number of problems per length as the easy ones
+            self.eval_sets.update({f"hard{k}": list(generate_split(cfg.eval_per_length, 500 + k, [k], **hgen)) for k in cfg.eval_steps})
         self.extrap_sets = {f"extrap{k}": list(generate_split(cfg.eval_per_length, 100 + k, [k], **gen)) for k in extrap}
         # Checkpoint selection: other problems of the training lengths (seed 300 + k, any question that
         # also appears in the reported set dropped), so that "best" numbers are not chosen on what they report.
@@ -144,6 +153,10 @@ class ArithmeticLM(TokenBatches):
             for k in cfg.eval_steps:
                 reported = {p["question"] for p in self.eval_sets[f"steps{k}"]}
                 self.select_sets[f"steps{k}"] = [p for p in generate_split(cfg.select_per_length, 300 + k, [k], **gen) if p["question"] not in reported]
+                if hard:
+                    reported = {p["question"] for p in self.eval_sets[f"hard{k}"]}
+                    self.select_sets[f"hard{k}"] = [p for p in generate_split(cfg.select_per_length, 700 + k, [k], **hgen)
+                                                    if p["question"] not in reported]
         torch.manual_seed(seed)
         self.model = build_llama(cfg, self.tok).to(device)
 
@@ -202,6 +215,12 @@ def check_settings(cfg) -> None:
     check_sizes(cfg, {"eval_per_length": 1, "select_per_length": 0, "operand_max": 1, "total_max": 1, "train_steps": 1, "eval_steps": 1,
                       "extrap_steps": 1, "model.hidden_size": 1, "model.intermediate_size": 1, "model.layers": 1, "model.heads": 1},
                 nullable=("select_per_length",), may_be_empty=("extrap_steps",))
+    hard = cfg.get("hard")
+    if hard is not None:
+        check_sizes(cfg, {"hard.operand_max": 1, "hard.total_max": 1})
+        if not 0 < hard.fraction < 1:
+            raise ValueError(f"task.hard.fraction={hard.fraction} must lie in (0, 1): the share of training and validation problems "
+                             "drawn from the harder family (task.hard=null for none)")
     if cfg.model.hidden_size % cfg.model.heads:
         raise ValueError(f"task.model.hidden_size={cfg.model.hidden_size} is not a multiple of task.model.heads={cfg.model.heads}: "
                          f"each attention head gets hidden_size / heads dimensions; change one of them")
