@@ -8,7 +8,8 @@ tuning_runs.csv and their *_meta.json), so it needs no run folders and runs on a
 
 The headline is the comparison protocol's primary family: DoPr-AdamW vs AdamW and DoPr-Muon vs Muon per
 task in results/<task>/cpu, Holm-adjusted across all tasks (one family). For every task and base GP: did AP change the rollout metric and the validation loss (paired
-over seeds: mean difference, 95% CI, paired t-test)? For every tuning: which trial validation loss
+over seeds: mean difference, 95% CI, paired t-test)? Secondary and unadjusted: DoPr-AdamW and DoPr-Muon against each
+comparator (SOAP, one-sided Shampoo, PSGD-Kron) whose runs are in results/<task>/cpu. For every tuning: which trial validation loss
 picks, which the rollout metric picks, and what picking by validation loss costs; Spearman rank
 correlation between validation loss and the rollout metric per optimizer.
 """
@@ -26,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from experiments.checkpoint import atomic_write_text  # noqa: E402
-from experiments.registry import base_of, display, is_primary_pair, pair_rank, pairs, variant_suffix  # noqa: E402
-from experiments.reports import crosstask  # noqa: E402
+from experiments.registry import COMPARATORS, base_of, display, is_primary_pair, pair_rank, pairs, variant_suffix  # noqa: E402
+from experiments.reports import budget, crosstask  # noqa: E402
 from experiments.stats import bootstrap_ci, holm, iqm, mean_ci, minimum_detectable_difference, paired, probability_of_improvement, selection, spearman  # noqa: E402
 
 
@@ -232,6 +233,61 @@ def verdict_table(entries: list[dict], family: dict, equal_time: dict) -> list[s
     return lines + [""]
 
 
+SECONDARY_REFERENCES = ("dopr_adamw", "dopr_muon")  # docs/protocol.md: each comparator against DoPr-AdamW and DoPr-Muon
+
+
+def seconds_cell(runs: list[dict]) -> str:
+    """The median over seeds of the training seconds to the main target (budget.optimizer_time): `never` when more
+    than half miss, n/a where the records carry no training seconds."""
+    values = [float(r.get("seconds_to_target", math.nan)) for r in runs]
+    t = budget.optimizer_time(values) if values and not any(math.isnan(v) for v in values) else math.nan
+    return "never" if math.isinf(t) else "n/a" if math.isnan(t) else f"{t:.0f}"
+
+
+def comparator_table(entries: list[dict]) -> list[str]:
+    """The secondary comparison (docs/protocol.md, "Secondary comparisons"): per task, DoPr-AdamW and DoPr-Muon against
+    each comparator whose runs are in the headline experiment, paired by seed within one task version (the same
+    instances), unadjusted; a task without them says so in one line."""
+    lines = ["## Secondary: DoPr-X against the comparators", "",
+             "What a user would pick instead of DoPr (docs/protocol.md, \"Secondary comparisons\"; docs/comparators.md): SOAP "
+             "(`soap`), one-sided Shampoo on the input side (`shampoo_input`) and PSGD-Kron (`psgd_kron`) at their tuned "
+             "settings, run into each task's headline experiment (`<task>/cpu`) on its evaluation seeds and instances. At equal "
+             "steps: DoPr-X minus the comparator on the final rollout metric, paired by seed (runs of one task version only), "
+             "mean [95% t-interval], the paired t-test's p, **unadjusted and secondary** (outside the Holm family and the "
+             "headline), and the MDD. At equal time: each one's median training seconds to the task's main target (\"Time to "
+             "target\" below; `never` when more than half of the seeds miss, n/a where the records carry no training seconds).", ""]
+    rows, idle = [], []
+    for e in entries:
+        m, key, sign = e["meta"], f"final_{e['meta']['metric']}", 1 if e["meta"]["higher_is_better"] else -1
+        by = defaultdict(dict)
+        for r in e["runs"]:
+            by[r["optimizer"]][(int(float(r["seed"])), int(float(r.get("task_version", 1))))] = r
+        both = [(d, c) for d in SECONDARY_REFERENCES for c in COMPARATORS if by.get(d) and by.get(c)]
+        if not both:
+            if m["task"] in crosstask.PRIMARY_TASKS or any(c in by for c in COMPARATORS):
+                idle.append(f"- {m['task']}: not run yet (" + ("no DoPr-AdamW or DoPr-Muon runs" if any(c in by for c in COMPARATORS)
+                                                              else "no comparator runs") + f" in `{m['task']}/cpu`).")
+            continue
+        for d, c in both:
+            diff = paired({k: r[key] for k, r in by[d].items()}, {k: r[key] for k, r in by[c].items()})
+            if diff["n"] == 0:
+                versions = lambda o: "/".join(sorted({str(k[1]) for k in by[o]}))  # noqa: E731
+                rows.append(f"| {m['task']} | {display(d)} | {c} | 0 | {m['metric']} | | | not paired: task version {versions(d)} "
+                            f"against {versions(c)} | | | | |")
+                continue
+            keys = diff["seeds"]
+            mdd = minimum_detectable_difference([by[d][k][key] - by[c][k][key] for k in keys])
+            rows.append(f"| {m['task']} | {display(d)} | {c} | {diff['n']} | {m['metric']} ({'higher' if sign > 0 else 'lower'} is better) | "
+                        f"{mean_ci([by[d][k][key] for k in keys])[0]:.4g} | {mean_ci([by[c][k][key] for k in keys])[0]:.4g} | "
+                        f"{ci_text(diff, 3)} | {p_text(diff['p'])} | {mdd_text(mdd)} | {verdict(diff, sign)} | "
+                        f"{seconds_cell([by[d][k] for k in keys])} / {seconds_cell([by[c][k] for k in keys])} |")
+    if rows:
+        lines += ["| task | DoPr-X | comparator | seeds | metric | DoPr-X | comparator | difference (DoPr-X minus comparator) [95% CI] | "
+                  "p (unadjusted, secondary) | MDD | at equal steps | seconds to the main target (DoPr-X / comparator) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+    return lines + idle + ([""] if idle else [])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=ROOT / "results", help="the results folder (results/<task>/<scale>/)")
@@ -281,7 +337,7 @@ def main(argv=None) -> int:
                          f"{c['metric_verdict']} | {mdd_text(c['mdd'])} | "
                          f"{interval_text(c['iqm'][0])} | {interval_text(c['iqm'][1])} | {interval_text(c['poi'], 2)} | "
                          f"{ci_text(c['loss'])} | {p_text(c['loss']['p'])} | {c['loss_verdict']} |")
-    parts += ["", *crosstask.time_to_target(entries), *crosstask.performance_profiles(entries, out.parent),
+    parts += ["", *comparator_table(entries), *crosstask.time_to_target(entries), *crosstask.performance_profiles(entries, out.parent),
               *crosstask.loss_versus_performance(entries)]
     for e in entries:
         name = crosstask.delta_figure(e, out.parent)

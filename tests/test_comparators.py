@@ -171,7 +171,7 @@ def test_psgd_keeps_the_gradient_and_runs_eagerly():
 
 
 @pytest.mark.parametrize("task", ["lm", "lm_lora", "flow", "control", "robot"])
-def test_the_comparators_evaluation_runs_on_the_primary_familys_seeds_into_its_own_records(task):
+def test_the_comparators_evaluation_runs_on_the_primary_familys_seeds_into_the_headlines_records(task):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -182,11 +182,16 @@ def test_the_comparators_evaluation_runs_on_the_primary_familys_seeds_into_its_o
         cfg = compose("train", overrides=[f"+experiment={task}/cpu_comparators", "optimizer=shampoo_input"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     assert params.seed == primary.seed == "0,1,2,3,4" and params.optimizer.split(",") == list(NAMES)
-    assert cfg.results_dir == f"results/{task}/cpu_comparators" and cfg.task.name == task and cfg.scale.name == "cpu"
-    assert cfg.optimizer.name == "shampoo_input"
+    assert cfg.results_dir == f"results/{task}/cpu" and cfg.task.name == task and cfg.scale.name == "cpu"
+    assert cfg.optimizer.name == "shampoo_input" and cfg.hydra.sweep.dir == f"runs/{task}/cpu_comparators"  # run folders apart
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):  # the same instances and settings as cpu's
+        headline = compose("train", overrides=[f"+experiment={task}/cpu", "optimizer=shampoo_input"])
+    cfg = OmegaConf.to_container(cfg, resolve=False)
+    cfg.pop("hydra")
+    assert cfg == OmegaConf.to_container(headline, resolve=False)
 
 
-def test_the_comparators_tuning_page_joins_their_evaluation_as_the_primary_tunings_does():
+def test_the_comparators_tuning_page_joins_the_headline_as_the_primary_tunings_does():
     sys.path.insert(0, str(ROOT / "scripts"))
     import report
 
@@ -194,9 +199,8 @@ def test_the_comparators_tuning_page_joins_their_evaluation_as_the_primary_tunin
 
     results = Path("results") / "lm"
     assert report.kind_and_pages(results / "cpu_tune") == ("tuning", results / "cpu")
-    assert report.kind_and_pages(results / "cpu_tune_comparators") == ("tuning", results / "cpu_comparators")
-    assert evaluated_by(results / "cpu_tune_comparators") == results / "cpu_comparators" and evaluated_by(results / "cpu_tune") == results / "cpu"
-    assert report.kind_and_pages(results / "cpu_comparators") == ("results", results / "cpu_comparators")
+    assert report.kind_and_pages(results / "cpu_tune_comparators") == ("tuning", results / "cpu")  # one tuning.md for both
+    assert evaluated_by(results / "cpu_tune_comparators") == results / "cpu" and evaluated_by(results / "cpu_tune") == results / "cpu"
 
 
 @pytest.mark.slow  # 12 entry-point runs at scale=smoke (about 2 minutes): .ci/run runs the slow suite

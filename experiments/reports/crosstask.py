@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..registry import base_of, colour, has_ap, ordered, rank, reference_of
+from ..registry import COMPARATORS, base_of, colour, has_ap, ordered, rank, reference_of
 from ..stats import spearman
 from . import budget
 
@@ -51,14 +51,17 @@ def time_to_target(entries: list[dict]) -> list[str]:
 
 
 def performance_profiles(entries: list[dict], out: Path) -> list[str]:
-    """Profiles over the tasks, in steps and in seconds, for the optimizers every primary comparison has."""
+    """Profiles over the tasks, in steps and in seconds, for the optimizers every primary comparison has and the
+    comparators (SOAP, one-sided Shampoo, PSGD-Kron) where their runs are in a task's headline experiment."""
     lines = ["## Performance profiles", "",
              "Over the tasks, for each optimizer: r = its time to the main target / the fastest optimizer's on that task, "
              "rho(tau) = the share of tasks with r <= tau, and the score = the area under rho on tau in [1, 4] / 3 (1: fastest "
-             "everywhere; 0: never within 4x of the fastest). A task where no optimizer has a time drops out.", ""]
+             "everywhere; 0: never within 4x of the fastest). A task where no optimizer has a time drops out. The optimizers: the "
+             "primary family's four and the comparators (docs/comparators.md) once their runs are in a task's headline "
+             "experiment; an optimizer not run on a task counts there as never reaching the target.", ""]
     made = []
     for unit, key in (("steps", "steps_to_target"), ("seconds", "seconds_to_target")):
-        times = {e["meta"]["task"]: {o: v[0] for o, v in _times(e, key).items() if o in PRIMARY}
+        times = {e["meta"]["task"]: {o: v[0] for o, v in _times(e, key).items() if o in PRIMARY + COMPARATORS}
                  for e in entries if e["meta"]["task"] in PRIMARY_TASKS}
         prof = budget.profile(times)
         if not prof:
@@ -94,8 +97,8 @@ def _ap_at_matched_loss(runs: list[dict], key: str) -> tuple[float, float, int]:
     """AP's effect on the metric at matched validation loss: the AP coefficient of an ordinary least-squares fit of
     metric ~ val_loss + AP + base GP over the runs, with its 95% t half-width. (numpy's lstsq; the t quantile from
     scipy: no kept library offers this small a regression with its interval without pulling in statsmodels.)
-    Variants (DoPr-X@10) are left out: the AP indicator is DoPr-X's."""
-    runs = [r for r in runs if reference_of(r["optimizer"]) is None]
+    Variants (DoPr-X@10) are left out: the AP indicator is DoPr-X's; so are the comparators, which are no base GP."""
+    runs = [r for r in runs if reference_of(r["optimizer"]) is None and base_of(r["optimizer"]) not in COMPARATORS]
     import numpy as np
     from scipy import stats
 

@@ -13,6 +13,7 @@ from ..protocol import lr_ladder
 from ..registry import base_of, has_ap, pair_rank
 from ..stats import mean_ci, selection
 from .figures import _pyplot, _save_png
+from .load import run_damping
 
 
 def trial_key(row: dict) -> tuple:
@@ -151,10 +152,57 @@ def tuning_section(rows: list[dict], metric: str, higher: bool, out: Path, title
 
 
 def evaluated_by(tuning_dir: Path) -> Path:
-    """The experiment a tuning chose the settings of, whose pages it joins: results/<task>/cpu_tune -> .../cpu,
-    results/<task>/cpu_tune_comparators -> .../cpu_comparators (the comparators' tuning and evaluation)."""
+    """The experiment a tuning chose the settings of, whose pages it joins: results/<task>/cpu_tune -> .../cpu, and
+    results/<task>/cpu_tune_comparators -> .../cpu too (the comparators' evaluation runs into the headline's records)."""
     name = tuning_dir.name
-    return tuning_dir.with_name(name.removesuffix("_tune") if name.endswith("_tune") else name.replace("_tune_", "_", 1))
+    return tuning_dir.with_name(name.removesuffix("_tune") if name.endswith("_tune") else name.split("_tune_", 1)[0])
+
+
+def joined(tuning_dir: Path) -> list[Path]:
+    """Every tuning experiment whose page goes where ``tuning_dir``'s does, ``tuning_dir`` included: beside
+    results/<task>/cpu_tune, results/<task>/cpu_tune_<y> (the comparators'), each with its records; the primary
+    (``<x>_tune``) first. One tuning.md renders them all, so no tuning's page overwrites another's."""
+    tuning_dir = Path(tuning_dir)
+    if not (tuning_dir / record.RECORDS).exists():
+        return [tuning_dir]  # run folders (report.py runs/... --out ...): that source alone
+    home = evaluated_by(tuning_dir)
+    group = {p.parent for p in tuning_dir.parent.glob(f"{home.name}_tune*/{record.RECORDS}")
+             if p.parent.name == f"{home.name}_tune" or p.parent.name.startswith(f"{home.name}_tune_")}
+    return sorted(group | {tuning_dir}, key=lambda p: (p.name != f"{home.name}_tune", p.name))
+
+
+def trial_counts(groups: list[tuple[str, list[dict]]]) -> list[str]:
+    """The page's budget check over every tuning it renders ([(experiment name, its records)]): per optimizer the
+    trials (a version-3 trial is a Sobol point, its label; a version-2 one a grid setting), trials per round, rounds
+    and runs, and whether every optimizer had the same number."""
+    lines = ["## Trial counts", "", "Every optimizer of every tuning on this page (failed trials count: they were part of the budget).", "",
+             "| optimizer | tuning | protocol | trials | trials per round | rounds | runs |", "|---|---|---|---|---|---|---|"]
+    counts, per_round = {}, {}
+    for name, records in groups:
+        for opt in sorted({r["optimizer"] for r in records}, key=pair_rank):
+            runs = [r for r in records if r["optimizer"] == opt]
+            labels = {(r["config"].get("tune") or {}).get("label") for r in runs}
+            if None in labels:  # version 2: a trial is a grid setting (lr, the optimizer's own hyperparameter)
+                trials = {trial_key({"lr": r["lr"], "damping": run_damping(r),
+                                     "weight_decay": (r["config"].get("optimizer") or {}).get("weight_decay")}) for r in runs if r["status"] == "done"}
+                counts[opt] = len(trials)
+                lines.append(f"| {opt} | {name} | 2 | {len(trials)} | - | - | {len(runs)} |")
+                continue
+            by_round = defaultdict(set)
+            for label in labels:
+                by_round[label.split("t", 1)[0]].add(label)  # r1t03: round 1, trial 3
+            sizes = sorted({len(v) for v in by_round.values()})
+            counts[opt], per_round[opt] = len(labels), "/".join(map(str, sizes))
+            lines.append(f"| {opt} | {name} | 3 | {len(labels)} | {per_round[opt]} | {len(by_round)} | {len(runs)} |")
+    if len(set(counts.values())) == 1:
+        lines += ["", f"Equal trial counts: every optimizer searched {next(iter(counts.values()))} trials."]
+    elif per_round and len(per_round) == len(counts) and len(set(per_round.values())) == 1:
+        lines += ["", f"Equal trials per round ({next(iter(per_round.values()))}) for every optimizer; the totals differ because a "
+                  "tuning's edge extension adds rounds for its own optimizers only: " + ", ".join(f"{o} {n}" for o, n in counts.items()) + "."]
+    else:
+        lines += ["", "**Unequal trial counts**: " + ", ".join(f"{o} {n}" for o, n in counts.items()) + " (docs/protocol.md asks for "
+                  "equal budgets: run the tunings to the end, or rerun the one of another protocol version)."]
+    return lines + [""]
 
 
 def protocol3_section(done: list[dict], experiment_dir: Path, metric: str) -> list[str]:
