@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 OmegaConf.register_new_resolver("lr_tag", lambda lr: "" if lr is None else f"-lr{lr:g}", replace=True)
 # ``name: ${ap_name:soap,${.ap}}`` in an optimizer config: "soap", or "dopr_soap" with ``optimizer.ap=true`` (AP in
@@ -111,9 +111,10 @@ def resolve(cfg: DictConfig, given: set[str] | None = None) -> DictConfig:
         else:
             raise ValueError(f"no learning rate for optimizer {cfg.optimizer.name!r} on task {cfg.task.name!r}: pass lr=..., add it to "
                              f"task.lr in configs/task/{cfg.task.name}.yaml, or set lr in the optimizer's config")
-        for key, value in tuned.items():
-            if f"optimizer.{key}" not in given:
-                OmegaConf.update(cfg.optimizer, key, value, merge=True)
+        with open_dict(cfg.optimizer):  # a tuned key the optimizer's config lacks (AdamW's betas from a beta2 search) is added
+            for key, value in tuned.items():
+                if f"optimizer.{key}" not in given:
+                    OmegaConf.update(cfg.optimizer, key, value, merge=True)
     else:
         dropped = {k: v for k, v in tuned.items() if f"optimizer.{k}" not in given}
         if dropped and point is None:  # a sweep sets its own grid; a single run given lr= may not expect to lose the rest

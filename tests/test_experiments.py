@@ -471,6 +471,11 @@ def test_lm_lora_does_not_inherit_the_lm_tasks_tuned_settings():
     lora, got = resolved("lm_lora")
     assert got.lr == lora.task.lr.adamw and got.optimizer.weight_decay == lora.task.tuned.adamw.weight_decay  # its own tuning's
     assert lora.task.tuned.adamw.weight_decay != lm.task.tuned.adamw.weight_decay
+    # Hydra merges lm_lora.yaml's tuned block into lm's: no key of lm's tuning may leak into a LoRA run's settings
+    from omegaconf import OmegaConf
+
+    own = OmegaConf.load(ROOT / "configs" / "task" / "lm_lora.yaml").tuned
+    assert OmegaConf.to_container(lora.task.tuned) == OmegaConf.to_container(own), "lm.yaml's tuned block leaks into lm_lora: set those keys in lm_lora.yaml"
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "configs" / "sweep").glob("*.yaml")))

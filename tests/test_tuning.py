@@ -231,9 +231,11 @@ def test_the_tool_writes_the_comparators_selection_and_the_runs_apply_it(tmp_pat
     selection = {"soap": {"values": {"lr": 0.002, "optimizer.weight_decay": 0.05, "optimizer.kwargs.precondition_frequency": 16}},
                  "shampoo_input": {"values": {"lr": 0.004, "optimizer.weight_decay": 0.2, "optimizer.kwargs.matrix_eps": 0.0011}},
                  "psgd_kron": {"values": {"lr": 0.0007, "optimizer.weight_decay": 0.01, "optimizer.kwargs.preconditioner_update_probability": 1.0}}}
+    before = OmegaConf.load(task_yaml)
     tuning.write_selection(task_yaml, selection, source=" (test)")
     written = OmegaConf.load(task_yaml)
-    assert written.tuned.soap.kwargs.precondition_frequency == 16 and written.lr.adamw == 3e-3  # the primary's entries kept
+    assert written.tuned.soap.kwargs.precondition_frequency == 16
+    assert written.lr.adamw == before.lr.adamw and written.tuned.adamw == before.tuned.adamw  # the primary's entries kept
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     for opt, sel in selection.items():
         with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
