@@ -110,6 +110,7 @@ def render(source: Path, out: Path, kind: str, shown: str) -> tuple[list[dict], 
     task_meta = [r["summary"].get("task_meta") or {} for r in done]
     setting = {k: v for k, v in task_meta[0].items() if all(m.get(k) == v for m in task_meta)}
     by = BY[kind] + (("steps",) if len({r["steps"] for r in rows}) > 1 else ())  # a budget sweep: one line per budget
+    by += tuple(k for k in ("beta2", "momentum") if kind == "tuning" and any(k in r for r in rows))  # the version-3 spaces' own axes
 
     def table_of(runs: list[dict], run_rows: list[dict]) -> str:
         return tables.summary_table(run_rows, metric, by, rate, load.episode_outcomes(runs) if rate else None,

@@ -150,3 +150,20 @@ def test_tuning_report_offers_one_more_learning_rate_to_every_optimizer(tmp_path
     text = (out / "tuning.md").read_text()
     assert "**One more learning rate each**" not in text and "lr_centre:" not in text, text
     assert "the protocol extends once" in text and "at the edge for dopr_adamw, muon." in text, text
+
+
+def test_tuning_pages_show_the_searched_beta2_of_every_adamw_trial():
+    """A version-3 tuning searches AdamW's beta2 (as betas[1]): results_runs/tuning_runs carry it where a run set it,
+    and the tuning page's table has the column, so a trial's setting can be read from the page."""
+    import csv
+
+    from experiments import record
+
+    records = {r["run_id"]: r for r in record.read(ROOT / "results" / "lm_lora" / "cpu_tune" / "records.jsonl")}
+    rows = list(csv.DictReader((ROOT / "results" / "lm_lora" / "cpu" / "tuning_runs.csv").open()))
+    adamw = [row for row in rows if row["optimizer"] == "adamw"]
+    assert adamw
+    for row in adamw:
+        assert float(row["beta2"]) == records[row["run"]]["config"]["optimizer"]["kwargs"]["betas"][1]
+    assert all(row["beta2"] == "" for row in rows if row["optimizer"] != "adamw")  # blank where no run set it
+    assert "| beta2 |" in (ROOT / "results" / "lm_lora" / "cpu" / "tuning.md").read_text()

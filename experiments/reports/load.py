@@ -94,6 +94,11 @@ def per_run_rows(done: list[dict]) -> list[dict]:
         label = (r["config"].get("tune") or {}).get("label")
         if label:  # a trial of the version-3 tuning (experiments/tuning.py)
             row["trial"] = label
+        kwargs = (r["config"].get("optimizer") or {}).get("kwargs") or {}
+        if kwargs.get("betas") is not None:  # AdamW's own searched hyperparameter (version-3 tuning); only where a run set it
+            row["beta2"] = kwargs["betas"][1]
+        if kwargs.get("momentum") is not None:  # Muon's
+            row["momentum"] = kwargs["momentum"]
         row.update({f"final_{k}": v for k, v in last["metrics"].items() if k != metric})
         row.update({f"final_select_{k}": v for k, v in last["select"].items()})
         for name, (low, high) in last["intervals"].items():

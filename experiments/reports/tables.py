@@ -35,7 +35,7 @@ def summary_table(rows: list[dict], metric: str, by: tuple = ("optimizer",), rat
     ``horizons``: load.horizon_series (their columns are shown); ``intervals``: per-run interval columns (not averaged)."""
     groups = defaultdict(list)
     for row in rows:
-        groups[tuple(row[k] for k in by)].append(row)
+        groups[tuple(row.get(k) for k in by)].append(row)  # a column only some runs have (beta2, momentum): blank elsewhere
     extra = [k for k in ("final_raw_val_loss", f"final_raw_{metric}") if any(k in row for row in rows)]  # EMA runs: the raw weights too
     extra += [key for points in (horizons or {}).values() for _, key in points]
     # per-run interval bounds (e.g. success_ci_low) stay in the CSV: averaged over seeds they mean nothing
