@@ -151,6 +151,7 @@ def write_jsonl(path: Path, records: list[dict]) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # an entry-point run (~20 s): the slow suite keeps `make test` under 10 minutes
 def test_paper_scale_lora_path_on_local_fixtures(tmp_path):
     """A tiny random Llama saved with save_pretrained and tiny files in the schemas of
     OpenMathInstruct-2, GSM8K and MATH-500 go through the real LoRA SFT path (length-bucketed batches,

@@ -207,6 +207,7 @@ def train(*overrides, run_dir: Path, fault: str | None = None):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # an entry-point run (~17 s): the slow suite keeps `make test` under 10 minutes
 def test_a_truncated_checkpoint_in_a_stopped_run_resumes_from_the_previous_one_through_the_entry_point(tmp_path):
     common = ["optimizer=dopr_adamw", "trainer.steps=9", f"task.data_dir={tmp_path / 'data'}"]  # checkpoints at 3, 6, 9
     whole = train(*common, run_dir=tmp_path / "whole")
