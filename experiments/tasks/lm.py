@@ -150,13 +150,12 @@ class ArithmeticLM(TokenBatches):
         # also appears in the reported set dropped), so that "best" numbers are not chosen on what they report.
         self.select_sets = {}
         if cfg.get("select_per_length"):
+            families = [("steps", 300, gen)] + ([("hard", 700, hgen)] if hard else [])  # (name, seed base, generator)
             for k in cfg.eval_steps:
-                reported = {p["question"] for p in self.eval_sets[f"steps{k}"]}
-                self.select_sets[f"steps{k}"] = [p for p in generate_split(cfg.select_per_length, 300 + k, [k], **gen) if p["question"] not in reported]
-                if hard:
-                    reported = {p["question"] for p in self.eval_sets[f"hard{k}"]}
-                    self.select_sets[f"hard{k}"] = [p for p in generate_split(cfg.select_per_length, 700 + k, [k], **hgen)
-                                                    if p["question"] not in reported]
+                for name, base, family in families:
+                    reported = {p["question"] for p in self.eval_sets[f"{name}{k}"]}
+                    self.select_sets[f"{name}{k}"] = [p for p in generate_split(cfg.select_per_length, base + k, [k], **family)
+                                                      if p["question"] not in reported]
         torch.manual_seed(seed)
         self.model = build_llama(cfg, self.tok).to(device)
 
