@@ -40,7 +40,10 @@ from .faults import maybe_fail
 RESUME_MAY_DIFFER = ("threads", "device", "logger", "cluster", "trainer.steps", "trainer.eval_every", "trainer.rollout_every",
                      "trainer.log_every", "trainer.checkpoint_every", "trainer.snapshot_every", "trainer.micro_batches",
                      "trainer.grad_checkpointing", "task.data_dir", "task.image_cache", "task.num_proc", "task.lr", "task.tuned",
-                     "lr_centre")
+                     "lr_centre",
+                     # a tuning trial's pointers into scripts/tune.py's points file (its index shifts when a resumed phase
+                     # lists only the trials still to run); the trial itself is its label and values, which stay in the stamp
+                     "tune.trial", "tune.points")
 
 REQUIRED = ("model", "optimizer", "scheduler", "rng", "step", "best")  # what a run checkpoint holds
 
@@ -237,7 +240,8 @@ def _config_diff(saved: str | None, now: str) -> str:
         a, b = _flat(json.loads(saved)), _flat(json.loads(now))
     except (TypeError, ValueError):
         return "its recorded settings cannot be read"
-    keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>")
+                  and not any(k == d or k.startswith(d + ".") for d in RESUME_MAY_DIFFER))
     shown = ", ".join(f"{k}: {a.get(k, '<unset>')!r} in the checkpoint, {b.get(k, '<unset>')!r} now" for k in keys[:5])
     return shown + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
@@ -262,8 +266,17 @@ def check_state(state, stamp: dict | None) -> tuple[str, str] | None:
     if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8):
         return "damaged", "its RNG state is not a byte tensor"
     if stamp is not None and state.get("config_hash") is not None and state["config_hash"] != stamp["config_hash"]:
-        return "settings", _config_diff(state.get("config"), stamp["config"])
+        if _restamped(state.get("config")) != stamp["config_hash"]:  # written before a key joined RESUME_MAY_DIFFER
+            return "settings", _config_diff(state.get("config"), stamp["config"])
     return None
+
+
+def _restamped(saved: str | None) -> str | None:
+    """The hash a checkpoint's recorded settings have under today's RESUME_MAY_DIFFER (None if unreadable)."""
+    try:
+        return config_stamp(json.loads(saved))["config_hash"] if saved else None
+    except (TypeError, ValueError):
+        return None
 
 
 def set_aside(path: Path) -> Path:

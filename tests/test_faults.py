@@ -135,6 +135,21 @@ def test_a_checkpoint_of_other_settings_is_refused_in_place_and_allowed_differen
     assert resume(path, allowed)[0]["step"] == 6
 
 
+def test_a_tuning_trial_resumes_under_another_index_and_old_stamps_are_restamped(tmp_path, monkeypatch):
+    """A resumed tuning phase lists only the trials still to run, so a trial's index into the points file shifts:
+    its folder (named by the trial's label) resumes. A checkpoint stamped before a key joined RESUME_MAY_DIFFER
+    resumes too; a real difference is still refused and named."""
+    import experiments.checkpoint as ck
+
+    trial = {**CONFIG, "tune": {"label": "r1t07", "trial": 7, "points": "/a/points-r1-explore.json"}}
+    monkeypatch.setattr(ck, "RESUME_MAY_DIFFER", tuple(k for k in ck.RESUME_MAY_DIFFER if not k.startswith("tune.")))
+    path, _ = saved_run(tmp_path, trial)  # stamped with tune.trial inside, as before the key was allowed to differ
+    monkeypatch.undo()
+    assert resume(path, {**trial, "tune": {**trial["tune"], "trial": 1, "points": "/b/points-r1-explore.json"}})[0]["step"] == 6
+    with pytest.raises(UnusableCheckpoint, match=r"other settings \(tune.label: 'r1t07' in the checkpoint, 'r1t01' now\)"):
+        resume(path, {**trial, "tune": {"label": "r1t01", "trial": 1, "points": "/b/points-r1-explore.json"}})
+
+
 def test_a_checkpoint_whose_parts_disagree_is_damaged(tmp_path):
     path, _ = saved_run(tmp_path)
     bad = load_checkpoint(path, "cpu")
