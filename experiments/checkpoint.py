@@ -215,7 +215,10 @@ def load_model_state(model: torch.nn.Module, state: dict) -> None:
 
 # ------------------------------------------------------------------------------ resuming a run
 def _drop(tree: dict, keys, prefix: str = "") -> dict:
-    return {k: _drop(v, keys, f"{prefix}{k}.") if isinstance(v, dict) else v for k, v in tree.items() if f"{prefix}{k}" not in keys}
+    """``tree`` without ``keys`` and without unset (None) leaves: a setting added to a config later with a None
+    default (off) leaves the runs written before it resumable."""
+    return {k: _drop(v, keys, f"{prefix}{k}.") if isinstance(v, dict) else v for k, v in tree.items()
+            if f"{prefix}{k}" not in keys and v is not None}
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -240,9 +243,10 @@ def _config_diff(saved: str | None, now: str) -> str:
         a, b = _flat(json.loads(saved)), _flat(json.loads(now))
     except (TypeError, ValueError):
         return "its recorded settings cannot be read"
-    keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>")
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)
                   and not any(k == d or k.startswith(d + ".") for d in RESUME_MAY_DIFFER))
-    shown = ", ".join(f"{k}: {a.get(k, '<unset>')!r} in the checkpoint, {b.get(k, '<unset>')!r} now" for k in keys[:5])
+    shown = ", ".join(f"{k}: {'<unset>' if a.get(k) is None else repr(a[k])} in the checkpoint, "
+                      f"{'<unset>' if b.get(k) is None else repr(b[k])} now" for k in keys[:5])
     return shown + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 

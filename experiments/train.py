@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import record
-from .checkpoint import atomic_write_json, config_stamp, load_model_state, model_state, resume_checkpoint, save_checkpoint
+from .checkpoint import UnusableCheckpoint, atomic_write_json, config_stamp, load_model_state, model_state, resume_checkpoint, save_checkpoint
 from .engine import (accumulate_gradients, build_optimizer, ema_update, enable_checkpointing, export_slurm_environment, init_distributed,
                      keep_freed_memory, lr_factor, machine, pick_device, shard, validation_loss)
 from .faults import maybe_fail
@@ -286,6 +286,11 @@ def main(cfg: DictConfig):
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         return run(cfg, run_dir)
+    except UnusableCheckpoint as err:  # the folder holds another run: leave its files and its record as they are
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            return None
+        sys.exit(1)
     except (ValueError, NonFiniteLoss, FileNotFoundError) as err:
         atomic_write_json(run_dir / "summary.json", {"status": "failed", "error": f"{type(err).__name__}: {err}"})
         record.finish(run_dir, results_dir(cfg))  # a failed run is recorded too: the report lists it with its reason

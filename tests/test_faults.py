@@ -148,6 +148,10 @@ def test_a_tuning_trial_resumes_under_another_index_and_old_stamps_are_restamped
     assert resume(path, {**trial, "tune": {**trial["tune"], "trial": 1, "points": "/b/points-r1-explore.json"}})[0]["step"] == 6
     with pytest.raises(UnusableCheckpoint, match=r"other settings \(tune.label: 'r1t07' in the checkpoint, 'r1t01' now\)"):
         resume(path, {**trial, "tune": {"label": "r1t01", "trial": 1, "points": "/b/points-r1-explore.json"}})
+    # a key added later with a None default (off) is no difference; set to a value, it is
+    assert resume(path, {**trial, "task": {**trial["task"], "hard": None}})[0]["step"] == 6
+    with pytest.raises(UnusableCheckpoint, match=r"task.hard: <unset> in the checkpoint, 2 now"):
+        resume(path, {**trial, "task": {**trial["task"], "hard": 2}})
 
 
 def test_a_checkpoint_whose_parts_disagree_is_damaged(tmp_path):
@@ -230,6 +234,9 @@ def test_a_truncated_checkpoint_in_a_stopped_run_resumes_from_the_previous_one_t
     run = tmp_path / "run"
     stopped = train(*common, run_dir=run, fault="step:8")  # killed in step 8: checkpoint.pt at step 6, its previous at 3
     assert stopped.returncode == -signal.SIGKILL and not (run / "summary.json").exists()
+    other = train(*common, "optimizer.weight_decay=0.5", run_dir=run)  # another run's folder: refused, nothing written there
+    assert other.returncode == 1 and "holds a run with other settings (optimizer.weight_decay:" in other.stderr
+    assert not (run / "summary.json").exists() and not (run / "record.json").exists()
     path = run / "checkpoint.pt"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     again = train(*common, run_dir=run)  # the same command
