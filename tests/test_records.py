@@ -106,6 +106,7 @@ def test_report_reads_records_and_run_folders_alike(tmp_path):
     assert {"max_rows_per_dim", "train_seconds", "final_success_ci_low", "final_select_success"} <= set(header)
 
 
+@pytest.mark.slow  # grows with every results folder (about 3 minutes by now): the fast suite rebuilds one folder below
 def test_committed_pages_are_rebuilt_from_the_committed_records_bit_for_bit(tmp_path):
     """`make report` on a clean checkout leaves git clean: every page under results/ is what the report makes from
     the records beside it (rebuilt here in a copy, compared byte for byte)."""
@@ -118,6 +119,17 @@ def test_committed_pages_are_rebuilt_from_the_committed_records_bit_for_bit(tmp_
     assert rebuilt == [p for p in committed if p.name != ".records.lock"]
     changed = [str(p) for p in committed if p.name != ".records.lock" and (ROOT / "results" / p).read_bytes() != (copy / p).read_bytes()]
     assert not changed, f"pages that `make report` would change: {changed}"
+
+
+def test_the_flagship_headline_pages_are_rebuilt_from_their_records_bit_for_bit(tmp_path):
+    """The fast suite's share of the rebuild above: results/lm/cpu (the flagship's headline pages) from its records."""
+    copy = tmp_path / "results" / "lm" / "cpu"  # the same layout: pages name their folder as results/<task>/<experiment>
+    shutil.copytree(ROOT / "results" / "lm" / "cpu", copy)
+    subprocess.run([sys.executable, "scripts/report.py", str(copy)], cwd=ROOT, check=True, capture_output=True)
+    committed = sorted(p.name for p in (ROOT / "results" / "lm" / "cpu").iterdir() if p.is_file() and p.name != ".records.lock")
+    assert sorted(p.name for p in copy.iterdir() if p.is_file() and p.name != ".records.lock") == committed
+    changed = [n for n in committed if (ROOT / "results" / "lm" / "cpu" / n).read_bytes() != (copy / n).read_bytes()]
+    assert not changed, f"pages that `python scripts/report.py results/lm/cpu` would change: {changed}"
 
 
 def test_results_hold_one_records_file_per_experiment_and_no_code():
