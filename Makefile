@@ -12,7 +12,8 @@ ROBOSUITE ?= robosuite==1.5.2
 .PHONY: equal-time-lm equal-time-lm-lora equal-time-flow equal-time-control equal-time-robot setup test test-all test-slow bench report dashboards clean-venv tune-lm tune-lm-lora tune-robot tune-flow tune-control reproduce-lm reproduce-lm-lora sweep-lm-lr reproduce-flow sweep-flow-lr reproduce-control reproduce-robot sweep-lm-damping sweep-flow-damping sweep-control-damping sweep-robot-damping
 
 SCALE ?= cpu
-SEEDS ?= 0,1,2,3,4
+# SEEDS= (empty): the experiment's own evaluation seeds (configs/experiment/<task>/cpu.yaml); SEEDS=0,1,2 for fewer
+SEEDS ?=
 # Sweeps run JOBS runs at once, THREADS torch threads each (hydra-joblib-launcher; configs/hydra/launcher/local.yaml):
 # on 2 cores two single-threaded runs beat one two-threaded run (docs/experiments.md). LAUNCHER=slurm sends
 # each run to Slurm instead; LAUNCHER= (empty) runs them one after another in this process.
@@ -71,7 +72,7 @@ clean-venv:
 define reproduce
 reproduce-$(1): setup
 	$$(PY) -m experiments.train -m +experiment=$(2)/cpu scale=$$(SCALE) results_dir=results/$(2)/$$(SCALE) \
-		hydra.sweep.dir=runs/$(2)/$$(SCALE) optimizer=$$($(3)) seed=$$(SEEDS) $$(LAUNCH)
+		hydra.sweep.dir=runs/$(2)/$$(SCALE) optimizer=$$($(3)) $$(if $$(SEEDS),seed=$$(SEEDS),) $$(LAUNCH)
 	$$(PY) scripts/report.py results/$(2)/$$(SCALE) --wandb
 	$$(PY) scripts/summary.py
 endef
