@@ -199,7 +199,7 @@ def test_an_integer_dimension_is_searched_in_whole_numbers_inside_its_range():
 def test_the_comparators_tuning_has_the_primary_tunings_budget_and_dimension(task):
     """configs/experiment/<task>/cpu_tune_comparators.yaml: the same trials, seeds, rounds and selection metric as the
     task's primary tuning (cpu_tune.yaml, which it leaves alone), a 3-D space per comparator (LR over AdamW's range,
-    weight decay, one of its own), and a documented bound for every searched key."""
+    weight decay, one of its own), the same run settings, and a documented bound for every searched key."""
     from omegaconf import OmegaConf
 
     primary = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "experiment" / task / "cpu_tune.yaml").tune_spec)
@@ -207,6 +207,9 @@ def test_the_comparators_tuning_has_the_primary_tunings_budget_and_dimension(tas
     assert spec["optimizers"] == ["soap", "shampoo_input", "psgd_kron"]
     assert {k: spec[k] for k in ("metric", "higher_is_better", "trials", "seeds", "max_rounds")} == \
         {k: primary[k] for k in ("metric", "higher_is_better", "trials", "seeds", "max_rounds")}
+    runs = {name: OmegaConf.load(ROOT / "configs" / "experiment" / task / f"{name}.yaml").get("trainer")
+            for name in ("cpu_tune", "cpu_tune_comparators")}
+    assert runs["cpu_tune"] == runs["cpu_tune_comparators"]  # the same run settings (lm: rollouts at the end only)
     own = {"soap": "optimizer.kwargs.precondition_frequency", "shampoo_input": "optimizer.kwargs.matrix_eps",
            "psgd_kron": "optimizer.kwargs.preconditioner_update_probability"}
     for opt, space in spec["space"].items():
