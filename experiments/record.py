@@ -249,6 +249,8 @@ def main(argv=None) -> int:
     p.add_argument("runs", type=Path)
     p.add_argument("experiment", type=Path)
     p.add_argument("--finished-only", action="store_true", help="skip failed and unfinished runs")
+    p.add_argument("--with-unfinished", action="store_true",
+                   help="also add runs still going or killed (status unfinished); by default they wait for their end")
     p.add_argument("--experiment-name", default=None, help="set the records' experiment name (default: the EXPERIMENT folder's name)")
     args = parser.parse_args(argv)
     if not args.runs.is_dir():
@@ -257,10 +259,17 @@ def main(argv=None) -> int:
     records = [from_run_dir(d, run_id) for run_id, d in dirs.items()]
     if args.finished_only:
         records = [r for r in records if r["status"] == "done"]
+    waiting = [] if args.with_unfinished else [r["run_id"] for r in records if r["status"] == "unfinished"]
+    records = [r for r in records if r["run_id"] not in waiting]
+    if waiting:
+        print(f"left out {len(waiting)} unfinished runs (still going, or killed: rerun their command, then add again; "
+              f"--with-unfinished adds them now): {', '.join(waiting[:5])}{' ...' if len(waiting) > 5 else ''}")
     for r in records:
         r["experiment"] = args.experiment_name or args.experiment.name
-    if not records:
+    if not records and not waiting:
         parser.error(f"no run folder under {args.runs}")
+    if not records:
+        return 0
     path = add(args.experiment, records, dirs)
     print(f"added {len(records)} records to {path} ({sum(r['status'] == 'done' for r in records)} finished)")
     return 0

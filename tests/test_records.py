@@ -91,6 +91,17 @@ def test_a_cut_or_unknown_records_file_names_the_file_and_the_fix(tmp_path):
     assert out.returncode != 0 and "update this checkout" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_adding_a_sweep_leaves_its_unfinished_runs_for_later_unless_asked(tmp_path, capsys):
+    runs, exp = tmp_path / "runs", tmp_path / "results" / "robot" / "cpu"
+    for seed in (0, 1):
+        old_run_folder(runs / f"adamw-s{seed}", "adamw", seed)
+    (runs / "adamw-s1" / "summary.json").unlink()  # still going, or killed
+    assert record.main(["add", str(runs), str(exp)]) == 0
+    assert [r["run_id"] for r in record.read(exp)] == ["adamw-s0"] and "left out 1 unfinished runs" in capsys.readouterr().out
+    assert record.main(["add", str(runs), str(exp), "--with-unfinished"]) == 0
+    assert {r["run_id"]: r["status"] for r in record.read(exp)} == {"adamw-s0": "done", "adamw-s1": "unfinished"}
+
+
 def test_report_reads_records_and_run_folders_alike(tmp_path):
     runs = tmp_path / "runs"
     for opt in ("adamw", "dopr_adamw"):
