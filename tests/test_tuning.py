@@ -207,9 +207,11 @@ def test_the_comparators_tuning_has_the_primary_tunings_budget_and_dimension(tas
     assert spec["optimizers"] == ["soap", "shampoo_input", "psgd_kron"]
     assert {k: spec[k] for k in ("metric", "higher_is_better", "trials", "seeds", "max_rounds")} == \
         {k: primary[k] for k in ("metric", "higher_is_better", "trials", "seeds", "max_rounds")}
-    runs = {name: OmegaConf.load(ROOT / "configs" / "experiment" / task / f"{name}.yaml").get("trainer")
+    runs = {name: {k: OmegaConf.load(ROOT / "configs" / "experiment" / task / f"{name}.yaml").get(k) for k in ("trainer", "task")}
             for name in ("cpu_tune", "cpu_tune_comparators")}
-    assert runs["cpu_tune"] == runs["cpu_tune_comparators"]  # the same run settings (lm: rollouts at the end only)
+    assert runs["cpu_tune"] == runs["cpu_tune_comparators"]  # the same run settings (rollouts at the end only; robot's episodes)
+    steps = OmegaConf.load(ROOT / "configs" / "task_scale" / f"{task}_cpu.yaml").trainer.steps
+    assert runs["cpu_tune"]["trainer"]["rollout_every"] == steps  # selection reads the final weights: one rollout a run
     own = {"soap": "optimizer.kwargs.precondition_frequency", "shampoo_input": "optimizer.kwargs.matrix_eps",
            "psgd_kron": "optimizer.kwargs.preconditioner_update_probability"}
     for opt, space in spec["space"].items():
