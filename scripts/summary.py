@@ -44,9 +44,29 @@ def read_csv(path: Path) -> list[dict]:
         return [{k: num(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
-def load(results: Path, include_smoke: bool = False) -> list[dict]:
-    """[{meta, runs, sweep (the tuning's meta, runs) or None, folder}] for every results/<task>/<experiment>/ report
-    (scale=smoke folders, which are not committed, only with ``include_smoke``)."""
+def current_version(configs: Path | None, task: str) -> int | None:
+    """The task's version now (``version`` in ``configs/task/<task>.yaml``), None where there is no such file."""
+    path = configs / f"{task}.yaml" if configs is not None else None
+    if path is None or not path.exists():
+        return None
+    from omegaconf import OmegaConf
+
+    version = OmegaConf.load(path).get("version")
+    return int(version) if version is not None else None
+
+
+def superseded(entry: dict, configs: Path | None) -> tuple[list[int], int] | None:
+    """(the runs' task versions, the task's version now) when none of an experiment's runs is of the task's current
+    version (docs/protocol.md: the headline counts current task versions only), else None."""
+    now = current_version(configs, entry["meta"]["task"])
+    versions = sorted({int(float(r["task_version"])) for r in entry["runs"] if r.get("task_version") not in (None, "")})
+    return (versions, now) if now is not None and versions and now not in versions else None
+
+
+def load(results: Path, include_smoke: bool = False, configs: Path | None = None) -> list[dict]:
+    """[{meta, runs, sweep (the tuning's meta, runs) or None, folder, superseded}] for every results/<task>/<experiment>/
+    report (scale=smoke folders, which are not committed, only with ``include_smoke``); ``superseded`` against the task
+    configs in ``configs`` (configs/task/)."""
     out = []
     for meta_path in sorted(results.glob("*/*/results_meta.json")):
         folder = meta_path.parent
@@ -56,6 +76,7 @@ def load(results: Path, include_smoke: bool = False) -> list[dict]:
         entry = {"meta": meta, "runs": read_csv(folder / "results_runs.csv"), "folder": folder, "sweep": None}
         if (folder / "tuning_meta.json").exists():
             entry["sweep"] = (json.loads((folder / "tuning_meta.json").read_text()), read_csv(folder / "tuning_runs.csv"))
+        entry["superseded"] = superseded(entry, configs)
         out.append(entry)
     return out
 
@@ -139,18 +160,30 @@ def primary_family(entries: list[dict]) -> dict:
     """The comparison protocol's primary family: per task, DoPr-AdamW vs AdamW and DoPr-Muon vs Muon on the final
     rollout metric in results/<task>/cpu, Holm-adjusted across all tasks as one family. A primary comparison
     without a test (fewer than 2 paired seeds) is named and left out of the family (its size depends on the seeds
-    run, never on an outcome). Returns {"tested": [(entry, comparison, adjusted p)], "untested": [(entry,
+    run, never on an outcome), and so is one whose runs are of an earlier task version (``superseded``). Returns
+    {"tested": [(entry, comparison, adjusted p)], "untested": [(entry, comparison)], "superseded": [(entry,
     comparison)]} in the order of the entries."""
-    tested, untested = [], []
+    tested, untested, stale = [], [], []
     for e in entries:
         if e["folder"].name != PRIMARY_EXPERIMENT:
+            continue
+        if e.get("superseded"):  # runs of an earlier task version: shown, never counted
+            stale += [(e, c) for c in comparisons(e) if c["primary_pair"]]
             continue
         for c in comparisons(e):
             if not c["primary_pair"]:  # other GPs and DoPr-X@10 (experiments/registry.py) are secondary
                 continue
             (tested if c["metric"]["n"] >= 2 and not math.isnan(c["metric"]["p"]) else untested).append((e, c))
     adjusted = holm([c["metric"]["p"] for _, c in tested])
-    return {"tested": [(e, c, q) for (e, c), q in zip(tested, adjusted)], "untested": untested}
+    return {"tested": [(e, c, q) for (e, c), q in zip(tested, adjusted)], "untested": untested, "superseded": stale}
+
+
+def version_note(e: dict) -> str:
+    """' (version 3; the task is now version 4)' for an experiment of an earlier task version, else ''."""
+    if not e.get("superseded"):
+        return ""
+    versions, now = e["superseded"]
+    return f" (version {'/'.join(map(str, versions))}; the task is now version {now})"
 
 
 def family_key(e: dict, c: dict) -> tuple:
@@ -187,7 +220,10 @@ def headline(entries: list[dict], family: dict) -> list[str]:
              + (": " + ", ".join(f"{name(e, c)} ({'better' if (c['metric']['mean'] > 0) == bool(e['meta']['higher_is_better']) else 'worse'}, "
                                  f"adjusted p {q:.3f})" for e, c, q in significant) if significant else "") + "."
              + (" Not in the family (fewer than 2 paired seeds, no test): " + ", ".join(f"{name(e, c)} ({c['metric']['n']} seed{'s' if c['metric']['n'] != 1 else ''})"
-                                                                                        for e, c in family["untested"]) + "." if family["untested"] else ""),
+                                                                                        for e, c in family["untested"]) + "." if family["untested"] else "")
+             + (" Not in the family (runs of an earlier task version, shown in the tables but superseded until "
+                "`make reproduce-<task>` reruns them): " + ", ".join(f"{name(e, c)}{version_note(e)}" for e, c in family["superseded"]) + "."
+                if family["superseded"] else ""),
              "", "| task | comparison | seeds | metric | difference (DoPr-X minus X) | raw p | adjusted p (Holm) | significant at 0.05 |",
              "|---|---|---|---|---|---|---|---|"]
     for e, c, q in tested:
@@ -218,7 +254,8 @@ def verdict_table(entries: list[dict], family: dict, equal_time: dict) -> list[s
              "Holm-adjusted p over the primary family (docs/protocol.md; other GPs are secondary), the same comparison at "
              "equal training time where that arm has run (X given DoPr-X's measured training time, `<task>/cpu_equal_time`), "
              "and whether validation loss and the metric agree on the task (Spearman over its tuning runs, \"Loss versus "
-             "performance\" below)." + (VARIANT_NOTE if any(not c["primary_pair"] and c["treated"] != f"dopr_{c['base']}"
+             "performance\" below). A task marked with an earlier version ran before its current calibration: its rows "
+             "are shown but are not in the primary family (\"superseded\")." + (VARIANT_NOTE if any(not c["primary_pair"] and c["treated"] != f"dopr_{c['base']}"
                                                           for e in entries for c in comparisons(e)) else ""), "",
              "| task | GP | X | DoPr-X | difference [95% CI] | adjusted p (Holm) | at equal time | loss and metric |",
              "|---|---|---|---|---|---|---|---|"]
@@ -227,8 +264,8 @@ def verdict_table(entries: list[dict], family: dict, equal_time: dict) -> list[s
         rho, reading = crosstask.agreement(e)
         for c in comparisons(e):
             q = adjusted.get(family_key(e, c))
-            holm_p = p_text(q) if q is not None else "n/a" if c["primary_pair"] else "secondary"
-            lines.append(f"| [{m['task']}]({m['task']}/cpu/results.md) | {gp_cell(c)} | {c['base_mean']:.4g} | {c['dopr_mean']:.4g} | "
+            holm_p = p_text(q) if q is not None else ("superseded" if e.get("superseded") else "n/a") if c["primary_pair"] else "secondary"
+            lines.append(f"| [{m['task']}]({m['task']}/cpu/results.md){version_note(e)} | {gp_cell(c)} | {c['base_mean']:.4g} | {c['dopr_mean']:.4g} | "
                          f"{ci_text(c['metric'], 3)} | {holm_p} | {equal_time_cell(e, c, equal_time)} | {reading}" + ("" if math.isnan(rho) else f" ({rho:+.2f})") + " |")
     return lines + [""]
 
@@ -293,9 +330,13 @@ def main(argv=None) -> int:
     parser.add_argument("--results", type=Path, default=ROOT / "results", help="the results folder (results/<task>/<scale>/)")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: <results>/README.md)")
     parser.add_argument("--include-smoke", action="store_true", help="also summarise results/<task>/smoke/ (skipped by default)")
+    parser.add_argument("--configs", type=Path, default=None,
+                        help="the task configs whose `version` marks older runs as superseded (default: configs/task/ of the "
+                             "checkout the results folder sits in; none there: nothing is marked)")
     args = parser.parse_args(argv)
     out = args.out or args.results / "README.md"
-    entries = load(args.results, args.include_smoke)
+    configs = args.configs or args.results.resolve().parent / "configs" / "task"
+    entries = load(args.results, args.include_smoke, configs if configs.is_dir() else None)
     if not entries:
         parser.error(f"no per-task report under {args.results} (results/<task>/<scale>/results_meta.json): "
                      "run a make reproduce-<task> first, or scripts/report.py on its run folders")
@@ -330,7 +371,8 @@ def main(argv=None) -> int:
         m = e["meta"]
         for c in comparisons(e):
             key = family_key(e, c)
-            holm_p = p_text(adjusted[key]) if key in adjusted else "n/a (not tested)" if key in untested else "secondary"
+            holm_p = (p_text(adjusted[key]) if key in adjusted else "n/a (not tested)" if key in untested
+                      else "superseded" if e.get("superseded") and c["primary_pair"] else "secondary")
             parts.append(f"| [{m['task']}]({e['folder'].relative_to(args.results)}/results.md) | {e['folder'].name} | {gp_cell(c)} | "
                          f"{c['metric']['n']} | {m['metric']} ({'higher' if m['higher_is_better'] else 'lower'} is better) | "
                          f"{c['base_mean']:.4g} | {c['dopr_mean']:.4g} | {ci_text(c['metric'])} | {p_text(c['metric']['p'])} | {holm_p} | "

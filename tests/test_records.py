@@ -124,7 +124,8 @@ def test_committed_pages_are_rebuilt_from_the_committed_records_bit_for_bit(tmp_
     copy = tmp_path / "results"
     shutil.copytree(ROOT / "results", copy)
     subprocess.run([sys.executable, "scripts/report.py", "--all", str(copy)], cwd=ROOT, check=True, capture_output=True)
-    subprocess.run([sys.executable, "scripts/summary.py", "--results", str(copy)], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "scripts/summary.py", "--results", str(copy), "--configs", str(ROOT / "configs" / "task")],
+                   cwd=ROOT, check=True, capture_output=True)
     committed = sorted(p.relative_to(ROOT / "results") for p in (ROOT / "results").rglob("*") if p.is_file())
     rebuilt = sorted(p.relative_to(copy) for p in copy.rglob("*") if p.is_file() and p.name != ".records.lock")
     assert rebuilt == [p for p in committed if p.name != ".records.lock"]

@@ -98,12 +98,13 @@ def test_summary_on_synthetic_reports_is_right_and_deterministic(tmp_path):
     runs = []
     for seed, d in enumerate([0.1, 0.3, 0.2]):
         for base in ("adamw", "signum"):
-            runs.append({"optimizer": base, "lr": 0.001, "seed": seed, "final_val_loss": 1.0, "final_accuracy": 0.3})
-            runs.append({"optimizer": f"dopr_{base}", "lr": 0.001, "seed": seed, "final_val_loss": 1.0, "final_accuracy": 0.3 + d, "damping": 1.0})
+            runs.append({"optimizer": base, "lr": 0.001, "seed": seed, "final_val_loss": 1.0, "final_accuracy": 0.3, "task_version": 1})
+            runs.append({"optimizer": f"dopr_{base}", "lr": 0.001, "seed": seed, "final_val_loss": 1.0, "final_accuracy": 0.3 + d,
+                         "damping": 1.0, "task_version": 1})
     _write_report(results / "delta" / "cpu", "accuracy", True, runs)
 
-    def make():
-        subprocess.run([sys.executable, "scripts/summary.py", "--results", str(results)], cwd=ROOT, check=True, capture_output=True)
+    def make(*extra):
+        subprocess.run([sys.executable, "scripts/summary.py", "--results", str(results), *extra], cwd=ROOT, check=True, capture_output=True)
         return (results / "README.md").read_text()
 
     text = make()
@@ -146,6 +147,20 @@ def test_summary_on_synthetic_reports_is_right_and_deterministic(tmp_path):
     assert f"| {2 * p_alpha:.3f} | not run |" in row, row
     assert next(line for line in verdicts.splitlines() if line.startswith("| [delta]") and "| signum |" in line).count("secondary") == 1
     assert cells[8] == "+0.50"
+
+    # delta's runs are task version 1; once its config says version 2 they are superseded: shown, out of the family
+    configs = tmp_path / "configs" / "task"
+    configs.mkdir(parents=True)
+    (configs / "delta.yaml").write_text("version: 2\n")
+    (configs / "alpha.yaml").write_text("version: 5\n")  # alpha's runs carry no version: never marked
+    text = make("--configs", str(configs))
+    assert "2 comparisons in the family; 2 significant after Holm at 0.05" in text
+    assert "(runs of an earlier task version, shown in the tables but superseded until `make reproduce-<task>` reruns " \
+           "them): delta DoPr-AdamW (version 1; the task is now version 2)." in text
+    verdicts = text.split("## Verdicts")[1].split("## Headline")[0]
+    row = next(line for line in verdicts.splitlines() if line.startswith("| [delta]") and "| adamw |" in line)
+    assert row.startswith("| [delta](delta/cpu/results.md) (version 1; the task is now version 2) |") and "| superseded |" in row
+    assert "(version" not in next(line for line in verdicts.splitlines() if line.startswith("| [alpha]"))
     # Spearman over the 3 sweep runs: loss ranks 3,2,1 vs accuracy ranks 2,3,1: 1 - 6*2/(3*8)
 
 
