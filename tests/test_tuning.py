@@ -255,3 +255,24 @@ def test_the_tool_writes_the_comparators_selection_and_the_runs_apply_it(tmp_pat
         setting = {"soap": lambda: group["precondition_frequency"], "shampoo_input": lambda: built.matrix_eps,
                    "psgd_kron": lambda: built.precond_schedule}[opt]()
         assert setting == sel["values"][key] and type(setting) is type(sel["values"][key]), (opt, setting)
+
+
+def test_every_named_experiment_composes_and_keeps_its_records_in_its_own_folder():
+    """configs/experiment/<task>/<name>.yaml (a named experiment is one file): it composes with its task, its records go
+    to results/<task>/<name> (the comparators' evaluation into its headline's, results/<task>/cpu: docs/protocol.md)
+    and its run folders under runs/<task>/, apart from every other experiment's."""
+    from hydra import compose, initialize_config_dir
+
+    import experiments.protocol  # noqa: F401  (the resolvers the configs use)
+
+    sweep_dirs = {}
+    for path in sorted((ROOT / "configs" / "experiment").glob("*/*.yaml")):
+        task, name = path.parent.name, path.stem
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose("train", overrides=[f"+experiment={task}/{name}", "optimizer=adamw"], return_hydra_config=True)
+        home = f"results/{task}/cpu" if name == "cpu_comparators" else f"results/{task}/{name}"
+        assert cfg.task.name == task and cfg.results_dir == home, (path, cfg.task.name, cfg.results_dir)
+        sweep = cfg.hydra.sweep.dir
+        assert Path(sweep).parts[:2] == ("runs", task) and sweep not in sweep_dirs, (path, sweep, sweep_dirs.get(sweep))
+        sweep_dirs[sweep] = path
+    assert len(sweep_dirs) >= 29
