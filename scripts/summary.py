@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from experiments.checkpoint import atomic_write_text  # noqa: E402
 from experiments.registry import COMPARATORS, base_of, display, is_primary_pair, pair_rank, pairs, variant_suffix  # noqa: E402
 from experiments.reports import budget, crosstask  # noqa: E402
+from experiments.reports.load import current_version  # noqa: E402
 from experiments.stats import bootstrap_ci, holm, iqm, mean_ci, minimum_detectable_difference, paired, probability_of_improvement, selection, spearman  # noqa: E402
 
 
@@ -42,17 +43,6 @@ def read_csv(path: Path) -> list[dict]:
 
     with open(path, newline="") as f:
         return [{k: num(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
-
-
-def current_version(configs: Path | None, task: str) -> int | None:
-    """The task's version now (``version`` in ``configs/task/<task>.yaml``), None where there is no such file."""
-    path = configs / f"{task}.yaml" if configs is not None else None
-    if path is None or not path.exists():
-        return None
-    from omegaconf import OmegaConf
-
-    version = OmegaConf.load(path).get("version")
-    return int(version) if version is not None else None
 
 
 def superseded(entry: dict, configs: Path | None) -> tuple[list[int], int] | None:

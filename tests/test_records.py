@@ -123,7 +123,8 @@ def test_committed_pages_are_rebuilt_from_the_committed_records_bit_for_bit(tmp_
     the records beside it (rebuilt here in a copy, compared byte for byte)."""
     copy = tmp_path / "results"
     shutil.copytree(ROOT / "results", copy)
-    subprocess.run([sys.executable, "scripts/report.py", "--all", str(copy)], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "scripts/report.py", "--all", str(copy), "--configs", str(ROOT / "configs" / "task")],
+                   cwd=ROOT, check=True, capture_output=True)
     subprocess.run([sys.executable, "scripts/summary.py", "--results", str(copy), "--configs", str(ROOT / "configs" / "task")],
                    cwd=ROOT, check=True, capture_output=True)
     committed = sorted(p.relative_to(ROOT / "results") for p in (ROOT / "results").rglob("*") if p.is_file())
@@ -137,11 +138,36 @@ def test_the_flagship_headline_pages_are_rebuilt_from_their_records_bit_for_bit(
     """The fast suite's share of the rebuild above: results/lm/cpu (the flagship's headline pages) from its records."""
     copy = tmp_path / "results" / "lm" / "cpu"  # the same layout: pages name their folder as results/<task>/<experiment>
     shutil.copytree(ROOT / "results" / "lm" / "cpu", copy)
-    subprocess.run([sys.executable, "scripts/report.py", str(copy)], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "scripts/report.py", str(copy), "--configs", str(ROOT / "configs" / "task")], cwd=ROOT, check=True,
+                   capture_output=True)
     committed = sorted(p.name for p in (ROOT / "results" / "lm" / "cpu").iterdir() if p.is_file() and p.name != ".records.lock")
     assert sorted(p.name for p in copy.iterdir() if p.is_file() and p.name != ".records.lock") == committed
     changed = [n for n in committed if (ROOT / "results" / "lm" / "cpu" / n).read_bytes() != (copy / n).read_bytes()]
     assert not changed, f"pages that `python scripts/report.py results/lm/cpu` would change: {changed}"
+
+
+def test_a_page_of_runs_older_than_the_task_version_says_so(tmp_path):
+    """results/<task>/cpu of an earlier task version is marked superseded; a probe's page says what version it ran at;
+    runs of the current version carry no mark. The version comes from the checkout's configs/task/<task>.yaml."""
+    versions = {r["config"]["task"].get("version", 1) for r in record.read(ROOT / "results" / "lm" / "cpu")}
+    assert len(versions) == 1
+    ran = versions.pop()
+    for experiment in ("cpu", "calibration"):
+        shutil.copytree(ROOT / "results" / "lm" / "cpu", tmp_path / "results" / "lm" / experiment,
+                        ignore=shutil.ignore_patterns("tuning*"))
+    configs = tmp_path / "configs" / "task"
+    configs.mkdir(parents=True)
+
+    def page(experiment: str, now: int) -> str:
+        (configs / "lm.yaml").write_text(f"version: {now}\n")
+        folder = tmp_path / "results" / "lm" / experiment
+        subprocess.run([sys.executable, "scripts/report.py", str(folder)], cwd=ROOT, check=True, capture_output=True)  # configs beside
+        return (folder / "results.md").read_text()
+
+    assert f"**Superseded**: these runs are of task version {ran}; `configs/task/lm.yaml` is now at version {ran + 1}" in page("cpu", ran + 1)
+    assert "Superseded" not in page("cpu", ran) and f"task version {ran}" not in page("cpu", ran)
+    probe = page("calibration", ran + 1)
+    assert f"These runs are of task version {ran} (`configs/task/lm.yaml` is now at version {ran + 1})" in probe and "Superseded" not in probe
 
 
 def test_results_hold_one_records_file_per_experiment_and_no_code():

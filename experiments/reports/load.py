@@ -137,3 +137,14 @@ def curves(done: list[dict], key: str) -> dict[str, dict[int, list[float]]]:
             if isinstance(value, (int, float)):
                 out[r["summary"]["optimizer"]][e["step"]].append(value)
     return out
+
+
+def current_version(configs: Path | None, task: str) -> int | None:
+    """The task's version now (``version`` in ``configs/task/<task>.yaml``), None where there is no such file."""
+    path = configs / f"{task}.yaml" if configs is not None else None
+    if path is None or not path.exists():
+        return None
+    from omegaconf import OmegaConf
+
+    version = OmegaConf.load(path).get("version")
+    return int(version) if version is not None else None
