@@ -17,7 +17,8 @@ A record (schema version ``SCHEMA``)::
     provenance   git_commit, dirty, torch, python, threads, cpu, cpu_count, gpu (or null), world_size
     config       the resolved Hydra config the run trained with
     evals        one row per evaluation, in step order: step, train_seconds (training so far, without
-                 evaluation, rollouts and checkpoints; null for runs older than the field), val_loss,
+                 evaluation, rollouts and checkpoints; null for runs older than the field), train_cpu_seconds
+                 (the process's CPU time over the same steps; absent in older runs), val_loss,
                  rollout_seconds, metrics {name: value} on the reported instances, select {name: value} on
                  the selection instances, intervals {name: [low, high]} (a metric's per-run interval),
                  horizons {series: {horizon: metric name}} (where the headline metric by rollout horizon is), raw {val_loss,
@@ -64,9 +65,11 @@ def split_row(row: dict, metric: str) -> dict:
     eval row. ``metric`` is the task's headline metric (its per-horizon values are decoded from its name)."""
     out = {"step": row["step"], "train_seconds": row.get("train_seconds"), "val_loss": _number(row.get("val_loss")),
            "rollout_seconds": row.get("rollout_seconds"), "metrics": {}, "select": {}, "intervals": {}, "horizons": {}}
+    if row.get("train_cpu_seconds") is not None:  # runs since the field: the process's CPU time over the same steps
+        out["train_cpu_seconds"] = row["train_cpu_seconds"]
     raw = {k[4:]: _number(v) for k, v in row.items() if k.startswith("raw_")}
     flat = {k: _number(v) for k, v in row.items() if not k.startswith("raw_")
-            and k not in ("step", "train_seconds", "val_loss", "rollout_seconds")}
+            and k not in ("step", "train_seconds", "train_cpu_seconds", "val_loss", "rollout_seconds")}
     horizon = re.compile(rf"^{re.escape(metric)}_(?P<series>[A-Za-z_]*?)_?(?P<n>\d+)$")
     for key, value in flat.items():
         if key.startswith("select_"):

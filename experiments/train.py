@@ -127,10 +127,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     # The newest usable of checkpoint.pt and the one before it (checkpoint.prev.pt); a damaged one is set aside.
     state = resume_checkpoint(ckpt_path, stamp, restore, set_aside_files=lead)
     start, best, final_row, train_seconds = 0, {}, None, 0.0  # train_seconds: training steps only (no evaluation, rollout, checkpoint)
+    train_cpu_seconds = 0.0  # the CPU time of this process over the same steps: wall well above it means shared cores or a pause
     if state is not None:
         start, best, final_row = state["step"], state["best"], state.get("final")
         seconds_before = state.get("seconds", 0.0)
         train_seconds = state.get("train_seconds", 0.0)
+        train_cpu_seconds = state.get("train_cpu_seconds") or 0.0
         print(f"resuming {run_dir} from step {start}", flush=True)
 
     if start >= tr.steps:  # already finished: train and evaluate nothing, return the summary the run wrote
@@ -157,8 +159,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             if ap is not None:
                 logger.log({"step": 0, "ap_coverage": ap.coverage()})
 
-    def evaluate(step: int, rollout: bool, seconds: float) -> dict:
-        row = {"step": step, "train_seconds": round(seconds, 3), "val_loss": validation_loss(task, eval_model)}
+    def evaluate(step: int, rollout: bool, seconds: float, cpu_seconds: float) -> dict:
+        row = {"step": step, "train_seconds": round(seconds, 3), "train_cpu_seconds": round(cpu_seconds, 3),
+               "val_loss": validation_loss(task, eval_model)}
         if ema is not None:  # the raw weights too, under raw_*: the EMA and the raw weights can disagree
             row["raw_val_loss"] = validation_loss(task, model)
         if rollout:
@@ -198,7 +201,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     t_start = time.time()
     for step in range(start, tr.steps):
         maybe_fail("step")
-        t_step = time.perf_counter()
+        t_step, cpu_step = time.perf_counter(), time.process_time()
         batch = shard(task.train_batch(step), rank, world)
         seen = accumulate_gradients(task, train_model, batch, micro, ap, autocast, train_model.no_sync if world > 1 else None)
         if world > 1:  # every process must see the same loss to stop together on a non-finite one
@@ -217,6 +220,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             ema_step[0] = step  # the n-th update (the first one copies the weights)
             ema.update_parameters(model)
         train_seconds += time.perf_counter() - t_step
+        train_cpu_seconds += time.process_time() - cpu_step
         done = step + 1
         snapshot(done)
         if lead and (done % tr.log_every == 0 or done == tr.steps):
@@ -231,7 +235,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             print(f"step {done}/{tr.steps} loss {seen.item():.4f} lr {row['lr']:.2e} {rate:.2f} it/s eta {eta / 60:.1f} min", flush=True)
         rollout = done % tr.rollout_every == 0 or done == tr.steps
         if lead and (done % tr.eval_every == 0 or rollout):
-            final_row = evaluate(done, rollout, train_seconds)
+            final_row = evaluate(done, rollout, train_seconds, train_cpu_seconds)
             if ap is not None:  # per-layer anisotropy of the inputs: cond(Sigma) at this step's refresh
                 conds = ap.condition_numbers()
                 finite = sorted(c for c in conds.values() if math.isfinite(c))
@@ -241,6 +245,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             save_checkpoint(ckpt_path, {"model": model_state(model), "optimizer": opt.state_dict(),
                                         "scheduler": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                                         "rng": torch.get_rng_state(), "step": done, "best": best, "train_seconds": train_seconds,
+                                        "train_cpu_seconds": train_cpu_seconds,
                                         "seconds": seconds_before + time.time() - t_start,
                                         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                                         "final": final_row if done == tr.steps else None, **stamp}, keep_previous=True)

@@ -48,6 +48,9 @@ def test_one_run_logs_jsonl_and_an_offline_wandb_run(tmp_path, optimizer):
         assert set(items) <= {0, 1} and abs(sum(items) / len(items) - final[0][key]) < 1e-9
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "done" and summary["final"]["step"] == 6 and summary["optimizer"] == optimizer
+    # training time twice: wall (the budget axis) and the process's CPU time (wall far above it: shared cores, a pause)
+    last = json.loads((run / "record.json").read_text())["evals"][-1]
+    assert 0 < last["train_cpu_seconds"] and 0 < last["train_seconds"] and "train_cpu_seconds" not in last["metrics"]
     assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run"
     machine = json.loads((run / "config.json").read_text())["machine"]
     assert machine["threads"] >= 1 and machine["cpu"] and machine["torch"] == torch.__version__

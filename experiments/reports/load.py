@@ -90,6 +90,7 @@ def per_run_rows(done: list[dict]) -> list[dict]:
                "min_val_loss": s["best"]["min_val_loss"], f"final_{metric}": last["metrics"][metric],
                f"best_{metric}": s["best"]["metric"], "best_step": s["best"]["step"], "run": r["run_id"],
                "wall_seconds": s.get("wall_seconds"), "train_seconds": last.get("train_seconds"),
+               **({"train_cpu_seconds": last["train_cpu_seconds"]} if last.get("train_cpu_seconds") is not None else {}),
                "final_rollout_seconds": last.get("rollout_seconds")}
         label = (r["config"].get("tune") or {}).get("label")
         if label:  # a trial of the version-3 tuning (experiments/tuning.py)
