@@ -308,6 +308,15 @@ def test_smoke_run_of_the_entry_point(tmp_path):
     unet = build_unet(task_cfg(tmp_path, "smoke"))
     convs = {n for n, m in unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     assert convs <= covered, f"Conv2d/Linear layers left to the GP alone: {convs - covered}"
+    # scripts/fd_noise.py on this run: the task's own evaluation noise gives the reported FD back; other noise seeds differ
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "scripts/fd_noise.py", str(run), "--draws", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    noise = json.loads((run / "fd_noise.json").read_text())
+    assert noise["own_noise_fd"] == pytest.approx(final["fd"], rel=1e-9) and len(noise["draws"]["fd"]) == 2
+    assert noise["draws"]["fd"][0] != noise["draws"]["fd"][1] and "2 draws, mean" in out.stdout
 
 
 @pytest.mark.slow  # two entry-point runs: keeps `make test` under 10 minutes; .ci/run runs it
