@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from experiments.checkpoint import atomic_write_text  # noqa: E402
 from experiments.registry import COMPARATORS, base_of, display, is_primary_pair, pair_rank, pairs, variant_suffix  # noqa: E402
 from experiments.reports import budget, crosstask  # noqa: E402
+from experiments.reports.crosstask import version_note  # noqa: E402
 from experiments.reports.load import current_version  # noqa: E402
 from experiments.stats import bootstrap_ci, holm, iqm, mean_ci, minimum_detectable_difference, paired, probability_of_improvement, selection, spearman  # noqa: E402
 
@@ -167,13 +168,6 @@ def primary_family(entries: list[dict]) -> dict:
     adjusted = holm([c["metric"]["p"] for _, c in tested])
     return {"tested": [(e, c, q) for (e, c), q in zip(tested, adjusted)], "untested": untested, "superseded": stale}
 
-
-def version_note(e: dict) -> str:
-    """' (version 3; the task is now version 4)' for an experiment of an earlier task version, else ''."""
-    if not e.get("superseded"):
-        return ""
-    versions, now = e["superseded"]
-    return f" (version {'/'.join(map(str, versions))}; the task is now version {now})"
 
 
 def family_key(e: dict, c: dict) -> tuple:

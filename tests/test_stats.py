@@ -161,6 +161,8 @@ def test_summary_on_synthetic_reports_is_right_and_deterministic(tmp_path):
     row = next(line for line in verdicts.splitlines() if line.startswith("| [delta]") and "| adamw |" in line)
     assert row.startswith("| [delta](delta/cpu/results.md) (version 1; the task is now version 2) |") and "| superseded |" in row
     assert "(version" not in next(line for line in verdicts.splitlines() if line.startswith("| [alpha]"))
+    loss_table = text.split("## Loss versus performance")[1].split("\n## ")[0]
+    assert next(line for line in loss_table.splitlines() if line.startswith("| delta")).startswith("| delta (version 1; the task is now version 2) |")
     # Spearman over the 3 sweep runs: loss ranks 3,2,1 vs accuracy ranks 2,3,1: 1 - 6*2/(3*8)
 
 

@@ -29,6 +29,15 @@ def _fmt_time(t: float) -> str:
     return "never" if math.isinf(t) else "n/a" if math.isnan(t) else f"{t:.0f}"
 
 
+def version_note(e: dict) -> str:
+    """' (version 3; the task is now version 4)' for a headline of an earlier task version (scripts/summary.py sets
+    ``superseded``), else ''."""
+    if not e.get("superseded"):
+        return ""
+    versions, now = e["superseded"]
+    return f" (version {'/'.join(map(str, versions))}; the task is now version {now})"
+
+
 def time_to_target(entries: list[dict]) -> list[str]:
     lines = ["## Time to target", "",
              "AlgoPerf style (docs/protocol.md, \"The budget axis\"): per task the main target lies 90% of the way from the floor "
@@ -45,7 +54,7 @@ def time_to_target(entries: list[dict]) -> list[str]:
         steps, seconds, half = _times(e, "steps_to_target"), _times(e, "seconds_to_target"), _times(e, "steps_to_target50")
         what = f"{e['meta']['metric']} {t['target']:.4g} ({t['floor']:.4g} -> {t['baseline']} {t['baseline_median']:.4g})"
         for opt, (s, hit, n) in steps.items():
-            lines.append(f"| {e['meta']['task']} | {what} | {opt} | {_fmt_time(s)} | {_fmt_time(seconds.get(opt, (math.nan,))[0])} | "
+            lines.append(f"| {e['meta']['task']}{version_note(e)} | {what} | {opt} | {_fmt_time(s)} | {_fmt_time(seconds.get(opt, (math.nan,))[0])} | "
                          f"{hit}/{n} | {_fmt_time(half.get(opt, (math.nan,))[0])} |")
     return lines + [""]
 
@@ -59,6 +68,10 @@ def performance_profiles(entries: list[dict], out: Path) -> list[str]:
              "everywhere; 0: never within 4x of the fastest). A task where no optimizer has a time drops out. The optimizers: the "
              "primary family's four and the comparators (docs/comparators.md) once their runs are in a task's headline "
              "experiment; an optimizer not run on a task counts there as never reaching the target.", ""]
+    stale = [e["meta"]["task"] for e in entries if e.get("superseded") and e["meta"]["task"] in PRIMARY_TASKS]
+    if stale:
+        lines += [f"Left out: {', '.join(stale)}, whose headline runs are of an earlier task version (superseded).", ""]
+    entries = [e for e in entries if not e.get("superseded")]
     made = []
     for unit, key in (("steps", "steps_to_target"), ("seconds", "seconds_to_target")):
         times = {e["meta"]["task"]: {o: v[0] for o, v in _times(e, key).items() if o in PRIMARY + COMPARATORS}
@@ -68,7 +81,7 @@ def performance_profiles(entries: list[dict], out: Path) -> list[str]:
             lines += [f"In {unit}: no task has a time (runs before the budget axis recorded no training seconds).", ""]
             continue
         tasks = [t for t, ts in times.items() if any(math.isfinite(v) and v > 0 for v in ts.values())]
-        lines += [f"In {unit}, over {len(tasks)} tasks ({', '.join(tasks)}):", "", "| optimizer | score | ratios per task |", "|---|---|---|"]
+        lines += [f"In {unit}, over {len(tasks)} task{'s' if len(tasks) != 1 else ''} ({', '.join(tasks)}):", "", "| optimizer | score | ratios per task |", "|---|---|---|"]
         lines += [f"| {o} | {p['score']:.3f} | {', '.join('inf' if math.isinf(r) else f'{r:.2f}' for r in p['ratios'])} |"
                   for o, p in sorted(prof.items(), key=lambda kv: rank(kv[0]))]
         lines.append("")
@@ -165,7 +178,7 @@ def loss_versus_performance(entries: list[dict]) -> list[str]:
         reading = agreement(e)[1]
         effect, half, n = _ap_at_matched_loss(seed_rows, key)
         eff = "n/a" if math.isnan(effect) else f"{effect:+.4g} [{effect - half:+.4g}, {effect + half:+.4g}] ({n})"
-        lines.append(f"| {m['task']} | {m['metric']} | {_rho_ci(tune_rows, key)} ({len(tune_rows)}) | {_rho_ci(seed_rows, key)} "
+        lines.append(f"| {m['task']}{version_note(e)} | {m['metric']} | {_rho_ci(tune_rows, key)} ({len(tune_rows)}) | {_rho_ci(seed_rows, key)} "
                      f"({len(seed_rows)}) | {reading} | {eff} |")
     return lines + [""]
 
