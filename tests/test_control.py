@@ -150,6 +150,7 @@ def test_smoke_run_of_the_entry_point_with_a_short_rollout(tmp_path):
     assert f"expert_return = {expert:.6g}" in (tmp_path / "report" / "results.md").read_text()
 
 
+@pytest.mark.slow  # expert rollouts under three noise settings (~40 s): keeps `make test` under 10 minutes
 def test_evaluation_noise_is_fixed_per_episode_and_scored_against_the_expert_under_it(tmp_path):
     """task.eval_action_noise: every evaluation draws the same noise (so every optimizer meets the same
     perturbations), it changes what is measured, and expert_eval_return is the expert on those episodes

@@ -46,6 +46,7 @@ def relative_distance(a: dict, b: dict) -> float:
 # batch split that drops samples) moves the weights by ~1e-2 and more. (At the flow task's chosen
 # DoPr-AdamW LR, 3e-2, the rounding amplification alone reaches 3e-2 after 10 steps: a looser
 # check would not separate rounding from a bug, so the test fixes the LR.)
+@pytest.mark.slow  # torchrun entry points (~15-30 s each): the fast suite keeps the in-process DDP check (tests/test_ddp.py)
 @pytest.mark.parametrize("optimizer, tolerance", [("dopr_sgd", 1e-4), ("dopr_adamw", 1e-3)])
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path, optimizer, tolerance):
     one = run(tmp_path / "one", optimizer, 1)

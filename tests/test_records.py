@@ -149,6 +149,9 @@ def test_the_flagship_headline_pages_are_rebuilt_from_their_records_bit_for_bit(
 def test_a_page_of_runs_older_than_the_task_version_says_so(tmp_path):
     """results/<task>/cpu of an earlier task version is marked superseded; a probe's page says what version it ran at;
     runs of the current version carry no mark. The version comes from the checkout's configs/task/<task>.yaml."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import report
+
     versions = {r["config"]["task"].get("version", 1) for r in record.read(ROOT / "results" / "lm" / "cpu")}
     assert len(versions) == 1
     ran = versions.pop()
@@ -161,7 +164,7 @@ def test_a_page_of_runs_older_than_the_task_version_says_so(tmp_path):
     def page(experiment: str, now: int) -> str:
         (configs / "lm.yaml").write_text(f"version: {now}\n")
         folder = tmp_path / "results" / "lm" / experiment
-        subprocess.run([sys.executable, "scripts/report.py", str(folder)], cwd=ROOT, check=True, capture_output=True)  # configs beside
+        assert report.main([str(folder)]) == 0  # the configs beside the results folder: tmp_path/configs/task
         return (folder / "results.md").read_text()
 
     assert f"**Superseded**: these runs are of task version {ran}; `configs/task/lm.yaml` is now at version {ran + 1}" in page("cpu", ran + 1)
