@@ -276,3 +276,12 @@ def test_every_named_experiment_composes_and_keeps_its_records_in_its_own_folder
         assert Path(sweep).parts[:2] == ("runs", task) and sweep not in sweep_dirs, (path, sweep, sweep_dirs.get(sweep))
         sweep_dirs[sweep] = path
     assert len(sweep_dirs) >= 29
+
+
+def test_the_tool_prints_an_estimate_of_each_phase_from_the_finished_runs():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import tune
+
+    records = [{"status": "done", "summary": {"wall_seconds": s}} for s in (120, 240)] + [{"status": "failed", "summary": {}}]
+    assert tune.eta_text(records, 48, 2) == "; ~72 min at 2 at a time (3.0 min a run so far)"
+    assert tune.eta_text([], 48, 2) == "" and tune.eta_text(records, 0, 2) == ""
