@@ -46,6 +46,8 @@ def no_network(monkeypatch):
 
 def read_records(task: str, experiment: str) -> list[dict]:
     path = ROOT / "results" / task / experiment / "records.jsonl"
+    if not path.exists():
+        return []
     return [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip()) if r["status"] == "done"]
 
 
@@ -122,11 +124,15 @@ def test_report_builds_and_serialises_offline(task):
 @pytest.mark.parametrize("task", list(dashboards.TASKS))
 def test_panels_read_only_keys_the_runs_log(task):
     """Every key of the evaluation grid is logged by every run of results/<task>/cpu, every key of the tuning grid
-    by every trial of results/<task>/cpu_tune (the damping by every DoPr trial); the metric is the task's."""
+    by every trial of results/<task>/cpu_tune (the damping by every DoPr trial), where they have records (at least
+    one of the two must); the metric is the task's."""
     evaluation, tuning = grids(dashboards.spec(dashboards.build_report(task, ENTITY, PROJECT)))
+    checked = 0
     for grid, experiment in ((evaluation, "cpu"), (tuning, "cpu_tune")):
         records = read_records(task, experiment)
-        assert records
+        if not records:  # a new task version's tuning or evaluation starts from none; the other grid still checks
+            continue
+        checked += 1
         assert {r["summary"]["metric_name"] for r in records} == {dashboards.TASKS[task]}
         for record in records:
             have = logged(record)
@@ -136,18 +142,20 @@ def test_panels_read_only_keys_the_runs_log(task):
                 if section == "history":
                     keys = keys - NEWER
                 assert keys <= have[section], f"{task}/{experiment} {record['run_id']}: {section} {sorted(keys - have[section])}"
+    assert checked, f"results/{task} has no committed records in cpu or cpu_tune to check the panels against"
 
 
 def test_groups_are_the_sweep_folders_the_loop_names():
     """The runsets' groups are <task>/<sweep folder>, the group experiments/train.py gives a run: the evaluation
-    experiment's folder (configs/experiment/<task>/cpu.yaml) and every tuning sweep's (configs/sweep/<task>_tune_*)."""
+    experiment's folder (configs/experiment/<task>/cpu.yaml) and every tuning's (configs/experiment/<task>/cpu_tune.yaml,
+    and the version-2 presets configs/sweep/<task>_tune_*)."""
     from omegaconf import OmegaConf
 
     assert 'group=f"{cfg.task.name}/{run_dir.parent.name}"' in (ROOT / "experiments" / "train.py").read_text()
     for task in dashboards.TASKS:
         assert Path(OmegaConf.load(ROOT / "configs" / "experiment" / task / "cpu.yaml").hydra.sweep.dir) == Path("runs", task, dashboards.EVAL_FOLDER)
-        tune = sorted((ROOT / "configs" / "sweep").glob(f"{task}_tune_*.yaml"))
-        assert tune
+        # the version-3 tuning (scripts/tune.py) and the version-2 presets behind older committed records alike
+        tune = [ROOT / "configs" / "experiment" / task / "cpu_tune.yaml", *sorted((ROOT / "configs" / "sweep").glob(f"{task}_tune_*.yaml"))]
         for path in tune:
             assert Path(OmegaConf.load(path).hydra.sweep.dir) == Path("runs", task, dashboards.TUNE_FOLDER), path
 
