@@ -58,7 +58,7 @@ report: setup
 dashboards: setup
 	$(PY) scripts/dashboards.py $(if $(DRY_RUN),--dry-run,)
 
-# Per-step time of each GP with and without AP, and the DoPr-X / X ratios (see README).
+# Per-step time of each GP with and without AP, and the DoPr-X / X ratios (docs/benchmark.md).
 bench: setup
 	$(PY) scripts/bench_optimizer.py
 

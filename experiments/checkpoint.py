@@ -58,6 +58,11 @@ class UnusableCheckpoint(ValueError):
         self.reason = reason or message
 
 
+class OtherSettings(UnusableCheckpoint):
+    """A run folder whose checkpoint was written with other settings: another run's folder, not a failure of this
+    run. The entry point leaves its summary and record alone (experiments/train.py)."""
+
+
 def _fsync_dir(directory: Path) -> None:
     """Sync a directory's entries (a rename is durable only once its directory is synced)."""
     try:
@@ -340,7 +345,7 @@ def resume_checkpoint(path: Path, stamp: dict | None, restore: Callable[[dict], 
             log(f"{q}: {why}; set aside as {target.name}")
             aside.append(target.name)
     if settings:
-        raise UnusableCheckpoint(f"{path.parent} holds a run with other settings ({settings[0][1]}): rerun with the settings it "
+        raise OtherSettings(f"{path.parent} holds a run with other settings ({settings[0][1]}): rerun with the settings it "
                                  f"was written with, or give this run another folder (hydra.run.dir=..., or move {path.parent} away)")
     raise UnusableCheckpoint(f"{path.parent}: no usable checkpoint ({', '.join(q.name for q, _, _ in unusable)} damaged"
                              + (f", set aside as {', '.join(aside)}" if aside else "") + "). To restart the run from step 0, rerun the "

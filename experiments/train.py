@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import record
-from .checkpoint import UnusableCheckpoint, atomic_write_json, config_stamp, load_model_state, model_state, resume_checkpoint, save_checkpoint
+from .checkpoint import OtherSettings, atomic_write_json, config_stamp, load_model_state, model_state, resume_checkpoint, save_checkpoint
 from .engine import (accumulate_gradients, build_optimizer, ema_update, enable_checkpointing, export_slurm_environment, init_distributed,
                      keep_freed_memory, lr_factor, machine, pick_device, shard, validation_loss)
 from .faults import maybe_fail
@@ -132,7 +132,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         start, best, final_row = state["step"], state["best"], state.get("final")
         seconds_before = state.get("seconds", 0.0)
         train_seconds = state.get("train_seconds", 0.0)
-        train_cpu_seconds = state.get("train_cpu_seconds") or 0.0
+        train_cpu_seconds = state.get("train_cpu_seconds")  # None: a checkpoint from before the field (not counted on)
         print(f"resuming {run_dir} from step {start}", flush=True)
 
     if start >= tr.steps:  # already finished: train and evaluate nothing, return the summary the run wrote
@@ -159,8 +159,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             if ap is not None:
                 logger.log({"step": 0, "ap_coverage": ap.coverage()})
 
-    def evaluate(step: int, rollout: bool, seconds: float, cpu_seconds: float) -> dict:
-        row = {"step": step, "train_seconds": round(seconds, 3), "train_cpu_seconds": round(cpu_seconds, 3),
+    def evaluate(step: int, rollout: bool, seconds: float, cpu_seconds: float | None) -> dict:
+        row = {"step": step, "train_seconds": round(seconds, 3), **({} if cpu_seconds is None else {"train_cpu_seconds": round(cpu_seconds, 3)}),
                "val_loss": validation_loss(task, eval_model)}
         if ema is not None:  # the raw weights too, under raw_*: the EMA and the raw weights can disagree
             row["raw_val_loss"] = validation_loss(task, model)
@@ -220,7 +220,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             ema_step[0] = step  # the n-th update (the first one copies the weights)
             ema.update_parameters(model)
         train_seconds += time.perf_counter() - t_step
-        train_cpu_seconds += time.process_time() - cpu_step
+        if train_cpu_seconds is not None:
+            train_cpu_seconds += time.process_time() - cpu_step
         done = step + 1
         snapshot(done)
         if lead and (done % tr.log_every == 0 or done == tr.steps):
@@ -291,7 +292,7 @@ def main(cfg: DictConfig):
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         return run(cfg, run_dir)
-    except UnusableCheckpoint as err:  # the folder holds another run: leave its files and its record as they are
+    except OtherSettings as err:  # the folder holds another run: leave its summary and its record as they are
         print(f"error: {err}", file=sys.stderr, flush=True)
         if HydraConfig.get().mode.name == "MULTIRUN":
             return None

@@ -13,7 +13,8 @@ Each report has two panel grids:
   ``optimizer.name`` (mean line, min-max band over the seeds); the task's rollout metric against ``step`` and
   against ``train_seconds`` (training time without evaluation, rollouts and checkpoints), grouped the same way;
   a scatter of the summary keys ``final_val_loss`` against ``final_<metric>``; a run comparer;
-* the tuning trials, the group ``<task>/tune`` (runs/<task>/tune, configs/sweep/<task>_tune_*.yaml): parallel
+* the tuning trials, the group ``<task>/tune`` (runs/<task>/tune: configs/experiment/<task>/cpu_tune.yaml, and the
+  version-2 presets configs/sweep/<task>_tune_*.yaml): parallel
   coordinates over the config keys ``optimizer.name``, ``lr``, ``optimizer.weight_decay`` (and, for the DoPr
   trials, ``optimizer.kwargs.damping``) and the summary keys ``final_<metric>``, ``final_val_loss``; the same
   scatter over the trials.
@@ -41,7 +42,7 @@ from experiments.logging import _has_netrc_key  # noqa: E402
 # The task's rollout metric (experiments/tasks/<task>.py: ``metric``; the records' summary ``metric_name``).
 TASKS = {"lm": "accuracy", "lm_lora": "accuracy", "flow": "fd", "control": "return", "robot": "success"}
 EVAL_FOLDER = "cpu"     # runs/<task>/cpu: configs/experiment/<task>/cpu.yaml (make reproduce-<task>)
-TUNE_FOLDER = "tune"    # runs/<task>/tune: configs/sweep/<task>_tune_*.yaml (make tune-<task>)
+TUNE_FOLDER = "tune"    # runs/<task>/tune: configs/experiment/<task>/cpu_tune.yaml (make tune-<task>)
 OUT = ROOT / "runs" / "dashboards"
 OPTIMIZER = "optimizer.name"   # the config key the panels group by (the resolved Hydra config)
 NO_LOGIN = """dashboards: no W&B login (no WANDB_API_KEY and no api.wandb.ai entry in ~/.netrc), so the reports cannot be saved.

@@ -95,6 +95,12 @@ def render(source: Path, out: Path, kind: str, shown: str, configs: Path | None 
     if not done:
         raise SystemExit(f"error: no finished run in {source}" + (f" ({len(failed)} failed or unfinished)" if failed else "")
                          + ": run the experiment first (see docs/experiments.md)")
+    # runs of an earlier task version beside runs of the current one (an evaluation being rerun after a version bump,
+    # under the same run ids): only the current version's are reported and paired; the rest are counted in the header
+    now = load.current_version(configs, done[0]["summary"]["task"])
+    version = lambda r: (r["config"].get("task") or {}).get("version", 1)  # noqa: E731  (as load.per_run_rows)
+    older = [r for r in done if version(r) != now] if now is not None and any(version(r) == now for r in done) else []
+    done = [r for r in done if r not in older]
     rows = load.per_run_rows(done)
     first = done[0]["summary"]
     metric, higher, lab = first["metric_name"], first.get("higher_is_better", True), load.labels(first)
@@ -105,7 +111,6 @@ def render(source: Path, out: Path, kind: str, shown: str, configs: Path | None 
     commits = sorted({r["provenance"]["git_commit"] + ("-dirty" if r["provenance"]["dirty"] else "") for r in done})
     made_by = sorted({r.get("command") for r in done if r.get("command")})
     versions = sorted({row["task_version"] for row in rows if row.get("task_version") is not None})
-    now = load.current_version(configs, task)
     rate = load.is_rate(first)
     horizons = load.horizon_series(done)
     # what the task says about its setting (control: env, expert returns, evaluation noise), where every run agrees
@@ -130,7 +135,9 @@ def render(source: Path, out: Path, kind: str, shown: str, configs: Path | None 
                   if source.name.startswith("cpu") else  # a headline, its tuning or arm; else a probe, kept as it ran
                   f"These runs are of task version {'/'.join(map(str, versions))} (`configs/task/{task}.yaml` is now at version "
                   f"{now}): a record of what was measured then, not of the current task."), ""]
-                if now is not None and versions and now not in versions else [])]
+                if now is not None and versions and now not in versions else []),
+              *([f"Left out: {len(older)} runs of task version {'/'.join(map(str, sorted({version(r) for r in older})))}, "
+                 f"beside the current version {now}'s (they are replaced as the experiment reruns).", ""] if older else [])]
     arms = {(r["optimizer"], (r["config"].get("equal_time") or {}).get("of"), (r["config"].get("equal_time") or {}).get("ratio"),
              (r["config"].get("equal_time") or {}).get("machine")) for r in done if r["config"].get("equal_time")}
     for opt, of, ratio, machine in sorted(arms, key=str):  # the equal-time arm (scripts/equal_time.py) says what it equalised
@@ -266,7 +273,9 @@ def main(argv=None) -> int:
         rendered.update(tuning.joined(source) if kind == "tuning" else [])
         shown = shown_name(source)
         try:
-            configs = args.configs or (source.resolve().parents[2] / "configs" / "task" if (source / record.RECORDS).exists() else None)
+            parents = source.resolve().parents
+            configs = args.configs or (parents[2] / "configs" / "task" if (source / record.RECORDS).exists() and len(parents) > 2
+                                       and parents[1].name == "results" else None)
             rows, meta = render(source, out, kind, shown, configs if configs is not None and configs.is_dir() else None)
         except record.RecordError as err:
             parser.error(str(err))

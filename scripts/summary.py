@@ -185,6 +185,8 @@ def equal_time_cell(e: dict, c: dict, equal_time: dict) -> str:
     arm = equal_time.get((e["meta"]["task"], variant_suffix(c["treated"]))) if c["ap_vs_x"] else None
     if arm is None:
         return "not run" if c["ap_vs_x"] else "n/a"
+    if arm.get("superseded"):  # an arm of an earlier task version than the headline's
+        return "superseded"
     key = f"final_{e['meta']['metric']}"
     x = {int(float(r["seed"])): float(r[key]) for r in arm["runs"] if r["optimizer"] == c["control"]}
     d = {int(float(r["seed"])): float(r[key]) for r in e["runs"] if r["optimizer"] == c["treated"]}
@@ -205,8 +207,8 @@ def headline(entries: list[dict], family: dict) -> list[str]:
                                  f"adjusted p {q:.3f})" for e, c, q in significant) if significant else "") + "."
              + (" Not in the family (fewer than 2 paired seeds, no test): " + ", ".join(f"{name(e, c)} ({c['metric']['n']} seed{'s' if c['metric']['n'] != 1 else ''})"
                                                                                         for e, c in family["untested"]) + "." if family["untested"] else "")
-             + (" Not in the family (runs of an earlier task version, shown in the tables but superseded until "
-                "`make reproduce-<task>` reruns them): " + ", ".join(f"{name(e, c)}{version_note(e)}" for e, c in family["superseded"]) + "."
+             + (" Not in the family (runs of an earlier task version, shown in the tables but superseded until the "
+                "task's new version is tuned, `make tune-<task>`, and evaluated, `make reproduce-<task>`): " + ", ".join(f"{name(e, c)}{version_note(e)}" for e, c in family["superseded"]) + "."
                 if family["superseded"] else ""),
              "", "| task | comparison | seeds | metric | difference (DoPr-X minus X) | raw p | adjusted p (Holm) | significant at 0.05 |",
              "|---|---|---|---|---|---|---|---|"]
@@ -221,7 +223,9 @@ def headline(entries: list[dict], family: dict) -> list[str]:
     better, worse = verdicts.count("**better**"), verdicts.count("**worse**")
     parts += ["", f"Unadjusted, over all {len(verdicts)} paired DoPr-X vs X comparisons on the rollout metric ({len(entries)} results "
               f"folders, secondary GPs included), the 95% t-interval over seeds excluded 0 in favour of DoPr in {better}, against it "
-              f"in {worse}, and included 0 in {len(verdicts) - better - worse}." + (f" Left out: {few} with one seed (no interval)." if few else ""), ""]
+              f"in {worse}, and included 0 in {len(verdicts) - better - worse}." + (f" Left out: {few} with one seed (no interval)." if few else "")
+              + (f" Superseded task versions included: {', '.join(sorted({e['meta']['task'] for e in entries if e.get('superseded')}))}."
+                 if any(e.get("superseded") for e in entries) else ""), ""]
     return parts
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from experiments.checkpoint import (UnusableCheckpoint, config_stamp, load_checkpoint, previous_path, remove_stale_temps,
+from experiments.checkpoint import (OtherSettings, UnusableCheckpoint, config_stamp, load_checkpoint, previous_path, remove_stale_temps,
                                     resume_checkpoint, save_checkpoint)
 from experiments.faults import planned
 
@@ -116,8 +116,9 @@ def test_when_no_checkpoint_loads_the_message_says_how_to_restart(tmp_path):
     path, _ = saved_run(tmp_path)
     for p in (path, previous_path(path)):
         p.write_bytes(p.read_bytes()[:100])
-    with pytest.raises(UnusableCheckpoint, match="no usable checkpoint.*checkpoint.pt, checkpoint.prev.pt damaged.*rerun the same command"):
+    with pytest.raises(UnusableCheckpoint, match="no usable checkpoint.*checkpoint.pt, checkpoint.prev.pt damaged.*rerun the same command") as err:
         resume(path)
+    assert not isinstance(err.value, OtherSettings)  # a damaged file is this run's failure: the entry point records it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.prev.pt.set-aside-1", "checkpoint.pt.set-aside-1"]
     assert resume(path)[0] is None  # rerun: a fresh start, the set-aside files kept
 
@@ -125,8 +126,8 @@ def test_when_no_checkpoint_loads_the_message_says_how_to_restart(tmp_path):
 def test_a_checkpoint_of_other_settings_is_refused_in_place_and_allowed_differences_resume(tmp_path):
     path, _ = saved_run(tmp_path)
     changed = {**CONFIG, "lr": 0.01}
-    with pytest.raises(UnusableCheckpoint, match=r"other settings \(lr: 0.003 in the checkpoint, 0.01 now\).*another folder"):
-        resume(path, changed)
+    with pytest.raises(OtherSettings, match=r"other settings \(lr: 0.003 in the checkpoint, 0.01 now\).*another folder"):
+        resume(path, changed)  # its own class: the entry point leaves another run's folder alone, and records a damaged file
     with pytest.raises(UnusableCheckpoint, match=r"task.batch_size: 8 in the checkpoint, 16 now"):
         resume(path, {**CONFIG, "task": {**CONFIG["task"], "batch_size": 16}})
     assert path.exists() and previous_path(path).exists() and len(list(tmp_path.iterdir())) == 2  # nothing renamed

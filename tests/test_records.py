@@ -1,6 +1,7 @@
 """Run records (experiments/record.py), the results layout and the report layer that only reads records."""
 
 import ast
+import csv
 import json
 import multiprocessing
 import shutil
@@ -171,6 +172,18 @@ def test_a_page_of_runs_older_than_the_task_version_says_so(tmp_path):
     assert "Superseded" not in page("cpu", ran) and f"task version {ran}" not in page("cpu", ran)
     probe = page("calibration", ran + 1)
     assert f"These runs are of task version {ran} (`configs/task/lm.yaml` is now at version {ran + 1})" in probe and "Superseded" not in probe
+
+    # an evaluation being rerun after the bump: the current version's runs are reported, the older ones counted apart
+    mixed = tmp_path / "results" / "lm" / "cpu"
+    records = record.read(mixed)
+    for r in records[: len(records) // 2]:
+        r["config"]["task"]["version"] = ran + 1
+    (mixed / record.RECORDS).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    text = page("cpu", ran + 1)
+    assert f"Left out: {len(records) - len(records) // 2} runs of task version {ran}, beside the current version {ran + 1}'s" in text
+    assert "Superseded" not in text
+    with open(mixed / "results_runs.csv") as f:
+        assert {row["task_version"] for row in csv.DictReader(f)} == {str(ran + 1)}
 
 
 def test_results_hold_one_records_file_per_experiment_and_no_code():

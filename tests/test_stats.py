@@ -155,8 +155,9 @@ def test_summary_on_synthetic_reports_is_right_and_deterministic(tmp_path):
     (configs / "alpha.yaml").write_text("version: 5\n")  # alpha's runs carry no version: never marked
     text = make("--configs", str(configs))
     assert "2 comparisons in the family; 2 significant after Holm at 0.05" in text
-    assert "(runs of an earlier task version, shown in the tables but superseded until `make reproduce-<task>` reruns " \
-           "them): delta DoPr-AdamW (version 1; the task is now version 2)." in text
+    assert "(runs of an earlier task version, shown in the tables but superseded until the task's new version is tuned, " \
+           "`make tune-<task>`, and evaluated, `make reproduce-<task>`): delta DoPr-AdamW (version 1; the task is now version 2)." in text
+    assert "Superseded task versions included: delta." in text  # the unadjusted tally says what it counts
     verdicts = text.split("## Verdicts")[1].split("## Headline")[0]
     row = next(line for line in verdicts.splitlines() if line.startswith("| [delta]") and "| adamw |" in line)
     assert row.startswith("| [delta](delta/cpu/results.md) (version 1; the task is now version 2) |") and "| superseded |" in row

@@ -68,7 +68,7 @@ def performance_profiles(entries: list[dict], out: Path) -> list[str]:
              "everywhere; 0: never within 4x of the fastest). A task where no optimizer has a time drops out. The optimizers: the "
              "primary family's four and the comparators (docs/comparators.md) once their runs are in a task's headline "
              "experiment; an optimizer not run on a task counts there as never reaching the target.", ""]
-    stale = [e["meta"]["task"] for e in entries if e.get("superseded") and e["meta"]["task"] in PRIMARY_TASKS]
+    stale = [e["meta"]["task"] for e in entries if e.get("superseded")]
     if stale:
         lines += [f"Left out: {', '.join(stale)}, whose headline runs are of an earlier task version (superseded).", ""]
     entries = [e for e in entries if not e.get("superseded")]
@@ -78,7 +78,8 @@ def performance_profiles(entries: list[dict], out: Path) -> list[str]:
                  for e in entries if e["meta"]["task"] in PRIMARY_TASKS}
         prof = budget.profile(times)
         if not prof:
-            lines += [f"In {unit}: no task has a time (runs before the budget axis recorded no training seconds).", ""]
+            lines += [f"In {unit}: no task has a time" + (" among the current task versions" if stale else
+                      " (runs before the budget axis recorded no training seconds)") + ".", ""]
             continue
         tasks = [t for t, ts in times.items() if any(math.isfinite(v) and v > 0 for v in ts.values())]
         lines += [f"In {unit}, over {len(tasks)} task{'s' if len(tasks) != 1 else ''} ({', '.join(tasks)}):", "", "| optimizer | score | ratios per task |", "|---|---|---|"]
