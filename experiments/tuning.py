@@ -52,11 +52,21 @@ def _to_unit(dim: dict, value: float) -> float:
     return (math.log10(x) - lo) / (hi - lo)
 
 
+FIRST_DIMENSIONS = ("lr", "optimizer.weight_decay")  # the Sobol sequence's first two dimensions, in every spec
+
+
+def canonical_order(space: dict) -> list[str]:
+    """The order of a space's keys along the Sobol dimensions: LR, weight decay, then the rest sorted. Not the dict's
+    order: a run record stores its config with sorted keys, and a page replayed from it must draw the same points
+    as the tool that ran the trials (every spec lists LR, weight decay, then its one own key, the same order)."""
+    return [k for k in FIRST_DIMENSIONS if k in space] + sorted(k for k in space if k not in FIRST_DIMENSIONS)
+
+
 def sobol_points(space: dict, n: int, seed: int) -> list[dict]:
     """``n`` points of a scrambled Sobol sequence over ``space`` ({key: {low, high, scale, type}}), as {key: value}."""
     from scipy.stats import qmc
 
-    keys = list(space)
+    keys = canonical_order(space)
     unit = qmc.Sobol(d=len(keys), scramble=True, seed=seed).random(n)
     return [{k: _to_value(space[k], float(u[i])) for i, k in enumerate(keys)} for u in unit]
 

@@ -285,3 +285,28 @@ def test_the_tool_prints_an_estimate_of_each_phase_from_the_finished_runs():
     records = [{"status": "done", "summary": {"wall_seconds": s}} for s in (120, 240)] + [{"status": "failed", "summary": {}}]
     assert tune.eta_text(records, 48, 2) == "; ~72 min at 2 at a time (3.0 min a run so far)"
     assert tune.eta_text([], 48, 2) == "" and tune.eta_text(records, 0, 2) == ""
+
+
+def test_points_do_not_depend_on_the_order_of_a_spaces_keys_and_match_the_runs_that_used_them():
+    """A record stores its config with sorted keys; the page replays the plan from it, the tool from the YAML. Both
+    must draw the same points, and the committed lm_lora trials must carry the values their label's point holds
+    (a page once showed round 1's selections with two dimensions swapped)."""
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "experiment" / "lm_lora" / "cpu_tune.yaml").tune_spec)
+    space = spec["space"]["adamw"]
+    reordered = {k: space[k] for k in sorted(space)}
+    assert list(reordered) != list(space) and tuning.sobol_points(reordered, 16, 1) == tuning.sobol_points(space, 16, 1)
+    records = [r for r in record.read(ROOT / "results" / "lm_lora" / "cpu_tune") if r["status"] == "done"
+               and r["config"]["tune"]["label"].startswith("r1t")]
+    assert len(records) >= 64
+    for r in records:
+        point = tuning.sobol_points(spec["space"][r["optimizer"]], spec["trials"], 1)[int(r["config"]["tune"]["label"][3:])]
+        opt = r["config"]["optimizer"]
+        applied = {"lr": r["lr"], "optimizer.weight_decay": opt["weight_decay"]}
+        kwargs = opt.get("kwargs") or {}
+        for key in point:
+            if key.startswith("optimizer.kwargs."):
+                name = key.split(".")[-1]
+                applied[key] = kwargs["betas"][1] if name == "beta2" else kwargs[name]
+        assert applied == pytest.approx(point, rel=1e-9), r["run_id"]
