@@ -98,7 +98,7 @@ def render(source: Path, out: Path, kind: str, shown: str, configs: Path | None 
     # runs of an earlier task version beside runs of the current one (an evaluation being rerun after a version bump,
     # under the same run ids): only the current version's are reported and paired; the rest are counted in the header
     now = load.current_version(configs, done[0]["summary"]["task"])
-    version = lambda r: (r["config"].get("task") or {}).get("version", 1)  # noqa: E731  (as load.per_run_rows)
+    version = load.task_version
     older = [r for r in done if version(r) != now] if now is not None and any(version(r) == now for r in done) else []
     done = [r for r in done if r not in older]
     rows = load.per_run_rows(done)

@@ -86,7 +86,7 @@ def per_run_rows(done: list[dict]) -> list[dict]:
         metric = s["metric_name"]
         row = {"optimizer": s["optimizer"], "lr": s["lr"], "damping": run_damping(r), "max_rows_per_dim": max_rows_per_dim(r),
                "weight_decay": (r["config"].get("optimizer") or {}).get("weight_decay"),
-               "task_version": (r["config"].get("task") or {}).get("version", 1), "steps": s.get("steps"), "seed": s["seed"], "final_val_loss": last["val_loss"],
+               "task_version": task_version(r), "steps": s.get("steps"), "seed": s["seed"], "final_val_loss": last["val_loss"],
                "min_val_loss": s["best"]["min_val_loss"], f"final_{metric}": last["metrics"][metric],
                f"best_{metric}": s["best"]["metric"], "best_step": s["best"]["step"], "run": r["run_id"],
                "wall_seconds": s.get("wall_seconds"), "train_seconds": last.get("train_seconds"),
@@ -149,3 +149,8 @@ def current_version(configs: Path | None, task: str) -> int | None:
 
     version = OmegaConf.load(path).get("version")
     return int(version) if version is not None else None
+
+
+def task_version(record: dict) -> int:
+    """The task version a run trained at (``task.version`` in its config; 1 for runs from before the field)."""
+    return (record["config"].get("task") or {}).get("version", 1)
