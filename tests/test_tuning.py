@@ -310,3 +310,37 @@ def test_points_do_not_depend_on_the_order_of_a_spaces_keys_and_match_the_runs_t
                 name = key.split(".")[-1]
                 applied[key] = kwargs["betas"][1] if name == "beta2" else kwargs[name]
         assert applied == pytest.approx(point, rel=1e-9), r["run_id"]
+
+
+def test_the_page_reads_edges_from_the_selections_round_and_evaluations_at_the_selected_settings(tmp_path, monkeypatch):
+    """While round 2 runs, the page still says which range round 1's selection sat at the edge of (the reason round 2
+    exists); an evaluation folder's runs at other settings (an earlier task version) are not the selection's mean."""
+    from experiments.reports import tuning as page
+
+    records = []
+    score = lambda opt, v: math.log10(v["lr"])  # noqa: E731  best at the top of the LR range: an edge
+    for _ in range(2):
+        run_phase(tuning.plan(SPEC, records, "accuracy", True), score, records)
+    p = tuning.plan(SPEC, records, "accuracy", True)
+    assert (p["round"], p["phase"]) == (2, "explore")
+    for r in records:
+        r["config"]["tune_spec"] = SPEC
+    sel = p["selection"]["adamw"]["values"]
+    at_sel = {"lr": sel["lr"], "optimizer": {"weight_decay": sel["optimizer.weight_decay"],
+                                             "kwargs": {"betas": [0.9, sel["optimizer.kwargs.beta2"]]}}}
+    other = {"lr": 1e-3, "optimizer": {"weight_decay": 0.0, "kwargs": {}}}
+    evaluation = [{"optimizer": "adamw", "status": "done", "config": cfg, "evals": [{"metrics": {"accuracy": acc}}]}
+                  for cfg, acc in ((at_sel, 0.8), (at_sel, 0.6), (other, 0.1))]
+    assert page.runs_at(evaluation[0], sel) and not page.runs_at(evaluation[2], sel)
+    wrong_beta2 = copy.deepcopy(evaluation[0])
+    wrong_beta2["config"]["optimizer"]["kwargs"]["betas"][1] = 0.5
+    assert not page.runs_at(wrong_beta2, sel)
+    monkeypatch.setattr(page, "evaluated_by", lambda d: tmp_path)
+    (tmp_path / record.RECORDS).write_text("")
+    monkeypatch.setattr(page.record, "read", lambda d: evaluation)
+    lines = "\n".join(page.protocol3_section(records, tmp_path, "accuracy"))
+    row = next(line for line in lines.splitlines() if line.startswith("| adamw |"))
+    assert "lr (+)" in row  # round 1's edge, though round 2 has no edges yet
+    assert "| 0.7 (2) |" in row  # the two runs at the selected settings; the run at lr 1e-3 left out
+    dopr = next(line for line in lines.splitlines() if line.startswith("| dopr_adamw |"))
+    assert "not run at these settings" not in dopr and "| not run |" in dopr

@@ -205,6 +205,22 @@ def trial_counts(groups: list[tuple[str, list[dict]]]) -> list[str]:
     return lines + [""]
 
 
+def runs_at(rec: dict, values: dict, rel: float = 1e-3) -> bool:
+    """Whether an evaluation run used a tuning selection's values (``values`` as tuning keys: lr,
+    optimizer.weight_decay, optimizer.kwargs.beta2, ...; compared to the run's config within ``rel``). An evaluation
+    folder can hold runs of an earlier task version at other settings: those are not this selection's evaluation."""
+    for key, want in protocol3.overrides(values).items():
+        node = rec["config"]
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(want, list):
+            if not isinstance(node, (list, tuple)) or len(node) != len(want) or any(abs(float(a) - float(b)) > rel * abs(float(b)) for a, b in zip(node, want)):
+                return False
+        elif node is None or abs(float(node) - float(want)) > rel * abs(float(want)):
+            return False
+    return True
+
+
 def protocol3_section(done: list[dict], experiment_dir: Path, metric: str) -> list[str]:
     """The page of a version-3 tuning (experiments/tuning.py), replayed from its records and the spec they carry:
     per optimizer the rounds, the trials and seeds, the selection and its score on the selection instances, beside
@@ -222,16 +238,18 @@ def protocol3_section(done: list[dict], experiment_dir: Path, metric: str) -> li
     if plan["phase"] != "done":
         lines += [f"**Unfinished**: round {plan['round']}, {plan['phase']} phase still to run (`python scripts/tune.py ...` resumes it).", ""]
     lines += [f"| optimizer | rounds | runs | selected trial | selected values | select_{metric} (tuning seeds) | "
-              f"final {metric}, evaluation seeds (n) | at an edge after the last round |", "|---|---|---|---|---|---|---|---|"]
+              f"final {metric}, evaluation seeds at these settings (n) | at an edge (the selection's round) |", "|---|---|---|---|---|---|---|---|"]
     for opt in sorted(spec["optimizers"], key=pair_rank):
         runs = [r for r in done if r["optimizer"] == opt]
         sel = plan["selection"].get(opt)
         if sel is None:
             lines.append(f"| {opt} | - | {len(runs)} | | | | | |")
             continue
-        evals = [r["evals"][-1]["metrics"][metric] for r in evaluation if r["optimizer"] == opt and r["status"] == "done"]
-        ev = f"{mean_ci(evals)[0]:.4g} ({len(evals)})" if evals else "not run"
-        edges = (plan["history"][-1].get("edges") or {}).get(opt) or {}
+        at_opt = [r for r in evaluation if r["optimizer"] == opt and r["status"] == "done"]
+        evals = [r["evals"][-1]["metrics"][metric] for r in at_opt if runs_at(r, sel["values"])]
+        ev = (f"{mean_ci(evals)[0]:.4g} ({len(evals)})" if evals
+              else f"not run at these settings ({len(at_opt)} runs at others)" if at_opt else "not run")
+        edges = (plan["history"][sel["round"] - 1].get("edges") or {}).get(opt) or {}  # the selection's own round
         lines.append(f"| {opt} | {sel['round']} | {len(runs)} | {sel['label']} | " + ", ".join(f"{k.removeprefix('optimizer.')}={v:g}" for k, v in sel["values"].items())
                      + f" | {sel['score']:.4g} | {ev} | {', '.join(f'{k} ({chr(43) if d > 0 else chr(45)})' for k, d in edges.items()) or 'none'} |")
     lines += ["", "The gap between a selection's tuning score and its evaluation mean is the winner's curse (a best-of-many score is "
