@@ -16,15 +16,16 @@ from pathlib import Path
 from .checkpoint import atomic_write_text
 
 
-def git_commit(ignore: tuple[str, ...] = ()) -> str:
+def git_commit(ignore: tuple[str, ...] = (), repo: Path | None = None) -> str:
     """Short HEAD commit, "-dirty" if tracked files (outside the ``ignore`` paths, e.g. the results
-    folder a report is writing) have uncommitted changes."""
+    folder a report is writing) have uncommitted changes. ``repo``: this package's checkout unless given."""
+    where = Path(repo) if repo is not None else Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
+                             cwd=where, timeout=10)
         spec = ["--", ":/", *[f":(top,exclude){p}" for p in ignore]] if ignore else []
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", *spec], capture_output=True, text=True,
-                               cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
+                               cwd=where, timeout=10).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -148,7 +148,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         print(f"{run_dir} finished its {tr.steps} steps; writing its summary.json from the last checkpoint", flush=True)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    commit = git_commit()
+    # The records files under results/ grow as a sweep's runs finish: they are not the code a run ran, so they do not
+    # make it "dirty" (every run of a sweep after the first was stamped -dirty before).
+    commit = git_commit(ignore=("results",))
     logger = None
     if lead:
         logger = RunLogger(run_dir, {**resolved, "git_commit": commit, "world_size": world}, cfg.logger, start if state else None,

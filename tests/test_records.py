@@ -244,3 +244,23 @@ def test_no_python_file_in_experiments_or_scripts_is_over_500_lines():
     long = {str(p.relative_to(ROOT)): n for p in [*(ROOT / "experiments").rglob("*.py"), *(ROOT / "scripts").rglob("*.py")]
             if (n := len(p.read_text().splitlines())) > 500}
     assert not long, long
+
+
+def test_a_growing_records_file_does_not_mark_a_run_dirty_but_changed_code_does(tmp_path):
+    """Every run of a sweep after the first used to be stamped -dirty: the records file it appends to is tracked.
+    The training loop leaves results/ out of the check; a changed code file still counts."""
+    from experiments.logging import git_commit
+
+    git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "records.jsonl").write_text("{}\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    assert not git_commit(("results",), repo=tmp_path).endswith("-dirty")
+    (tmp_path / "results" / "records.jsonl").write_text("{}\n{}\n")
+    assert not git_commit(("results",), repo=tmp_path).endswith("-dirty")
+    assert git_commit(repo=tmp_path).endswith("-dirty")  # without the exclusion, the records file counts
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(("results",), repo=tmp_path).endswith("-dirty")
