@@ -229,3 +229,41 @@ def test_each_comparator_trains_and_resumes_through_the_entry_point_with_and_wit
         a = torch.load(whole / "checkpoint.pt", weights_only=True)["model"]
         b = torch.load(killed / "checkpoint.pt", weights_only=True)["model"]
         assert all(torch.equal(a[k], b[k]) for k in a), label
+
+
+def test_the_input_side_diagnostic_measures_sigma_and_the_gradient_gram_against_the_formulas():
+    """scripts/input_side.py: Sigma = Z^T Z / n over every input row and S = mean over batches of G^T G, checked in
+    float64 against the formulas computed independently; the comparisons are 1 where S is a scaled Sigma and drop
+    where the gradient Gram weighs directions the inputs do not."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import input_side
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    mix = torch.randn(5, 5)
+    xs = [torch.randn(16, 5) @ mix for _ in range(4)]  # correlated inputs
+    ys = [torch.randn(16, 3) for _ in range(4)]
+    loss = lambda b: ((model(xs[b]) - ys[b]) ** 2).mean()  # noqa: E731
+    stats, skipped = input_side.collect(model, loss, batches=4)
+    assert set(stats) == {"0", "2"} and skipped == []
+    sigma, s, g, sigma_last = stats["0"]
+    z = torch.cat(xs).double()
+    torch.testing.assert_close(sigma, z.T @ z / len(z), rtol=1e-5, atol=1e-6)  # every row of the 4 batches
+    last = xs[3].double()
+    torch.testing.assert_close(sigma_last, last.T @ last / len(last), rtol=1e-5, atol=1e-6)  # the last batch's own
+    grams = []
+    for b in range(4):
+        model.zero_grad()
+        loss(b).backward()
+        grams.append(model[0].weight.grad.double().clone())
+    torch.testing.assert_close(s, sum(q.T @ q for q in grams) / 4, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(g, grams[3], rtol=1e-5, atol=1e-8)
+    # S a scaled Sigma, no ridges: the same subspace and the same -1/2 direction
+    same = input_side.compare(sigma, 7.0 * sigma, g, sigma, damping=0.0, matrix_eps=0.0, top=0.4)
+    assert same["overlap"] == pytest.approx(1.0) and same["frobenius_cosine"] == pytest.approx(1.0)
+    assert same["cos_ap_half_shampoo"] == pytest.approx(1.0)
+    assert same["random_overlap"] == pytest.approx(2 / 5) and same["effective_rank_sigma"] == pytest.approx(same["effective_rank_gram"])
+    # the real pair differs: a gradient Gram from 4 batches has rank <= 4 of 5 input directions
+    real = input_side.compare(sigma, s, g, sigma_last, damping=1.0, matrix_eps=1e-6, top=0.4)
+    assert real["effective_rank_gram"] < real["effective_rank_sigma"] and real["cos_ap_half_shampoo"] < 0.999
+    assert input_side.effective_rank(torch.eye(6, dtype=torch.float64)) == pytest.approx(6.0)
