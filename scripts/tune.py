@@ -108,6 +108,9 @@ def main(argv=None) -> int:
     selection = plan["selection"]
     for opt, sel in selection.items():
         print(f"{opt}: {sel['label']} {sel['values']} (select_{metric} {sel['score']:.4g} over seeds {sel['seeds']}, round {sel['round']})")
+    if args.plan:  # a look, not a write: the selection goes into the task config only when the tool is run
+        print(f"tuning {args.experiment}: done (round {plan['round']}); run it without --plan to write the selection into {task_yaml}")
+        return 0
     tuning.write_selection(task_yaml, selection, source=f" from {results}/records.jsonl")
     print(f"wrote the selected settings into {task_yaml} (lr and tuned)")
     subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(results)], cwd=ROOT, check=True)

@@ -144,6 +144,13 @@ def test_a_tuning_sweep_at_smoke_scale_through_the_entry_point(tmp_path):
     assert "round 2, explore phase" in out.stdout  # the edge extension ran
     from omegaconf import OmegaConf
 
+    before = (configs / "task" / "lm.yaml").read_text()
+    (configs / "task" / "lm.yaml").write_text(before.replace("written by scripts/tune.py", "(look)"))
+    look = subprocess.run([sys.executable, "scripts/tune.py", "lm/smoke_tune", "--configs", str(configs), "--plan"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert look.returncode == 0 and "done (round 2)" in look.stdout, look.stdout[-2000:] + look.stderr[-2000:]
+    assert "written by scripts/tune.py" not in (configs / "task" / "lm.yaml").read_text()  # --plan writes nothing
+    (configs / "task" / "lm.yaml").write_text(before)
     written = OmegaConf.load(configs / "task" / "lm.yaml")
     assert "written by scripts/tune.py" in (configs / "task" / "lm.yaml").read_text()
     for opt in ("adamw", "dopr_adamw"):
