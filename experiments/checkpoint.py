@@ -38,6 +38,7 @@ from .faults import maybe_fail
 # runs of a half-done sweep; the values looked up, `lr` and `optimizer.*`, are compared). Every other
 # resolved setting must match the checkpoint's.
 RESUME_MAY_DIFFER = ("threads", "device", "logger", "cluster", "trainer.steps", "trainer.eval_every", "trainer.rollout_every",
+                     "trainer.light_rollout_every", "task.light_episodes", "task.light_per_length",  # evaluation only
                      "trainer.log_every", "trainer.checkpoint_every", "trainer.snapshot_every", "trainer.micro_batches",
                      "trainer.grad_checkpointing", "task.data_dir", "task.image_cache", "task.num_proc", "task.lr", "task.tuned",
                      "lr_centre",

@@ -121,11 +121,13 @@ def resolve(cfg: DictConfig, given: set[str] | None = None) -> DictConfig:
             print(f"note: lr={cfg.lr:g} given, so the task's other tuned settings for {cfg.optimizer.name} are not applied ("
                   + ", ".join(f"optimizer.{k}={v}" for k, v in dropped.items()) + f"; configs/task/{cfg.task.name}.yaml `tuned`): "
                   "pass them too to keep them", flush=True)
-    missing = [k for k, v in cfg.trainer.items() if v is None and k not in ("ema_decay", "ema_power", "grad_clip", "snapshot_every")]  # null: off
+    missing = [k for k, v in cfg.trainer.items() if v is None and k not in ("ema_decay", "ema_power", "grad_clip", "snapshot_every", "light_rollout_every")]  # null: off
     if missing:
         raise ValueError(f"trainer settings {missing} are not set for task={cfg.task.name} scale={cfg.scale.name}: "
                          f"add configs/task_scale/{cfg.task.name}_{cfg.scale.name}.yaml or pass trainer.<name>=...")
     periods = {k: cfg.trainer[k] for k in ("steps", "eval_every", "rollout_every", "log_every", "checkpoint_every") if k in cfg.trainer}
+    if cfg.trainer.get("light_rollout_every") is not None:
+        periods["light_rollout_every"] = cfg.trainer.light_rollout_every
     bad = {k: v for k, v in periods.items() if not (isinstance(v, int) and v >= 1)}
     if bad:
         raise ValueError(f"trainer settings {bad} must be whole numbers >= 1 (steps between events); to evaluate or "

@@ -22,7 +22,9 @@ A record (schema version ``SCHEMA``)::
                  rollout_seconds, metrics {name: value} on the reported instances, select {name: value} on
                  the selection instances, intervals {name: [low, high]} (a metric's per-run interval),
                  horizons {series: {horizon: metric name}} (where the headline metric by rollout horizon is), raw {val_loss,
-                 metrics, select} (the raw weights where an EMA is evaluated), and ap {cond_max, cond_median}
+                 metrics, select} (the raw weights where an EMA is evaluated), ap {cond_max, cond_median}, and
+                 light: true on a light rollout (trainer.light_rollout_every: the headline metric on fewer
+                 instances, for the budget axis; no selection score, never the best checkpoint)
     outcomes     {step: {metric: [one value per episode / problem]}} at the evaluations that kept them
     train        the training-loss rows (step, train_loss, lr, steps_per_s, grad_norm, AP fallback counts)
     summary      the run's summary.json, every field (final and best rows, ap_rows, task_meta, wall_seconds, ...)
@@ -67,9 +69,11 @@ def split_row(row: dict, metric: str) -> dict:
            "rollout_seconds": row.get("rollout_seconds"), "metrics": {}, "select": {}, "intervals": {}, "horizons": {}}
     if row.get("train_cpu_seconds") is not None:  # runs since the field: the process's CPU time over the same steps
         out["train_cpu_seconds"] = row["train_cpu_seconds"]
+    if row.get("light"):  # a light rollout (trainer.light_rollout_every): the headline metric on fewer instances
+        out["light"] = True
     raw = {k[4:]: _number(v) for k, v in row.items() if k.startswith("raw_")}
     flat = {k: _number(v) for k, v in row.items() if not k.startswith("raw_")
-            and k not in ("step", "train_seconds", "train_cpu_seconds", "val_loss", "rollout_seconds")}
+            and k not in ("step", "train_seconds", "train_cpu_seconds", "val_loss", "rollout_seconds", "light")}
     horizon = re.compile(rf"^{re.escape(metric)}_(?P<series>[A-Za-z_]*?)_?(?P<n>\d+)$")
     for key, value in flat.items():
         if key.startswith("select_"):

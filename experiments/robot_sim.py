@@ -318,10 +318,13 @@ def rollout(policy, meta: dict, obs_keys: list[str], seeds: list[int], horizon: 
     try:
         for start in range(0, len(seeds), num_envs):
             wave = list(seeds[start : start + num_envs])
+            real = len(wave)
             wave += [wave[-1]] * (num_envs - len(wave))  # pad the last wave; the extra episodes are dropped
             obs, _ = envs.reset(seed=wave)
             history = {k: np.repeat(obs[k][:, None], obs_horizon, axis=1) for k in obs_keys}
-            alive = np.ones(num_envs, dtype=bool)
+            # The padding sits the wave out (the sync env steps running environments only); the policy still sees
+            # every row, so the real episodes' actions and noise are those of an unpadded call of the same shape.
+            alive = np.arange(num_envs) < real
             steps = np.zeros(num_envs, dtype=int)
             won = np.zeros(num_envs, dtype=bool)
             while alive.any():

@@ -161,11 +161,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             if ap is not None:
                 logger.log({"step": 0, "ap_coverage": ap.coverage()})
 
-    def evaluate(step: int, rollout: bool, seconds: float, cpu_seconds: float | None) -> dict:
+    def evaluate(step: int, rollout: bool, seconds: float, cpu_seconds: float | None, light: bool = False) -> dict:
         row = {"step": step, "train_seconds": round(seconds, 3), **({} if cpu_seconds is None else {"train_cpu_seconds": round(cpu_seconds, 3)}),
                "val_loss": validation_loss(task, eval_model)}
         if ema is not None:  # the raw weights too, under raw_*: the EMA and the raw weights can disagree
             row["raw_val_loss"] = validation_loss(task, model)
+        if light:  # the budget axis's cheaper point: the headline metric on fewer instances; no best checkpoint, no raw_*
+            t0 = time.time()
+            row.update(task.light_evaluate(eval_model).metrics)
+            row.update({"light": True, "rollout_seconds": time.time() - t0})
         if rollout:
             t0 = time.time()
             maybe_fail("rollout")
@@ -237,9 +241,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             eta = (tr.steps - done) / max(rate, 1e-9)
             print(f"step {done}/{tr.steps} loss {seen.item():.4f} lr {row['lr']:.2e} {rate:.2f} it/s eta {eta / 60:.1f} min", flush=True)
         rollout = done % tr.rollout_every == 0 or done == tr.steps
-        if lead and (done % tr.eval_every == 0 or rollout):
-            final_row = evaluate(done, rollout, train_seconds, train_cpu_seconds)
-            if ap is not None:  # per-layer anisotropy of the inputs: cond(Sigma) at this step's refresh
+        light = bool(tr.get("light_rollout_every")) and done % tr.light_rollout_every == 0 and not rollout
+        if lead and (done % tr.eval_every == 0 or rollout or light):
+            final_row = evaluate(done, rollout, train_seconds, train_cpu_seconds, light)
+            # per-layer anisotropy of the inputs: cond(Sigma) at this step's refresh (tracked on these steps, not light ones)
+            if ap is not None and (done % tr.eval_every == 0 or rollout):
                 conds = ap.condition_numbers()
                 finite = sorted(c for c in conds.values() if math.isfinite(c))
                 summary_row = {"ap_cond_max": finite[-1], "ap_cond_median": finite[len(finite) // 2]} if finite else {}

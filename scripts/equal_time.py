@@ -28,7 +28,7 @@ from experiments import record  # noqa: E402
 from experiments.protocol import launch_overrides  # noqa: E402
 from experiments.registry import base_of, has_ap, rank, variant_suffix  # noqa: E402
 
-PERIODS = ("warmup_steps", "eval_every", "rollout_every", "checkpoint_every", "log_every")
+PERIODS = ("warmup_steps", "eval_every", "rollout_every", "light_rollout_every", "checkpoint_every", "log_every")
 
 
 def plan(records: list[dict], suffix: str = "") -> dict[str, dict]:

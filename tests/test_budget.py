@@ -32,6 +32,17 @@ def test_targets_and_steps_to_target_by_hand():
     assert t["floor"] == 90 and t["baseline_median"] == 50 and math.isclose(t["target"], 90 - 0.9 * 40)
 
 
+def test_a_light_rollout_counts_for_the_time_to_target():
+    """Light rollouts (trainer.light_rollout_every: the headline metric on fewer instances) are points of the budget
+    axis: a run that reaches the target at one is timed there; the final (full) row still sets the baseline."""
+    done = [run("adamw", s, [(100, 0.1), (200, 0.5), (300, 0.8)]) for s in range(3)]
+    dopr = run("dopr_adamw", 0, [(50, 0.2), (100, 0.75), (200, 0.9), (300, 0.9)])
+    dopr["evals"][1]["light"] = True  # step 100: a light rollout
+    cols = budget.run_columns([*done, dopr], "acc", True)
+    assert budget.targets([*done, dopr], "acc", True)["baseline_median"] == 0.8
+    assert (cols["dopr_adamw-s0"]["steps_to_target"], cols["dopr_adamw-s0"]["seconds_to_target"]) == (100.0, 50.0)
+
+
 def test_performance_profile_by_hand():
     times = {"a": {"x": 100.0, "y": 200.0}, "b": {"x": 300.0, "y": 150.0}, "c": {"x": math.inf, "y": 50.0},
              "d": {"x": math.inf, "y": math.inf}}  # d: nobody reaches the target, so it drops out

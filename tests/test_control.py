@@ -126,9 +126,17 @@ def test_expert_training_checkpoints_and_resumes_where_it_stopped(tmp_path):
 
 def test_smoke_run_of_the_entry_point_with_a_short_rollout(tmp_path):
     run = tmp_path / "run"
-    train("task=control", "optimizer=dopr_muon", f"task.data_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}")
+    train("task=control", "optimizer=dopr_muon", f"task.data_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}",
+          "trainer.light_rollout_every=2", "task.light_episodes=1")
     summary = json.loads((run / "summary.json").read_text())
     final = summary["final"]
+    # light rollouts (the budget axis) at steps 2 and 4: the return on one episode, flagged, no selection score, never
+    # the best checkpoint; the record keeps the flag apart from the metrics
+    light = [r for r in rows(run) if r.get("light")]
+    assert [r["step"] for r in light] == [2, 4] and all("return" in r and "select_return" not in r for r in light)
+    assert summary["best"]["step"] == 6
+    evals = json.loads((run / "record.json").read_text())["evals"]
+    assert [e["step"] for e in evals if e.get("light")] == [2, 4] and all("light" not in e["metrics"] for e in evals)
     assert summary["status"] == "done" and summary["metric_name"] == "return"
     assert {"return", "episode_length", "return_h10", "return_h50", "state_fd", "state_cov_gap"} <= set(final)
     assert 0 < final["episode_length"] <= 1000 and np.isfinite(final["state_fd"])

@@ -609,3 +609,24 @@ def test_lm_hard_family_is_mixed_into_training_and_the_headline_with_disjoint_se
         bad = compose("train", overrides=["task=lm", "scale=smoke", f"task.data_dir={tmp_path}", "task.hard={fraction:1.0,operand_max:49,total_max:199}"])
     with pytest.raises(ValueError, match=r"task.hard.fraction=1.0 must lie in \(0, 1\)"):
         build_task(bad.task, 0, torch.device("cpu"))
+
+
+@pytest.mark.slow  # two entry-point runs
+def test_light_rollouts_add_budget_points_and_change_nothing_else(tmp_path):
+    """trainer.light_rollout_every (the budget axis): rows at the light steps with the headline metric on
+    task.light_per_length problems per length, flagged, no selection score; the training, the full evaluations and
+    the best checkpoint are those of the same run without them (evaluation draws no training randomness)."""
+    runs = {}
+    for name, extra in (("plain", ()), ("light", ("trainer.light_rollout_every=2", "task.light_per_length=1"))):
+        runs[name] = tmp_path / name
+        train("optimizer=dopr_adamw", f"hydra.run.dir={runs[name]}", "logger=none", f"task.data_dir={tmp_path / 'data'}", *extra)
+    plain, light = rows(runs["plain"]), rows(runs["light"])
+    flagged = [r for r in light if r.get("light")]
+    assert [r["step"] for r in flagged] == [2, 4] and all("accuracy" in r and "select_accuracy" not in r for r in flagged)
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("train_seconds", "train_cpu_seconds", "rollout_seconds", "steps_per_s")}  # noqa: E731
+                        for r in rs if not r.get("light")]
+    assert strip(light) == strip(plain)  # every training and full evaluation row, to the last digit
+    a, b = (torch.load(runs[n] / "checkpoint.pt", weights_only=True)["model"] for n in ("plain", "light"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    best = [json.loads((runs[n] / "summary.json").read_text())["best"] for n in ("plain", "light")]
+    assert best[0]["step"] == best[1]["step"] == 6

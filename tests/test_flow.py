@@ -281,9 +281,12 @@ def test_data_errors_name_the_fix(tmp_path):
 def test_smoke_run_of_the_entry_point(tmp_path):
     run = tmp_path / "run"
     train("task=flow", "optimizer=dopr_adamw", f"task.data_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}", "trainer.rollout_every=3",
-          "task.solver_steps={midpoint:[1]}")
+          "task.solver_steps={midpoint:[1]}", "trainer.light_rollout_every=2")
     summary = json.loads((run / "summary.json").read_text())
-    first, last = [r for r in rows(run) if "fd" in r]
+    light = [r for r in rows(run) if r.get("light")]  # steps 2 and 4 (6 is a full rollout's): the headline FD alone
+    assert [r["step"] for r in light] == [2, 4] and all(set(r) >= {"fd", "fd_floor"} and "select_fd" not in r for r in light)
+    assert all(math.isfinite(r["fd"]) and r["fd"] >= 0 for r in light)
+    first, last = [r for r in rows(run) if "fd" in r and not r.get("light")]
     # before the last rollout only the headline point (and the selection set): the grid comes from the last
     assert first["step"] == 3 and "fd_euler_2" in first and "select_fd" in first and "fd_midpoint_1" not in first
     assert last["step"] == 6 and {"fd_euler_1", "fd_euler_2", "fd_midpoint_1"} <= set(last) and "fd_midpoint_2" not in last  # solver_steps

@@ -352,6 +352,17 @@ def test_evaluations_and_runs_reuse_one_set_of_rollout_environments(tmp_path, mo
         for a, b in zip(seen[0], episodes):
             for k in a:
                 np.testing.assert_array_equal(a[k], b[k])
+    # a light rollout (trainer.light_rollout_every, the budget axis) steps the same environments, none built, and its
+    # episodes are the full evaluation's first ones: the same observations at every policy call
+    task.cfg.light_episodes = 1
+    seen.append([])
+    light = task.light_evaluate(task.model).metrics
+    assert len(built) == 3 and set(light) == {"success", "episode_length"}
+    assert light["episode_length"] == outcomes["episode_length"][0] and light["success"] == outcomes["success"][0]
+    assert len(seen[-1]) == len(seen[0])
+    for a, b in zip(seen[0], seen[-1]):
+        for k in a:
+            np.testing.assert_array_equal(a[k][0], b[k][0])
     # other settings: a new set, the old one closed
     old = next(iter(robot._ROLLOUT_ENVS.values()))
     evaluate(fixture_task(tmp_path, *settings, "task.eval_episodes=3"), task.model)

@@ -58,6 +58,12 @@ class Task:
         run's last evaluation; before it a task may score less, but always ``metric`` and ``select_<metric>``."""
         raise NotImplementedError
 
+    def light_evaluate(self, model: nn.Module) -> EvalResult:
+        """The budget axis's cheaper rollout (``trainer.light_rollout_every``): at least ``metric`` on fixed instances
+        shared by every optimizer, fewer than ``evaluate``'s; it never chooses the best checkpoint. Default: the
+        intermediate evaluation (``evaluate(final=False)``); control and robot roll out fewer episodes."""
+        return self.evaluate(model, final=False)
+
     def loss_weight(self, batch: Any) -> float | torch.Tensor:
         """A micro-batch's share of the batch's loss terms, for gradient accumulation (default: its rows)."""
         first = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -275,6 +275,18 @@ class BehaviourCloning(Task):
         return F.mse_loss(model(states), actions)
 
     @torch.no_grad()
+    def light_evaluate(self, model: nn.Module) -> EvalResult:
+        """The budget axis's cheaper point: mean return over the first ``task.light_episodes`` reported episodes (the
+        same seeds and execution noise for every optimizer), no selection episodes."""
+        was = model.training
+        model.eval()
+        seeds = eval_seeds(self.cfg)[: self.cfg.get("light_episodes") or self.cfg.eval_episodes]
+        returns, lengths = rollout_returns(self.cfg.env, lambda s: model(s.to(self.device)), seeds,
+                                           action_noise=eval_noise(self.cfg), noise_seed=seeds[0])[:2]
+        model.train(was)
+        return EvalResult({"return": float(returns.mean()), "episode_length": float(lengths.mean())})
+
+    @torch.no_grad()
     def evaluate(self, model: nn.Module, final: bool = True) -> EvalResult:
         was = model.training
         model.eval()
@@ -306,5 +318,6 @@ class BehaviourCloning(Task):
 
 def build(cfg, seed: int, device: torch.device):
     check_sizes(cfg, {"batch_size": 1, "eval_batch_size": 1, "train_episodes": 1, "val_episodes": 1, "eval_episodes": 1, "select_episodes": 0,
-                      "demo_steps": 1, "horizons": 1, "model.width": 1, "model.blocks": 0}, nullable=("select_episodes", "demo_steps"))
+                      "light_episodes": 1, "demo_steps": 1, "horizons": 1, "model.width": 1, "model.blocks": 0},
+                nullable=("select_episodes", "demo_steps", "light_episodes"))
     return BehaviourCloning(cfg, seed, device)

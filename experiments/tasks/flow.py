@@ -268,6 +268,16 @@ class FlowMatching(Task):
                           for i in range(0, len(labels), b)])
 
     @torch.no_grad()
+    def light_evaluate(self, model: nn.Module) -> EvalResult:
+        """The budget axis's cheaper point: FD of the headline solver and step count against the reference set (the same
+        noise and labels for every optimizer), without select_fd, class accuracy or the memorisation check."""
+        was = model.training
+        model.eval()
+        fd = self.fd(self.generate(model, self.cfg.headline_solver, self.cfg.headline_steps))
+        model.train(was)
+        return EvalResult({"fd": fd, "fd_floor": self.fd_floor})
+
+    @torch.no_grad()
     def evaluate(self, model: nn.Module, final: bool = True) -> EvalResult:
         """FD, class accuracy (and Inception FID) per solver and step count, the memorisation check on
         the headline samples, select_fd. Before the run's last evaluation only the headline point

@@ -182,6 +182,19 @@ class ArithmeticLM(TokenBatches):
         model.train(was_training)
         return EvalResult(out, outcomes)
 
+    @torch.no_grad()
+    def light_evaluate(self, model: nn.Module) -> EvalResult:
+        """The budget axis's cheaper point: accuracy over the first ``task.light_per_length`` reported problems of each
+        training length (the same for every optimizer), scored together (lengths mixed in a batch, so a few batches
+        instead of one per length and set), no selection problems, no extrapolation lengths."""
+        was_training = model.training
+        model.eval()
+        k = self.cfg.get("light_per_length")
+        problems = [p for ps in self.eval_sets.values() for p in (ps[:k] if k else ps)]
+        items = self._score(model, problems)
+        model.train(was_training)
+        return EvalResult({"accuracy": sum(items) / len(items)})
+
     def _score(self, model: nn.Module, problems: list[dict]) -> list[int]:
         """1 where the greedy generation's "#### N" matches the problem's answer, else 0."""
         items = []
@@ -207,8 +220,8 @@ def check_settings(cfg) -> None:
     any data is made; errors name the setting. The longest problem against ``task.max_len`` is checked
     where the problems are encoded (encode_examples), also before training."""
     check_sizes(cfg, {"batch_size": 1, "train_size": 1, "val_size": 1, "eval_batch_size": 1, "val_batch_size": 1, "max_len": 2,
-                      "max_new_tokens": 1, "bucket_batches": 1, "val_loss_chunk": 1, "eval_size": 1, "num_proc": 1},
-                nullable=("val_batch_size", "bucket_batches", "val_loss_chunk", "eval_size", "num_proc"))
+                      "max_new_tokens": 1, "bucket_batches": 1, "val_loss_chunk": 1, "eval_size": 1, "num_proc": 1, "light_per_length": 1},
+                nullable=("val_batch_size", "bucket_batches", "val_loss_chunk", "eval_size", "num_proc", "light_per_length"))
     if cfg.get("pretrained"):
         return
     check_sizes(cfg, {"eval_per_length": 1, "select_per_length": 0, "operand_max": 1, "total_max": 1, "train_steps": 1, "eval_steps": 1,

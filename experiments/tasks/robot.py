@@ -371,6 +371,23 @@ class RobotPolicy(Task):
         return _ROLLOUT_ENVS[key]
 
     @torch.no_grad()
+    def light_evaluate(self, model: nn.Module) -> EvalResult:
+        """The budget axis's cheaper point: success over the first ``task.light_episodes`` reported episodes (the same
+        seeds for every optimizer), no selection episodes, on the full evaluation's environments (another count would
+        build another set); the environments left over sit the wave out."""
+        from ..robot_sim import rollout
+
+        was = model.training
+        model.eval()
+        cfg = self.cfg
+        seeds = [cfg.eval_seed + i for i in range(min(cfg.get("light_episodes") or cfg.eval_episodes, cfg.eval_episodes))]
+        full = cfg.eval_episodes + (cfg.get("select_episodes") or 0)
+        out = rollout(self.policy(model, torch.Generator().manual_seed(cfg.eval_seed)), self.env_meta, list(cfg.obs_keys), seeds,
+                      cfg.horizon, cfg.obs_horizon, envs=self.vector_env(full))
+        model.train(was)
+        return EvalResult({"success": float(out["success"].mean()), "episode_length": float(out["length"].mean())})
+
+    @torch.no_grad()
     def evaluate(self, model: nn.Module, final: bool = True) -> EvalResult:
         from ..robot_sim import rollout
 
@@ -401,9 +418,9 @@ def check_settings(cfg) -> None:
     """Sizes, and the chunk length and widths the U-Net can take, before any demo is generated or read."""
     check_sizes(cfg, {"batch_size": 1, "eval_batch_size": 1, "demos": 1, "val_demos": 1, "demo_horizon": 1, "diffusion_steps": 1,
                       "sample_steps": 1, "obs_horizon": 1, "action_horizon": 1, "action_steps": 1, "horizon": 1, "horizons": 1,
-                      "eval_episodes": 1, "select_episodes": 0, "rollout_envs": 1, "max_train_demos": 1, "image_size": 1,
+                      "eval_episodes": 1, "select_episodes": 0, "light_episodes": 1, "rollout_envs": 1, "max_train_demos": 1, "image_size": 1,
                       "model.down_dims": 1, "model.kernel_size": 1, "model.groups": 1, "model.encoder_dim": 1},
-                nullable=("select_episodes", "rollout_envs", "max_train_demos"))
+                nullable=("select_episodes", "rollout_envs", "max_train_demos", "light_episodes"))
     m = cfg.model
     if cfg.dataset == "expert" and cfg.val_demos >= cfg.demos:
         raise ValueError(f"task.val_demos={cfg.val_demos} leaves no training demo of task.demos={cfg.demos}: lower it or raise task.demos")
