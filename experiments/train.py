@@ -258,7 +258,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                         "seconds": seconds_before + time.time() - t_start,
                                         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                                         "final": final_row if done == tr.steps else None, **stamp}, keep_previous=True)
-        if world > 1 and (done % tr.eval_every == 0 or rollout or done % tr.checkpoint_every == 0):
+        if world > 1 and (done % tr.eval_every == 0 or rollout or light or done % tr.checkpoint_every == 0):
             torch.distributed.barrier()  # the others wait while the first process evaluates and saves
     if not lead:
         return {"status": "done", "rank": rank}
