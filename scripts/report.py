@@ -225,8 +225,12 @@ def results_sections(source: Path, done: list[dict], rows: list[dict], metric: s
     if figures.horizon_figure(rows, horizons, out / f"{metric}_vs_horizon.png", title, lab, rate):
         parts += [f"## {metric} against the rollout horizon", "", f"![{metric} against horizon]({metric}_vs_horizon.png)", ""]
     if figures.training_figure(done, metric, out / "training_curves.png", title, lab, rate):
+        light = sorted({e["step"] for r in done for e in r["evals"] if e.get("light")})
         parts += ["## Over training", "", f"Validation loss and {lab['metric_label']} at every evaluation during training "
-                  "(from each run's evaluation rows); the tables give the means over seeds.", "", "![over training](training_curves.png)", ""]
+                  "(from each run's evaluation rows); the tables give the means over seeds."
+                  + (f" Light rollouts (`trainer.light_rollout_every`: {metric} on fewer of the reported instances, docs/protocol.md, "
+                     f"\"The budget axis\") at step(s) {', '.join(map(str, light))}." if light else ""),
+                  "", "![over training](training_curves.png)", ""]
         for key in ("val_loss", metric):
             parts += [tables.curve_table(load.curves(done, key), key), ""]
     experiment_dir = source if (source / record.RECORDS).exists() else None

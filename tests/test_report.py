@@ -167,3 +167,28 @@ def test_tuning_pages_show_the_searched_beta2_of_every_adamw_trial():
         assert float(row["beta2"]) == records[row["run"]]["config"]["optimizer"]["kwargs"]["betas"][1]
     assert all(row["beta2"] == "" for row in rows if row["optimizer"] != "adamw")  # blank where no run set it
     assert "| beta2 |" in (ROOT / "results" / "lm_lora" / "cpu" / "tuning.md").read_text()
+
+
+def test_a_page_with_light_rollouts_says_which_steps_they_are(tmp_path):
+    """Rows of light rollouts (trainer.light_rollout_every) go into the curves and the record flags them; the page
+    says at which steps the metric was measured on fewer instances."""
+    runs = tmp_path / "runs"
+    for opt in ("adamw", "dopr_adamw"):
+        for seed in (0, 1):
+            run = runs / f"{opt}-s{seed}"
+            run.mkdir(parents=True)
+            final = 0.5 + 0.1 * seed
+            summary = {"task": "lm", "scale": "cpu", "optimizer": opt, "lr": 1e-3, "seed": seed, "metric_name": "accuracy",
+                       "metric_range": [0, 1], "higher_is_better": True, "git_commit": "abc1234", "status": "done", "steps": 10,
+                       "final": {"step": 10, "val_loss": 0.5, "accuracy": final}, "best": {"step": 10, "metric": final, "min_val_loss": 0.5}}
+            (run / "summary.json").write_text(json.dumps(summary))
+            (run / "config.json").write_text(json.dumps({"optimizer": {"name": opt}, "task": {"name": "lm"}}))
+            rows = [{"step": 5, "train_seconds": 5.0, "val_loss": 0.8, "accuracy": 0.2, "light": True, "rollout_seconds": 0.1},
+                    {"step": 10, "train_seconds": 10.0, "val_loss": 0.5, "accuracy": final, "select_accuracy": final, "rollout_seconds": 1.0}]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(runs), "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=120)
+    text = (out / "results.md").read_text()
+    assert "Light rollouts (`trainer.light_rollout_every`" in text and "at step(s) 5." in text, text
+    assert "| accuracy at step | 5 | 10 |" in text
