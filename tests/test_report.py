@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -169,6 +171,7 @@ def test_tuning_pages_show_the_searched_beta2_of_every_adamw_trial():
     assert "| beta2 |" in (ROOT / "results" / "lm_lora" / "cpu" / "tuning.md").read_text()
 
 
+@pytest.mark.slow  # the report's entry point as a subprocess (~10 s): keeps `make test` under 10 minutes
 def test_a_page_with_light_rollouts_says_which_steps_they_are(tmp_path):
     """Rows of light rollouts (trainer.light_rollout_every) go into the curves and the record flags them; the page
     says at which steps the metric was measured on fewer instances."""
