@@ -241,11 +241,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             eta = (tr.steps - done) / max(rate, 1e-9)
             print(f"step {done}/{tr.steps} loss {seen.item():.4f} lr {row['lr']:.2e} {rate:.2f} it/s eta {eta / 60:.1f} min", flush=True)
         rollout = done % tr.rollout_every == 0 or done == tr.steps
+        scheduled = done % tr.eval_every == 0 or rollout  # the full evaluations (AP tracked cond(Sigma) on these steps)
         light = bool(tr.get("light_rollout_every")) and done % tr.light_rollout_every == 0 and not rollout
-        if lead and (done % tr.eval_every == 0 or rollout or light):
+        if lead and (scheduled or light):
             final_row = evaluate(done, rollout, train_seconds, train_cpu_seconds, light)
-            # per-layer anisotropy of the inputs: cond(Sigma) at this step's refresh (tracked on these steps, not light ones)
-            if ap is not None and (done % tr.eval_every == 0 or rollout):
+            if ap is not None and scheduled:  # per-layer anisotropy of the inputs: cond(Sigma) at this step's refresh
                 conds = ap.condition_numbers()
                 finite = sorted(c for c in conds.values() if math.isfinite(c))
                 summary_row = {"ap_cond_max": finite[-1], "ap_cond_median": finite[len(finite) // 2]} if finite else {}
@@ -258,7 +258,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                         "seconds": seconds_before + time.time() - t_start,
                                         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                                         "final": final_row if done == tr.steps else None, **stamp}, keep_previous=True)
-        if world > 1 and (done % tr.eval_every == 0 or rollout or light or done % tr.checkpoint_every == 0):
+        if world > 1 and (scheduled or light or done % tr.checkpoint_every == 0):
             torch.distributed.barrier()  # the others wait while the first process evaluates and saves
     if not lead:
         return {"status": "done", "rank": rank}
