@@ -118,8 +118,12 @@ def render(source: Path, out: Path, kind: str, shown: str, configs: Path | None 
     setting = {k: v for k, v in task_meta[0].items() if all(m.get(k) == v for m in task_meta)}
     by = BY[kind] + (("steps",) if len({r["steps"] for r in rows}) > 1 else ())  # a budget sweep: one line per budget
     by += tuple(k for k in ("beta2", "momentum") if kind == "tuning" and any(k in r for r in rows))  # the version-3 spaces' own axes
+    if kind == "tuning" and any("trial" in r for r in rows):  # version-3 trials: one line each, by round (r1t00, r1t01, ..., r2t00)
+        by = ("optimizer", "trial") + by[1:]
 
     def table_of(runs: list[dict], run_rows: list[dict]) -> str:
+        if "trial" in by:
+            run_rows = sorted(run_rows, key=lambda r: (r["optimizer"], r.get("trial") or ""))
         return tables.summary_table(run_rows, metric, by, rate, load.episode_outcomes(runs) if rate else None,
                                     load.horizon_series(runs), load.interval_columns(runs))
 
@@ -186,6 +190,8 @@ def render(source: Path, out: Path, kind: str, shown: str, configs: Path | None 
             "rollout_episodes": rollout_episodes(done),
             "horizons": {name: [n for n, _ in pts] for name, pts in horizons.items()},
             "targets": budget.targets(done, metric, higher)}
+    if cost := budget.light_cost(done):  # measured on the runs that rolled out light (docs/protocol.md, "The budget axis")
+        meta["light_rollout_cost"] = cost
     meta.update(setting)
     if len(group) > 1:
         meta["experiments"] = [s.name for s in group]
@@ -229,7 +235,9 @@ def results_sections(source: Path, done: list[dict], rows: list[dict], metric: s
         parts += ["## Over training", "", f"Validation loss and {lab['metric_label']} at every evaluation during training "
                   "(from each run's evaluation rows); the tables give the means over seeds."
                   + (f" Light rollouts (`trainer.light_rollout_every`: {metric} on fewer of the reported instances, docs/protocol.md, "
-                     f"\"The budget axis\") at step(s) {', '.join(map(str, light))}." if light else ""),
+                     f"\"The budget axis\") at step(s) {', '.join(map(str, light))}." if light else "")
+                  + (" Measured, they added {median:.1%} to a run's wall time (median over {runs} runs; at most {max:.1%}): their "
+                     "rollout seconds over the run's wall time without them.".format(**cost) if (cost := budget.light_cost(done)) else ""),
                   "", "![over training](training_curves.png)", ""]
         for key in ("val_loss", metric):
             parts += [tables.curve_table(load.curves(done, key), key), ""]

@@ -43,6 +43,23 @@ def test_a_light_rollout_counts_for_the_time_to_target():
     assert (cols["dopr_adamw-s0"]["steps_to_target"], cols["dopr_adamw-s0"]["seconds_to_target"]) == (100.0, 50.0)
 
 
+def test_the_light_rollouts_cost_is_measured_on_the_runs():
+    """The added cost the protocol bounds (20%): per run, the light rows' rollout seconds over the wall time without
+    them; median and max over the runs that rolled out light; nothing where none did."""
+    a = run("adamw", 0, [(100, 0.1), (200, 0.5), (300, 0.8)])
+    b = run("adamw", 1, [(100, 0.1), (200, 0.5), (300, 0.8)])
+    for r, (light_s, wall) in zip((a, b), ((6.0, 106.0), (10.0, 60.0))):
+        r["evals"][0].update(light=True, rollout_seconds=light_s / 2)
+        r["evals"][1].update(light=True, rollout_seconds=light_s / 2)
+        r["evals"][2]["rollout_seconds"] = 20.0  # a full row: not the light rollouts' cost
+        r["summary"]["wall_seconds"] = wall
+    plain = run("muon", 0, [(100, 0.1), (300, 0.8)])
+    plain["summary"]["wall_seconds"] = 50.0
+    cost = budget.light_cost([a, b, plain])
+    assert cost["runs"] == 2 and math.isclose(cost["max"], 10 / 50) and math.isclose(cost["median"], (6 / 100 + 10 / 50) / 2)
+    assert budget.light_cost([plain]) == {}
+
+
 def test_performance_profile_by_hand():
     times = {"a": {"x": 100.0, "y": 200.0}, "b": {"x": 300.0, "y": 150.0}, "c": {"x": math.inf, "y": 50.0},
              "d": {"x": math.inf, "y": math.inf}}  # d: nobody reaches the target, so it drops out

@@ -183,7 +183,8 @@ def test_a_page_with_light_rollouts_says_which_steps_they_are(tmp_path):
             final = 0.5 + 0.1 * seed
             summary = {"task": "lm", "scale": "cpu", "optimizer": opt, "lr": 1e-3, "seed": seed, "metric_name": "accuracy",
                        "metric_range": [0, 1], "higher_is_better": True, "git_commit": "abc1234", "status": "done", "steps": 10,
-                       "final": {"step": 10, "val_loss": 0.5, "accuracy": final}, "best": {"step": 10, "metric": final, "min_val_loss": 0.5}}
+                       "final": {"step": 10, "val_loss": 0.5, "accuracy": final}, "best": {"step": 10, "metric": final, "min_val_loss": 0.5},
+                       "wall_seconds": 20.1 + seed}  # the light row's 0.1 s adds 0.1 / (20 + seed) to a run
             (run / "summary.json").write_text(json.dumps(summary))
             (run / "config.json").write_text(json.dumps({"optimizer": {"name": opt}, "task": {"name": "lm"}}))
             rows = [{"step": 5, "train_seconds": 5.0, "val_loss": 0.8, "accuracy": 0.2, "light": True, "rollout_seconds": 0.1},
@@ -195,3 +196,29 @@ def test_a_page_with_light_rollouts_says_which_steps_they_are(tmp_path):
     text = (out / "results.md").read_text()
     assert "Light rollouts (`trainer.light_rollout_every`" in text and "at step(s) 5." in text, text
     assert "| accuracy at step | 5 | 10 |" in text
+    # their cost, measured: median over the 4 runs of 0.1 / 20 and 0.1 / 21, at most 0.5%
+    assert "they added 0.5% to a run's wall time (median over 4 runs; at most 0.5%)" in text, text
+    cost = json.loads((out / "results_meta.json").read_text())["light_rollout_cost"]
+    assert cost["runs"] == 4 and abs(cost["max"] - 0.1 / 20) < 1e-12 and abs(cost["median"] - (0.1 / 20 + 0.1 / 21) / 2) < 1e-12
+
+
+def test_the_tuning_pages_every_run_table_has_one_line_per_trial_in_round_order(tmp_path, monkeypatch):
+    """Version-3 trials (config tune.label r<round>t<trial>; a confirmation reruns the trial under its label): the
+    "Every run" table of lm_lora's committed tuning shows each label on one line with all its seeds, in round order."""
+    from collections import Counter
+
+    from experiments import record
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import report
+
+    records = record.read(ROOT / "results" / "lm_lora" / "cpu_tune" / "records.jsonl")
+    seeds = Counter((r["optimizer"], r["config"]["tune"]["label"]) for r in records if r["status"] == "done")
+    assert any(n > 1 for n in seeds.values()) and any(label.startswith("r2") for _, label in seeds)
+    out = tmp_path / "out"
+    assert report.main([str(ROOT / "results" / "lm_lora" / "cpu_tune"), "--out", str(out)]) == 0
+    text = (out / "tuning.md").read_text().split("## Every run", 1)[1]
+    lines = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and " | r" in line]
+    shown = [(cells[0].strip("| "), cells[1]) for cells in lines]
+    assert shown == sorted(seeds), shown[:5]  # one line per trial, by optimizer then round and trial
+    assert [int(cells[7]) for cells in lines] == [seeds[key] for key in shown]  # the seeds column: all the trial's runs

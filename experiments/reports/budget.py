@@ -82,6 +82,23 @@ def run_columns(done: list[dict], metric: str, higher: bool) -> dict[str, dict]:
     return out
 
 
+def light_cost(done: list[dict]) -> dict:
+    """What the light rollouts (trainer.light_rollout_every) cost, measured on the runs: per run, the light rows'
+    ``rollout_seconds`` over the run's wall time without them (summary ``wall_seconds`` less those seconds), i.e.
+    the share they add to a run; {"runs", "median", "max"} over the runs that have light rows and a wall time
+    ({} where none has). The protocol keeps it under 20% (docs/protocol.md, "The budget axis")."""
+    shares = []
+    for r in done:
+        light = [e.get("rollout_seconds") for e in r["evals"] if e.get("light")]
+        wall = r["summary"].get("wall_seconds")
+        if not light or wall is None or any(s is None for s in light):
+            continue
+        spent = float(sum(light))
+        if wall > spent:
+            shares.append(spent / (wall - spent))
+    return {"runs": len(shares), "median": median(shares), "max": max(shares)} if shares else {}
+
+
 def optimizer_time(values: list[float]) -> float:
     """The median over seeds; infinite when more than half of the seeds miss (their values are infinite)."""
     if not values:

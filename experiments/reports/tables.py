@@ -47,7 +47,7 @@ def summary_table(rows: list[dict], metric: str, by: tuple = ("optimizer",), rat
     head += ["minutes per run"] if timed else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, rs in groups.items():
-        cells = [key[0]] + ["" if v is None else f"{v:g}" for v in key[1:]] + [str(len(rs))]
+        cells = [key[0]] + ["" if v is None else v if isinstance(v, str) else f"{v:g}" for v in key[1:]] + [str(len(rs))]
         cells += [fmt(*mean_ci([r["final_val_loss"] for r in rs]), 4), fmt(*mean_ci([r["min_val_loss"] for r in rs]), 4),
                   *(fmt_spread(*spread([r[f"{when}_{metric}"] for r in rs], rate, [(episodes or {}).get(r["run"], {}).get(when) for r in rs]), 3, rate)
                     for when in ("final", "best"))]
