@@ -60,6 +60,22 @@ def test_the_light_rollouts_cost_is_measured_on_the_runs():
     assert budget.light_cost([plain]) == {}
 
 
+def test_the_time_to_target_section_states_the_measured_light_rollout_cost():
+    """results/README.md's time-to-target section (experiments/reports/crosstask.py) names each task's measured cost
+    of its light rollouts, from the task page's meta, and says nothing for a task without them."""
+    from experiments.reports import crosstask
+
+    runs = [{"optimizer": "adamw", "steps_to_target": 200.0, "seconds_to_target": 50.0, "steps_to_target50": 100.0}]
+    target = {"floor": 0.0, "baseline": "adamw", "baseline_median": 0.8, "target": 0.72, "target50": 0.4}
+    lm = {"meta": {"task": "lm", "metric": "accuracy", "targets": target, "light_rollout_cost": {"runs": 40, "median": 0.052, "max": 0.081}},
+          "runs": runs}
+    flow = {"meta": {"task": "flow", "metric": "fd", "targets": target}, "runs": runs}
+    text = "\n".join(crosstask.time_to_target([lm, flow]))
+    assert "| lm | accuracy 0.72 (0 -> adamw 0.8) | adamw | 200 | 50 | 1/1 | 100 |" in text
+    assert "lm 5.2% (at most 8.1%, 40 runs)." in text and "flow 0" not in text
+    assert "light rollouts" not in "\n".join(crosstask.time_to_target([flow]))
+
+
 def test_performance_profile_by_hand():
     times = {"a": {"x": 100.0, "y": 200.0}, "b": {"x": 300.0, "y": 150.0}, "c": {"x": math.inf, "y": 50.0},
              "d": {"x": math.inf, "y": math.inf}}  # d: nobody reaches the target, so it drops out

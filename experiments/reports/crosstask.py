@@ -56,6 +56,11 @@ def time_to_target(entries: list[dict]) -> list[str]:
         for opt, (s, hit, n) in steps.items():
             lines.append(f"| {e['meta']['task']}{version_note(e)} | {what} | {opt} | {_fmt_time(s)} | {_fmt_time(seconds.get(opt, (math.nan,))[0])} | "
                          f"{hit}/{n} | {_fmt_time(half.get(opt, (math.nan,))[0])} |")
+    costs = [(e["meta"]["task"], c) for e in entries if (c := e["meta"].get("light_rollout_cost"))]
+    if costs:  # the points between the full evaluations, and what they cost (the protocol bounds it at 20%)
+        lines += ["", "The light rollouts between the full evaluations added, measured per run (their rollout seconds over the "
+                  "run's wall time without them; median, and at most): " + "; ".join(
+                      f"{task} {c['median']:.1%} (at most {c['max']:.1%}, {c['runs']} runs)" for task, c in costs) + "."]
     return lines + [""]
 
 
