@@ -14,6 +14,7 @@ import torch
 
 import dopr
 from dopr.factory import AP_OPTIONS
+from .tasks.base import eval_mode
 
 
 def build_optimizer(model: torch.nn.Module, opt_cfg, lr: float) -> torch.optim.Optimizer:
@@ -195,10 +196,8 @@ def keep_freed_memory() -> bool:
 
 @torch.no_grad()
 def validation_loss(task, model) -> float:
-    was = model.training
-    model.eval()
-    terms = [task.val_loss_terms(model, batch) for batch in task.val_batches()]  # the LM: a per-token mean over the set
-    model.train(was)
+    with eval_mode(model):
+        terms = [task.val_loss_terms(model, batch) for batch in task.val_batches()]  # the LM: a per-token mean over the set
     return sum(t for t, _ in terms) / max(1, sum(n for _, n in terms))
 
 

@@ -287,3 +287,25 @@ def test_library_imports_without_the_experiment_stack():
     code = ("import sys, dopr; bad = [m for m in ('hydra', 'wandb', 'transformers', 'omegaconf') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_eval_mode_restores_the_training_flag_also_when_the_evaluation_raises():
+    """experiments.tasks.base.eval_mode, the bracket around every evaluation and rollout: dropout off inside, the
+    model's own flag (training or not) back after, also after an error (a failed rollout must not leave a run
+    training without dropout)."""
+    import pytest as _pytest
+    import torch.nn as nn
+
+    from experiments.tasks.base import eval_mode
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+    with eval_mode(model):
+        assert not model.training and not model[1].training
+    assert model.training and model[1].training
+    with _pytest.raises(RuntimeError), eval_mode(model):
+        raise RuntimeError("a rollout failed")
+    assert model.training and model[1].training
+    model.eval()
+    with eval_mode(model):
+        pass
+    assert not model.training

@@ -16,6 +16,18 @@ import torch
 import torch.nn as nn
 
 
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """``model.eval()`` for the block (dropout off, BatchNorm on running statistics), the model's training flag put
+    back after it, also when the block raises: the bracket around every evaluation and rollout."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+
 @dataclass
 class EvalResult:
     """What ``Task.evaluate`` returns. ``metrics``: name -> number on the reported instances, with the headline

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint
-from .base import EvalResult, Task, check_sizes, one_thread
+from .base import EvalResult, Task, check_sizes, eval_mode, one_thread
 
 EXPERT_DIR = Path(__file__).resolve().parents[1] / "assets" / "experts"
 
@@ -278,28 +278,24 @@ class BehaviourCloning(Task):
     def light_evaluate(self, model: nn.Module) -> EvalResult:
         """The budget axis's cheaper point: mean return over the first ``task.light_episodes`` reported episodes (the
         same seeds and execution noise for every optimizer), no selection episodes."""
-        was = model.training
-        model.eval()
-        seeds = eval_seeds(self.cfg)[: self.cfg.get("light_episodes") or self.cfg.eval_episodes]
-        returns, lengths = rollout_returns(self.cfg.env, lambda s: model(s.to(self.device)), seeds,
-                                           action_noise=eval_noise(self.cfg), noise_seed=seeds[0])[:2]
-        model.train(was)
+        with eval_mode(model):
+            seeds = eval_seeds(self.cfg)[: self.cfg.get("light_episodes") or self.cfg.eval_episodes]
+            returns, lengths = rollout_returns(self.cfg.env, lambda s: model(s.to(self.device)), seeds,
+                                               action_noise=eval_noise(self.cfg), noise_seed=seeds[0])[:2]
         return EvalResult({"return": float(returns.mean()), "episode_length": float(lengths.mean())})
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, final: bool = True) -> EvalResult:
-        was = model.training
-        model.eval()
-        # Fixed episodes and fixed execution noise (task.eval_action_noise; its seed is the episodes' first seed),
-        # the same for every optimizer and every evaluation.
-        noise, seeds = eval_noise(self.cfg), eval_seeds(self.cfg)
-        returns, lengths, episodes = rollout_returns(self.cfg.env, lambda s: model(s.to(self.device)), seeds, record=True,
-                                                     action_noise=noise, noise_seed=seeds[0])
-        # Selection episodes (seeds 30000+, never reported) choose the best checkpoint.
-        chosen = [30_000 + i for i in range(self.cfg.get("select_episodes") or 0)]
-        select = rollout_returns(self.cfg.env, lambda s: model(s.to(self.device)), chosen, action_noise=noise,
-                                 noise_seed=chosen[0])[0] if chosen else None
-        model.train(was)
+        with eval_mode(model):
+            # Fixed episodes and fixed execution noise (task.eval_action_noise; its seed is the episodes' first seed),
+            # the same for every optimizer and every evaluation.
+            noise, seeds = eval_noise(self.cfg), eval_seeds(self.cfg)
+            returns, lengths, episodes = rollout_returns(self.cfg.env, lambda s: model(s.to(self.device)), seeds, record=True,
+                                                         action_noise=noise, noise_seed=seeds[0])
+            # Selection episodes (seeds 30000+, never reported) choose the best checkpoint.
+            chosen = [30_000 + i for i in range(self.cfg.get("select_episodes") or 0)]
+            select = rollout_returns(self.cfg.env, lambda s: model(s.to(self.device)), chosen, action_noise=noise,
+                                     noise_seed=chosen[0])[0] if chosen else None
         out = {"return": float(returns.mean()), "episode_return_sd": float(returns.std()), "episode_length": float(lengths.mean())}
         outcomes = {"return": [round(float(r), 3) for r in returns], "episode_length": [int(n) for n in lengths]}  # per episode
         for h in self.cfg.horizons:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import atomic_write_bytes
 from . import glyphs
-from .base import EvalResult, Task, check_sizes
+from .base import EvalResult, Task, check_sizes, eval_mode
 from .flow_metrics import FrechetDistance, MemorisationCheck, classifier_accuracy, feature_classifier, inception_fd
 
 SOLVERS = ("euler", "midpoint", "heun3", "rk4")  # torchdiffeq's fixed-grid methods we expose
@@ -271,10 +271,8 @@ class FlowMatching(Task):
     def light_evaluate(self, model: nn.Module) -> EvalResult:
         """The budget axis's cheaper point: FD of the headline solver and step count against the reference set (the same
         noise and labels for every optimizer), without select_fd, class accuracy or the memorisation check."""
-        was = model.training
-        model.eval()
-        fd = self.fd(self.generate(model, self.cfg.headline_solver, self.cfg.headline_steps))
-        model.train(was)
+        with eval_mode(model):
+            fd = self.fd(self.generate(model, self.cfg.headline_solver, self.cfg.headline_steps))
         return EvalResult({"fd": fd, "fd_floor": self.fd_floor})
 
     @torch.no_grad()
@@ -282,28 +280,26 @@ class FlowMatching(Task):
         """FD, class accuracy (and Inception FID) per solver and step count, the memorisation check on
         the headline samples, select_fd. Before the run's last evaluation only the headline point
         unless ``task.grid_every_rollout`` (fd_* per solver and steps are reported from the last one)."""
-        was = model.training
-        model.eval()
-        out = {}
-        head = (self.cfg.headline_solver, self.cfg.headline_steps)
-        for solver, steps in self.grid if final or self.cfg.get("grid_every_rollout") else [head]:
-            images = self.generate(model, solver, steps)
-            tag = f"{solver}_{steps}"
-            out[f"fd_{tag}"] = self.fd(images)
-            out[f"class_accuracy_{tag}"] = classifier_accuracy(self.classifier, images, self.eval_labels, self.device)
+        with eval_mode(model):
+            out = {}
+            head = (self.cfg.headline_solver, self.cfg.headline_steps)
+            for solver, steps in self.grid if final or self.cfg.get("grid_every_rollout") else [head]:
+                images = self.generate(model, solver, steps)
+                tag = f"{solver}_{steps}"
+                out[f"fd_{tag}"] = self.fd(images)
+                out[f"class_accuracy_{tag}"] = classifier_accuracy(self.classifier, images, self.eval_labels, self.device)
+                if self.inception is not None:
+                    out[f"fid_inception_{tag}"] = self.inception(images)
+                if (solver, steps) == head:
+                    out.update(self.memorisation(images))  # the headline samples: copies of training images?
+            tag = "_".join(map(str, head))
+            out["fd"], out["class_accuracy"] = out[f"fd_{tag}"], out[f"class_accuracy_{tag}"]
+            out["fd_floor"] = self.fd_floor
+            out["fd_over_floor"] = out["fd"] / max(self.fd_floor, 1e-12)
             if self.inception is not None:
-                out[f"fid_inception_{tag}"] = self.inception(images)
-            if (solver, steps) == head:
-                out.update(self.memorisation(images))  # the headline samples: copies of training images?
-        tag = "_".join(map(str, head))
-        out["fd"], out["class_accuracy"] = out[f"fd_{tag}"], out[f"class_accuracy_{tag}"]
-        out["fd_floor"] = self.fd_floor
-        out["fd_over_floor"] = out["fd"] / max(self.fd_floor, 1e-12)
-        if self.inception is not None:
-            out["fid_inception_floor"] = self.inception_floor
-        out["select_fd"] = self.select_fd(self.generate(model, *head, self.select_noise, self.select_labels))
-        out["classifier_test_accuracy"] = self.classifier_accuracy
-        model.train(was)
+                out["fid_inception_floor"] = self.inception_floor
+            out["select_fd"] = self.select_fd(self.generate(model, *head, self.select_noise, self.select_labels))
+            out["classifier_test_accuracy"] = self.classifier_accuracy
         return EvalResult(out)
 
     def save_artifacts(self, model: nn.Module, run_dir: Path) -> None:
@@ -313,14 +309,12 @@ class FlowMatching(Task):
 
         import numpy as np
 
-        was = model.training
-        model.eval()
-        k = self.cfg.num_classes
-        labels = torch.arange(k).repeat_interleave(8)
-        noise = torch.randn((len(labels), self.cfg.channels, self.cfg.image_size, self.cfg.image_size),
-                            generator=torch.Generator().manual_seed(778))
-        images = self.generate(model, self.cfg.headline_solver, self.cfg.headline_steps, noise, labels)
-        model.train(was)
+        with eval_mode(model):
+            k = self.cfg.num_classes
+            labels = torch.arange(k).repeat_interleave(8)
+            noise = torch.randn((len(labels), self.cfg.channels, self.cfg.image_size, self.cfg.image_size),
+                                generator=torch.Generator().manual_seed(778))
+            images = self.generate(model, self.cfg.headline_solver, self.cfg.headline_steps, noise, labels)
         buf = io.BytesIO()
         np.save(buf, ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy())
         atomic_write_bytes(Path(run_dir) / "samples.npy", buf.getvalue())

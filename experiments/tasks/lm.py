@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .base import EvalResult, check_sizes
+from .base import EvalResult, check_sizes, eval_mode
 from .lm_common import TokenBatches, extract_answer
 
 def make_problem(rng: random.Random, n_steps: int, operand_max: int = 9, total_max: int = 99) -> dict:
@@ -164,22 +164,20 @@ class ArithmeticLM(TokenBatches):
         """Greedy generation (batched, left-padded, KV cache through ``generate``); exact match of
         the number after "####". The extrapolation lengths (not in the headline, and the longest generations) are
         scored only at the final evaluation (``final``), so that intermediate rollouts cost less."""
-        was_training = model.training
-        model.eval()
-        out, correct_all, total_all = {}, 0, 0
-        outcomes = {}  # per problem, 1 if right: the run record keeps it (intervals can nest problems in seeds)
-        for name, problems in {**self.eval_sets, **(self.extrap_sets if final else {})}.items():
-            items = self._score(model, problems)
-            outcomes[f"accuracy_{name}"] = items
-            out[f"accuracy_{name}"] = sum(items) / len(problems)
-            if name in self.eval_sets:
-                correct_all += sum(items)
-                total_all += len(problems)
-        out["accuracy"] = correct_all / total_all  # training lengths only
-        if self.select_sets:  # the training loop picks the best checkpoint by select_accuracy
-            chosen = [c for problems in self.select_sets.values() for c in self._score(model, problems)]
-            out["select_accuracy"] = sum(chosen) / len(chosen)
-        model.train(was_training)
+        with eval_mode(model):
+            out, correct_all, total_all = {}, 0, 0
+            outcomes = {}  # per problem, 1 if right: the run record keeps it (intervals can nest problems in seeds)
+            for name, problems in {**self.eval_sets, **(self.extrap_sets if final else {})}.items():
+                items = self._score(model, problems)
+                outcomes[f"accuracy_{name}"] = items
+                out[f"accuracy_{name}"] = sum(items) / len(problems)
+                if name in self.eval_sets:
+                    correct_all += sum(items)
+                    total_all += len(problems)
+            out["accuracy"] = correct_all / total_all  # training lengths only
+            if self.select_sets:  # the training loop picks the best checkpoint by select_accuracy
+                chosen = [c for problems in self.select_sets.values() for c in self._score(model, problems)]
+                out["select_accuracy"] = sum(chosen) / len(chosen)
         return EvalResult(out, outcomes)
 
     @torch.no_grad()
@@ -187,12 +185,10 @@ class ArithmeticLM(TokenBatches):
         """The budget axis's cheaper point: accuracy over the first ``task.light_per_length`` reported problems of each
         training length (the same for every optimizer), scored together (lengths mixed in a batch, so a few batches
         instead of one per length and set), no selection problems, no extrapolation lengths."""
-        was_training = model.training
-        model.eval()
-        k = self.cfg.get("light_per_length")
-        problems = [p for ps in self.eval_sets.values() for p in (ps[:k] if k else ps)]
-        items = self._score(model, problems)
-        model.train(was_training)
+        with eval_mode(model):
+            k = self.cfg.get("light_per_length")
+            problems = [p for ps in self.eval_sets.values() for p in (ps[:k] if k else ps)]
+            items = self._score(model, problems)
         return EvalResult({"accuracy": sum(items) / len(items)})
 
     def _score(self, model: nn.Module, problems: list[dict]) -> list[int]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .base import EvalResult
+from .base import EvalResult, eval_mode
 from .lm_common import TokenBatches, extract_answer
 
 BOXED = re.compile(r"\\boxed\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}")
@@ -229,11 +229,9 @@ class PretrainedLM(TokenBatches):
         """Greedy accuracy on each evaluation set, with the LoRA weights merged into the base for the
         duration when ``task.merge_lora_for_eval`` (see ``merged_lora``). Eval mode and no_grad: AP
         records nothing here."""
-        was = model.training
-        model.eval()
-        with merged_lora(model) if self.cfg.get("merge_lora_for_eval") else contextlib.nullcontext():
-            out = self._evaluate(model)
-        model.train(was)
+        with eval_mode(model):
+            with merged_lora(model) if self.cfg.get("merge_lora_for_eval") else contextlib.nullcontext():
+                out = self._evaluate(model)
         return EvalResult(out)
 
     def _evaluate(self, model: nn.Module) -> dict[str, float]:

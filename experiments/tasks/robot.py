@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..robomimic_data import is_image_key, read_demos
-from .base import EvalResult, Task, check_sizes
+from .base import EvalResult, Task, check_sizes, eval_mode
 from .robot_vision import ImageEncoder, ResNet18Encoder
 
 
@@ -377,32 +377,28 @@ class RobotPolicy(Task):
         build another set); the environments left over sit the wave out."""
         from ..robot_sim import rollout
 
-        was = model.training
-        model.eval()
-        cfg = self.cfg
-        seeds = [cfg.eval_seed + i for i in range(min(cfg.get("light_episodes") or cfg.eval_episodes, cfg.eval_episodes))]
-        full = cfg.eval_episodes + (cfg.get("select_episodes") or 0)
-        out = rollout(self.policy(model, torch.Generator().manual_seed(cfg.eval_seed)), self.env_meta, list(cfg.obs_keys), seeds,
-                      cfg.horizon, cfg.obs_horizon, envs=self.vector_env(full))
-        model.train(was)
+        with eval_mode(model):
+            cfg = self.cfg
+            seeds = [cfg.eval_seed + i for i in range(min(cfg.get("light_episodes") or cfg.eval_episodes, cfg.eval_episodes))]
+            full = cfg.eval_episodes + (cfg.get("select_episodes") or 0)
+            out = rollout(self.policy(model, torch.Generator().manual_seed(cfg.eval_seed)), self.env_meta, list(cfg.obs_keys), seeds,
+                          cfg.horizon, cfg.obs_horizon, envs=self.vector_env(full))
         return EvalResult({"success": float(out["success"].mean()), "episode_length": float(out["length"].mean())})
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, final: bool = True) -> EvalResult:
         from ..robot_sim import rollout
 
-        was = model.training
-        model.eval()
-        cfg = self.cfg
-        seeds = [cfg.eval_seed + i for i in range(cfg.eval_episodes)]
-        # Selection episodes (other seeds) choose the best checkpoint, so that best_* numbers are not
-        # chosen on the episodes they report; rolled out together with the reported ones.
-        chosen = [cfg.select_seed + i for i in range(cfg.get("select_episodes") or 0)]
-        if set(chosen) & set(seeds):
-            raise ValueError(f"task.select_seed={cfg.select_seed} overlaps the evaluation seeds {cfg.eval_seed}..{seeds[-1]}: move it")
-        out = rollout(self.policy(model, torch.Generator().manual_seed(cfg.eval_seed)), self.env_meta, list(cfg.obs_keys), seeds + chosen,
-                      cfg.horizon, cfg.obs_horizon, envs=self.vector_env(len(seeds + chosen)))
-        model.train(was)
+        with eval_mode(model):
+            cfg = self.cfg
+            seeds = [cfg.eval_seed + i for i in range(cfg.eval_episodes)]
+            # Selection episodes (other seeds) choose the best checkpoint, so that best_* numbers are not
+            # chosen on the episodes they report; rolled out together with the reported ones.
+            chosen = [cfg.select_seed + i for i in range(cfg.get("select_episodes") or 0)]
+            if set(chosen) & set(seeds):
+                raise ValueError(f"task.select_seed={cfg.select_seed} overlaps the evaluation seeds {cfg.eval_seed}..{seeds[-1]}: move it")
+            out = rollout(self.policy(model, torch.Generator().manual_seed(cfg.eval_seed)), self.env_meta, list(cfg.obs_keys), seeds + chosen,
+                          cfg.horizon, cfg.obs_horizon, envs=self.vector_env(len(seeds + chosen)))
         success, length = out["success"][: len(seeds)], out["length"][: len(seeds)]
         outcomes = {"success": [int(s) for s in success], "episode_length": [int(n) for n in length]}  # per episode
         low, high = wilson_interval(int(success.sum()), len(success))
