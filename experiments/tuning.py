@@ -11,7 +11,10 @@
   disjoint from the reported ones); this module never reads a reported metric (``scores`` reads ``select`` only).
 - **Edge extension.** A selection in the outer sixth of a searched log range, on a side not at its documented
   bound, starts another round for every optimizer (equal budgets): ranges at an edge move outward by half their
-  width, the others narrow around their selection. At most ``max_rounds`` rounds.
+  width, the others narrow around their selection. At most ``max_rounds`` rounds, at least ``min_rounds`` (default
+  1). A secondary tuning (the comparators) names its task's primary tuning in ``rounds_of``: scripts/tune.py then
+  runs exactly as many rounds as the primary's finished tuning did (``min_rounds = max_rounds`` = that count, kept in
+  every run's config), so every optimizer of the task gets the same number of trials.
 - **Selected settings written by the tool** into the task config (``write_selection``), never pasted by hand.
 
 The plan of every round is a function of the spec and the records of the rounds before it, so a killed tuning
@@ -143,6 +146,14 @@ def next_space(space: dict, bounds: dict, point: dict, edges: dict) -> dict:
     return out
 
 
+def matched_rounds(primary: dict) -> int:
+    """The number of rounds a secondary tuning runs (``rounds_of``): the round at which the primary's replayed plan
+    (``plan``'s result) finished. Raises ValueError while the primary is still running."""
+    if primary["phase"] != "done":
+        raise ValueError(f"round {primary['round']}, {primary['phase']} phase still to run")
+    return int(primary["round"])
+
+
 def plan(spec: dict, records: list[dict], metric: str, higher: bool) -> dict:
     """Replay the protocol over the records so far. Returns {"round", "phase": "explore" | "confirm" | "done",
     "points": {optimizer: [{label, values}]}, "seeds", "selection": {optimizer: {label, values, score, seeds}},
@@ -177,7 +188,7 @@ def plan(spec: dict, records: list[dict], metric: str, higher: bool) -> dict:
             selection[opt] = {"label": label, "values": values, "score": score, "seeds": sorted(trials[label]), "round": rnd}
             edges[opt] = at_edge(spaces[opt], bounds, values, float(spec.get("edge", EDGE)))
         history[-1]["edges"] = edges
-        if not any(edges.values()) or rnd == int(spec.get("max_rounds", 3)):
+        if (not any(edges.values()) and rnd >= int(spec.get("min_rounds", 1))) or rnd == int(spec.get("max_rounds", 3)):
             return {"round": rnd, "phase": "done", "points": {}, "seeds": [], "history": history, "selection": selection}
         spaces = {opt: next_space(spaces[opt], bounds, selection[opt]["values"], edges[opt]) for opt in spec["optimizers"]}
     raise AssertionError("unreachable")

@@ -47,6 +47,25 @@ def eta_text(records: list[dict], runs: int, jobs: int) -> str:
     return f"; ~{runs * minutes / max(jobs, 1):.0f} min at {max(jobs, 1)} at a time ({minutes:.1f} min a run so far)"
 
 
+def records_of(results: Path) -> list[dict]:
+    return record.read(results) if (results / record.RECORDS).exists() else []
+
+
+def primary_rounds(args, task: str, primary: str, parser) -> int:
+    """The number of rounds the task's primary tuning (``<task>/<primary>``) finished with, replayed from its records;
+    stops with the command to run while it is unfinished."""
+    from omegaconf import OmegaConf
+
+    cfg = compose(args.configs, f"{task}/{primary}", args.overrides)
+    spec = OmegaConf.to_container(cfg.tune_spec, resolve=True)
+    state = tuning.plan(spec, records_of(Path(cfg.results_dir)), spec["metric"], bool(spec.get("higher_is_better", True)))
+    try:
+        return tuning.matched_rounds(state)
+    except ValueError as err:
+        parser.error(f"{args.experiment} runs as many rounds as {task}/{primary} (rounds_of: equal trials for every "
+                     f"optimizer of the task), whose tuning is unfinished ({err}): run python scripts/tune.py {task}/{primary} first")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", help="<task>/<name> of a tuning experiment (configs/experiment/<task>/<name>.yaml with tune_spec)")
@@ -71,17 +90,27 @@ def main(argv=None) -> int:
     task_yaml = args.configs / "task" / f"{cfg.task.name}.yaml"
     higher = bool(spec.get("higher_is_better", True))
     metric = spec["metric"]
-    stale = [r["run_id"] for r in (record.read(results) if (results / record.RECORDS).exists() else [])
+    stale = [r["run_id"] for r in records_of(results)
              if not (r["config"].get("tune") or {}).get("label")]
     if stale:
         parser.error(f"{results / record.RECORDS} holds {len(stale)} runs of an older tuning protocol (e.g. {stale[0]}): "
                      f"remove them first (git rm {results / record.RECORDS}; git history keeps them)")
     launch = launch_overrides(args.launcher, args.jobs, args.threads)
+    if spec.get("rounds_of"):  # a secondary tuning: as many rounds as the task's primary tuning ran (equal trials)
+        rounds = primary_rounds(args, cfg.task.name, spec["rounds_of"], parser)
+        other = sorted({(r["config"].get("tune_spec") or {}).get("max_rounds") for r in records_of(results)} - {rounds})
+        if other:
+            parser.error(f"{results / record.RECORDS} holds runs that matched {other[0]} rounds of {cfg.task.name}/{spec['rounds_of']}, "
+                         f"which has since finished after {rounds}: its tuning changed, so these runs are stale; remove them "
+                         f"(git rm {results / record.RECORDS}) and tune again")
+        spec["min_rounds"] = spec["max_rounds"] = rounds
+        launch += [f"++tune_spec.min_rounds={rounds}", f"++tune_spec.max_rounds={rounds}"]  # in every run's record: the page replays them
+        print(f"tuning {args.experiment}: {rounds} round(s), as {cfg.task.name}/{spec['rounds_of']} ran", flush=True)
     if args.configs.resolve() != (ROOT / "configs").resolve():  # the runs find the experiment in the copy too
         launch.append(f"hydra.searchpath=[file://{args.configs.resolve()}]")
     progress = None
     while True:
-        records = record.read(results) if (results / record.RECORDS).exists() else []
+        records = records_of(results)
         plan = tuning.plan(spec, records, metric, higher)
         if plan["phase"] == "done":
             break

@@ -351,3 +351,75 @@ def test_the_page_reads_edges_from_the_selections_round_and_evaluations_at_the_s
     assert "| 0.7 (2) |" in row  # the two runs at the selected settings; the run at lr 1e-3 left out
     dopr = next(line for line in lines.splitlines() if line.startswith("| dopr_adamw |"))
     assert "not run at these settings" not in dopr and "| not run |" in dopr
+
+
+def centred(spec):
+    """A selection score peaked at the middle of every round-1 range: each selection is interior (no edge)."""
+    return lambda opt, v: -sum((tuning._to_unit(spec["space"][opt][k], x) - 0.5) ** 2 for k, x in v.items())
+
+
+def test_min_rounds_runs_further_rounds_without_an_edge_and_narrows_them():
+    """``min_rounds`` (set by scripts/tune.py from ``rounds_of``): a tuning whose selections are all interior after
+    round 1 still runs round 2 for every optimizer, over ranges narrowed around the selection; without it, it stops."""
+    records, score = [], centred(SPEC)
+    for _ in range(2):
+        run_phase(tuning.plan(SPEC, records, "accuracy", True), score, records)
+    assert tuning.plan(SPEC, records, "accuracy", True)["phase"] == "done"  # interior after round 1
+    assert tuning.matched_rounds(tuning.plan(SPEC, records, "accuracy", True)) == 1
+    with pytest.raises(ValueError, match="round 1, explore phase"):
+        tuning.matched_rounds(tuning.plan(SPEC, [], "accuracy", True))
+    two = {**SPEC, "min_rounds": 2, "max_rounds": 2}
+    p = tuning.plan(two, records, "accuracy", True)
+    assert (p["round"], p["phase"]) == (2, "explore") and not any(p["history"][0]["edges"].values())
+    first, second = p["history"][0]["spaces"]["adamw"]["lr"], p["history"][1]["spaces"]["adamw"]["lr"]
+    assert first["low"] < second["low"] < second["high"] < first["high"]  # narrowed, not moved out
+    for _ in range(2):
+        run_phase(tuning.plan(two, records, "accuracy", True), score, records)
+    done = tuning.plan(two, records, "accuracy", True)
+    assert done["phase"] == "done" and done["round"] == 2
+
+
+def test_the_comparators_tuning_runs_as_many_rounds_as_the_primary_ran(monkeypatch, capsys):
+    """scripts/tune.py with ``rounds_of: cpu_tune`` (every cpu_tune_comparators.yaml): it refuses to start while the
+    primary tuning is unfinished, naming the command; once the primary finished after N rounds, it runs exactly N
+    (also when a comparator still sits at an edge) and passes N to every run, so the page replays the same plan; runs
+    that matched another count are refused as stale."""
+    from omegaconf import OmegaConf
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import tune
+
+    load = lambda name: OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "experiment" / "lm" / f"{name}.yaml").tune_spec)  # noqa: E731
+    primary, secondary = load("cpu_tune"), load("cpu_tune_comparators")
+    assert secondary["rounds_of"] == "cpu_tune"
+    held = {"cpu_tune": [], "cpu_tune_comparators": []}
+    monkeypatch.setattr(tune, "records_of", lambda results: held[Path(results).name])
+    launched = []
+    monkeypatch.setattr(tune.subprocess, "run", lambda cmd, **kw: launched.append(cmd))
+    with pytest.raises(SystemExit):
+        tune.main(["lm/cpu_tune_comparators", "--plan"])
+    assert "run python scripts/tune.py lm/cpu_tune first" in capsys.readouterr().err
+    for _ in range(2):  # the primary: interior selections, done after one round
+        run_phase(tuning.plan(primary, held["cpu_tune"], "accuracy", True), centred(primary), held["cpu_tune"])
+    assert tuning.plan(primary, held["cpu_tune"], "accuracy", True)["phase"] == "done"
+    # the comparators' selections rise with the LR (an edge): one round all the same, as the primary ran
+    edge = lambda opt, v: math.log10(v["lr"])  # noqa: E731
+    matched = {**secondary, "min_rounds": 1, "max_rounds": 1}
+    for _ in range(2):
+        run_phase(tuning.plan(matched, held["cpu_tune_comparators"], "accuracy", True), edge, held["cpu_tune_comparators"])
+    for r in held["cpu_tune_comparators"]:
+        r["config"]["tune_spec"] = matched
+    assert tune.main(["lm/cpu_tune_comparators", "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "1 round(s), as lm/cpu_tune ran" in out and "done (round 1)" in out and not launched
+    assert any(tuning.plan(matched, held["cpu_tune_comparators"], "accuracy", True)["history"][0]["edges"].values())
+    held["cpu_tune_comparators"] = held["cpu_tune_comparators"][:5]  # a phase left to run: the runs get the count
+    monkeypatch.setattr(tune, "records_of", lambda results: held[Path(results).name])
+    with pytest.raises(SystemExit):  # the fake launch adds no record: the tool stops on the second pass
+        tune.main(["lm/cpu_tune_comparators", "--launcher", ""])
+    assert launched and "++tune_spec.min_rounds=1" in launched[0] and "++tune_spec.max_rounds=1" in launched[0]
+    for r in held["cpu_tune_comparators"]:
+        r["config"]["tune_spec"] = {**secondary, "max_rounds": 2}
+    with pytest.raises(SystemExit):
+        tune.main(["lm/cpu_tune_comparators", "--plan"])
+    assert "matched 2 rounds of lm/cpu_tune" in capsys.readouterr().err
