@@ -197,8 +197,9 @@ def trial_counts(groups: list[tuple[str, list[dict]]]) -> list[str]:
     if len(set(counts.values())) == 1:
         lines += ["", f"Equal trial counts: every optimizer searched {next(iter(counts.values()))} trials."]
     elif per_round and len(per_round) == len(counts) and len(set(per_round.values())) == 1:
-        lines += ["", f"Equal trials per round ({next(iter(per_round.values()))}) for every optimizer; the totals differ because a "
-                  "tuning's edge extension adds rounds for its own optimizers only: " + ", ".join(f"{o} {n}" for o, n in counts.items()) + "."]
+        lines += ["", f"Equal trials per round ({next(iter(per_round.values()))}) for every optimizer; the totals differ ("
+                  + ", ".join(f"{o} {n}" for o, n in counts.items()) + "): a tuning is unfinished, or one ran before its "
+                  "spec matched the primary's rounds (`rounds_of`, docs/protocol.md): run `python scripts/tune.py` on each to the end."]
     else:
         lines += ["", "**Unequal trial counts**: " + ", ".join(f"{o} {n}" for o, n in counts.items()) + " (docs/protocol.md asks for "
                   "equal budgets: run the tunings to the end, or rerun the one of another protocol version)."]
