@@ -105,6 +105,7 @@ def render(source: Path, out: Path, kind: str, shown: str, configs: Path | None 
     first = done[0]["summary"]
     metric, higher, lab = first["metric_name"], first.get("higher_is_better", True), load.labels(first)
     to_target = budget.run_columns(done, metric, higher)  # the budget axis: steps and seconds to the targets
+    light_cost = budget.light_cost(done)  # what the light rollouts cost, measured (docs/protocol.md, "The budget axis")
     for row in rows:
         row.update(to_target.get(row["run"], {}))
     task, scale = first["task"], first["scale"]
@@ -170,7 +171,7 @@ def render(source: Path, out: Path, kind: str, shown: str, configs: Path | None 
                                   load.horizon_series(loaded[s][0])) if loaded[s][0] else ["No finished run yet.", ""])
             parts += [f"## {s.name}", ""] + ["#" + line if line.startswith("## ") else line for line in lines]
     else:
-        parts += results_sections(source, done, rows, metric, out, title, lab, rate, horizons)
+        parts += results_sections(source, done, rows, metric, out, title, lab, rate, horizons, light_cost)
     if failed:
         parts += ["## Failed or unfinished runs", "", "| run | status | reason |", "|---|---|---|"]
         parts += [f"| {f['run_id']} | {f['status']} | {f.get('error', '')} |" for f in failed]
@@ -190,8 +191,8 @@ def render(source: Path, out: Path, kind: str, shown: str, configs: Path | None 
             "rollout_episodes": rollout_episodes(done),
             "horizons": {name: [n for n, _ in pts] for name, pts in horizons.items()},
             "targets": budget.targets(done, metric, higher)}
-    if cost := budget.light_cost(done):  # measured on the runs that rolled out light (docs/protocol.md, "The budget axis")
-        meta["light_rollout_cost"] = cost
+    if light_cost:
+        meta["light_rollout_cost"] = light_cost
     meta.update(setting)
     if len(group) > 1:
         meta["experiments"] = [s.name for s in group]
@@ -215,7 +216,7 @@ def tuning_parts(source: Path, done: list[dict], rows: list[dict], table: str, m
 
 
 def results_sections(source: Path, done: list[dict], rows: list[dict], metric: str, out: Path, title: str, lab: dict,
-                     rate: bool, horizons: dict) -> list[str]:
+                     rate: bool, horizons: dict, light_cost: dict) -> list[str]:
     """The evaluation page below its table: loss against metric, diagnostics, other numbers, horizons, training
     curves and samples."""
     fig_name = "val_loss_vs_" + metric + ".png"
@@ -237,7 +238,7 @@ def results_sections(source: Path, done: list[dict], rows: list[dict], metric: s
                   + (f" Light rollouts (`trainer.light_rollout_every`: {metric} on fewer of the reported instances, docs/protocol.md, "
                      f"\"The budget axis\") at step(s) {', '.join(map(str, light))}." if light else "")
                   + (" Measured, they added {median:.1%} to a run's wall time (median over {runs} runs; at most {max:.1%}): their "
-                     "rollout seconds over the run's wall time without them.".format(**cost) if (cost := budget.light_cost(done)) else ""),
+                     "rollout seconds over the run's wall time without them.".format(**light_cost) if light_cost else ""),
                   "", "![over training](training_curves.png)", ""]
         for key in ("val_loss", metric):
             parts += [tables.curve_table(load.curves(done, key), key), ""]

@@ -90,7 +90,8 @@ def main(argv=None) -> int:
     task_yaml = args.configs / "task" / f"{cfg.task.name}.yaml"
     higher = bool(spec.get("higher_is_better", True))
     metric = spec["metric"]
-    stale = [r["run_id"] for r in records_of(results)
+    existing = records_of(results)
+    stale = [r["run_id"] for r in existing
              if not (r["config"].get("tune") or {}).get("label")]
     if stale:
         parser.error(f"{results / record.RECORDS} holds {len(stale)} runs of an older tuning protocol (e.g. {stale[0]}): "
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
     launch = launch_overrides(args.launcher, args.jobs, args.threads)
     if spec.get("rounds_of"):  # a secondary tuning: as many rounds as the task's primary tuning ran (equal trials)
         rounds = primary_rounds(args, cfg.task.name, spec["rounds_of"], parser)
-        other = sorted({(r["config"].get("tune_spec") or {}).get("max_rounds") for r in records_of(results)} - {rounds})
+        other = sorted({(r["config"].get("tune_spec") or {}).get("max_rounds") for r in existing} - {rounds})
         if other:
             parser.error(f"{results / record.RECORDS} holds runs that matched {other[0]} rounds of {cfg.task.name}/{spec['rounds_of']}, "
                          f"which has since finished after {rounds}: its tuning changed, so these runs are stale; remove them "
