@@ -178,12 +178,16 @@ def dumps(record: dict) -> str:
     return json.dumps(_clean(record), sort_keys=True, separators=(",", ":"))
 
 
-def read(path: Path) -> list[dict]:
-    """The records of one experiment (``results/<task>/<experiment>/records.jsonl``, or the folder holding it)."""
+def read(path: Path, missing_ok: bool = False) -> list[dict]:
+    """The records of one experiment (``results/<task>/<experiment>/records.jsonl``, or the folder holding it).
+
+    ``missing_ok``: an experiment with no records file yet reads as no records instead of an error."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or not path.suffix:
         path = path / RECORDS
     if not path.exists():
+        if missing_ok:
+            return []
         raise RecordError(f"{path} does not exist: run the experiment first (its runs add themselves there), or rebuild it "
                           f"from run folders with `python -m experiments.record add runs/<task>/<experiment> {path.parent}`")
     records = []

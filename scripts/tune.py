@@ -48,7 +48,7 @@ def eta_text(records: list[dict], runs: int, jobs: int) -> str:
 
 
 def records_of(results: Path) -> list[dict]:
-    return record.read(results) if (results / record.RECORDS).exists() else []
+    return record.read(results, missing_ok=True)
 
 
 def primary_rounds(args, task: str, primary: str, parser) -> int:

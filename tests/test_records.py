@@ -88,6 +88,9 @@ def test_a_cut_or_unknown_records_file_names_the_file_and_the_fix(tmp_path):
         record.read(folder)
     with pytest.raises(record.RecordError, match="does not exist: run the experiment first"):
         record.read(tmp_path / "nothing")
+    assert record.read(tmp_path / "nothing", missing_ok=True) == []
+    with pytest.raises(record.RecordError, match="update this checkout"):  # missing_ok forgives a missing file, not a bad one
+        record.read(folder, missing_ok=True)
     out = subprocess.run([sys.executable, "scripts/report.py", str(folder)], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode != 0 and "update this checkout" in out.stderr and "Traceback" not in out.stderr
 

@@ -344,7 +344,7 @@ def test_the_page_reads_edges_from_the_selections_round_and_evaluations_at_the_s
     assert not page.runs_at(wrong_beta2, sel)
     monkeypatch.setattr(page, "evaluated_by", lambda d: tmp_path)
     (tmp_path / record.RECORDS).write_text("")
-    monkeypatch.setattr(page.record, "read", lambda d: evaluation)
+    monkeypatch.setattr(page.record, "read", lambda d, missing_ok=False: evaluation)
     lines = "\n".join(page.protocol3_section(records, tmp_path, "accuracy"))
     row = next(line for line in lines.splitlines() if line.startswith("| adamw |"))
     assert "lr (+)" in row  # round 1's edge, though round 2 has no edges yet

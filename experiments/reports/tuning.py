@@ -230,7 +230,7 @@ def protocol3_section(done: list[dict], experiment_dir: Path, metric: str) -> li
     higher = bool(spec.get("higher_is_better", True))
     plan = protocol3.plan(spec, done, metric, higher)
     headline = evaluated_by(experiment_dir)
-    evaluation = record.read(headline) if (headline / record.RECORDS).exists() else []
+    evaluation = record.read(headline, missing_ok=True)
     lines = ["## Selection (protocol version 3)", "",
              f"Every optimizer searched a {len(next(iter(spec['space'].values())))}-D space with {spec['trials']} scrambled-Sobol "
              f"trials per round on tuning seed {spec['seeds'][0]}; the best third of each round also ran on seeds "
