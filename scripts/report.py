@@ -242,6 +242,12 @@ def results_sections(source: Path, done: list[dict], rows: list[dict], metric: s
                   "", "![over training](training_curves.png)", ""]
         for key in ("val_loss", metric):
             parts += [tables.curve_table(load.curves(done, key), key), ""]
+        steady = budget.last_change(done, metric, bool(done[0]["summary"].get("higher_is_better", True)))
+        if any(s["steps"] for s in steady.values()):
+            parts += ["The final weights' steadiness: the seed SD of the final " + metric + ", and per run the change from "
+                      "its previous rollout (light or full; a light one scores fewer instances) to the final. A large fall "
+                      "says the final weights are a poor headline for the task (docs/tasks/lm.md, \"Version 4\").", "",
+                      tables.last_change_table(steady, metric), ""]
     experiment_dir = source if (source / record.RECORDS).exists() else None
     if experiment_dir is not None and figures.samples_figure(experiment_dir, done, out / "samples.png", f"{title}: final-weight samples"):
         parts += ["## Samples", "", "Class-conditional samples of each optimizer's lowest-seed run (rows: classes), "

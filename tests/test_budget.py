@@ -103,3 +103,22 @@ def test_lr_schedules_follow_their_formulas_and_reject_unknown_names():
     assert lr_factor(99, warm, total, "wsd", 0.2) == pytest.approx(1 / 20)
     with pytest.raises(ValueError, match="trainer.schedule='linear'.*cosine, constant or wsd"):
         lr_factor(0, warm, total, "linear")  # named even during warmup, before the first decayed step
+
+
+def test_the_final_weights_steadiness_by_hand():
+    """Per optimizer: the seed SD of the final metric and, per run, the change from its previous rollout (a light one
+    counts) to the final; the largest fall is in the worse direction of the metric (higher or lower is better)."""
+    a = run("adamw", 0, [(100, 0.2), (200, 0.6), (300, 0.5)])  # falls 0.1 at the end
+    b = run("adamw", 1, [(100, 0.1), (200, 0.7), (300, 0.9)])
+    b["evals"].insert(2, {"step": 250, "val_loss": 1.0, "metrics": {"acc": 0.95}, "light": True})  # previous: the light row
+    c = run("muon", 0, [(300, 0.4)])  # one rollout: no previous one
+    s = budget.last_change([a, b, c], "acc", True)
+    assert s["adamw"]["seeds"] == 2 and math.isclose(s["adamw"]["sd"], math.sqrt(0.08))  # finals 0.5 and 0.9
+    assert s["adamw"]["steps"] == [200, 250] and math.isclose(s["adamw"]["mean_change"], (-0.1 - 0.05) / 2)
+    assert math.isclose(s["adamw"]["worst_fall"], 0.1) and s["adamw"]["worst_run"] == "adamw-s0"
+    assert s["muon"]["steps"] == [] and math.isnan(s["muon"]["sd"]) and s["muon"]["worst_run"] is None
+    # lower is better (FD): a rise is the fall; a run that only improved has none
+    fd = budget.last_change([run("adamw", 0, [(100, 50.0), (200, 40.0)]), run("adamw", 1, [(100, 45.0), (200, 47.0)])], "acc", False)
+    assert math.isclose(fd["adamw"]["worst_fall"], 2.0) and fd["adamw"]["worst_run"] == "adamw-s1"
+    up = budget.last_change([run("adamw", 0, [(100, 0.1), (200, 0.4)])], "acc", True)
+    assert up["adamw"]["worst_fall"] == 0.0 and up["adamw"]["worst_run"] is None

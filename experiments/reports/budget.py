@@ -128,3 +128,34 @@ def profile(times: dict[str, dict[str, float]], taus: list[float] | None = None)
         area = sum(TAU_MAX - max(r, 1.0) for r in rs if r <= TAU_MAX) / len(rs) if rs else math.nan
         out[o] = {"ratios": rs, "taus": taus, "rho": rho, "score": area / (TAU_MAX - 1)}
     return out
+
+
+def last_change(done: list[dict], metric: str, higher: bool) -> dict[str, dict]:
+    """How steady the final weights are (docs/tasks/lm.md, "Version 4": the headline is the final weights, checked
+    here): per optimizer, the seed SD of the final metric and, per run, the change from its previous rollout (the last
+    row before the final that scored the metric, light or full) to the final. {optimizer: {"seeds", "sd", "steps"
+    (the previous rollouts' steps), "mean_change", "worst_fall" (the largest move in the worse direction, 0 if none
+    got worse), "worst_run"}}. A light row scores fewer of the reported instances, so its change carries that
+    sample's noise too."""
+    per = {}
+    for r in done:
+        final = final_eval(r)
+        before = [e for e in r["evals"] if e["step"] < final["step"] and metric in e["metrics"]]
+        if metric not in final["metrics"]:
+            continue
+        d = per.setdefault(r["optimizer"], {"finals": [], "changes": [], "steps": set()})
+        d["finals"].append(final["metrics"][metric])
+        if before:
+            d["changes"].append((final["metrics"][metric] - before[-1]["metrics"][metric], r["run_id"]))
+            d["steps"].add(before[-1]["step"])
+    out = {}
+    for opt, d in per.items():
+        n, finals = len(d["finals"]), d["finals"]
+        mu = sum(finals) / n
+        falls = [(-c if higher else c, run) for c, run in d["changes"]]
+        worst = max(falls, default=(0.0, None))
+        out[opt] = {"seeds": n, "sd": math.sqrt(sum((x - mu) ** 2 for x in finals) / (n - 1)) if n > 1 else math.nan,
+                    "steps": sorted(d["steps"]),
+                    "mean_change": sum(c for c, _ in d["changes"]) / len(d["changes"]) if d["changes"] else math.nan,
+                    "worst_fall": max(worst[0], 0.0), "worst_run": worst[1] if worst[0] > 0 else None}
+    return out

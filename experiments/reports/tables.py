@@ -83,3 +83,15 @@ def curve_table(series: dict[str, dict[int, list[float]]], key: str) -> str:
         lines.append(f"| {opt} | " + " | ".join(f"{sum(series[opt][t]) / len(series[opt][t]):.3f}" if t in series[opt] else ""
                                                 for t in steps) + " |")
     return "\n".join(lines)
+
+
+def last_change_table(steady: dict[str, dict], metric: str) -> str:
+    """The final weights' steadiness (budget.last_change), one row per optimizer."""
+    lines = [f"| optimizer | seeds | SD of final {metric} over seeds | previous rollout at step | mean change to the final | "
+             "largest fall to the final (run) |", "|---|---|---|---|---|---|"]
+    for opt in ordered(steady):
+        s = steady[opt]
+        fall = f"{s['worst_fall']:.3g} ({s['worst_run']})" if s["worst_run"] else "none"
+        lines.append(f"| {opt} | {s['seeds']} | {s['sd']:.3g} | {', '.join(map(str, s['steps'])) or '-'} | "
+                     f"{s['mean_change']:+.3g} | {fall} |")
+    return "\n".join(lines)
