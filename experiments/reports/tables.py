@@ -87,7 +87,7 @@ def curve_table(series: dict[str, dict[int, list[float]]], key: str) -> str:
 
 def last_change_table(steady: dict[str, dict], metric: str) -> str:
     """The final weights' steadiness (budget.last_change), one row per optimizer."""
-    lines = [f"| optimizer | seeds | SD of final {metric} over seeds | previous rollout at step | mean change to the final | "
+    lines = [f"| optimizer | runs | SD of final {metric} over runs (seeds) | previous rollout at step | mean change to the final | "
              "largest fall to the final (run) |", "|---|---|---|---|---|---|"]
     for opt in ordered(steady):
         s = steady[opt]
