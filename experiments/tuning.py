@@ -15,6 +15,9 @@
   1). A secondary tuning (the comparators) names its task's primary tuning in ``rounds_of``: scripts/tune.py then
   runs exactly as many rounds as the primary's finished tuning did (``min_rounds = max_rounds`` = that count, kept in
   every run's config), so every optimizer of the task gets the same number of trials.
+- **The selection** is the best mean over all tuning seeds among the confirmed trials of every round (a narrowing
+  round may score below the selection it narrows around: that one stays); it is "at an edge" only where it lies in
+  the outer sixth of everything searched (the span of every round's range), short of a documented bound.
 - **Selected settings written by the tool** into the task config (``write_selection``), never pasted by hand.
 
 The plan of every round is a function of the spec and the records of the rounds before it, so a killed tuning
@@ -146,6 +149,35 @@ def next_space(space: dict, bounds: dict, point: dict, edges: dict) -> dict:
     return out
 
 
+def searched_hull(history: list[dict], opt: str) -> dict:
+    """One optimizer's space spanning every round's range of each dimension (what the whole tuning searched)."""
+    spaces = [h["spaces"][opt] for h in history]
+    return {key: {**dim, "low": min(s[key]["low"] for s in spaces), "high": max(s[key]["high"] for s in spaces)}
+            for key, dim in spaces[0].items()}
+
+
+def final_selection(history: list[dict], got: dict, seeds: list[int], higher: bool, bounds: dict, edge: float = EDGE) -> dict:
+    """The tuning's selection per optimizer: the best mean over all tuning seeds among every round's confirmed trials
+    (a later round narrows around an earlier selection, and may score below it: the incumbent stays), with
+    ``edges``: where it lies in the outer ``edge`` of everything searched (``searched_hull``) on a side short of its
+    bound. Each round's own selection and edges (what started the next round) stay in ``history``."""
+    out = {}
+    for opt in history[0]["spaces"]:
+        trials, where = {}, {}
+        for h in history:
+            for p in h["points"][opt]:
+                by_seed = got.get((opt, p["label"]), {})
+                if all(s in by_seed for s in seeds):  # confirmed: on every tuning seed
+                    trials[p["label"]] = by_seed
+                    where[p["label"]] = (h["round"], p["values"])
+        order = {label: tuple(v[k] for k in history[0]["spaces"][opt]) for label, (_, v) in where.items()}
+        label, score = rank(trials, higher, seeds, order)[0]
+        rnd, values = where[label]
+        out[opt] = {"label": label, "values": values, "score": score, "seeds": sorted(trials[label]), "round": rnd,
+                    "edges": at_edge(searched_hull(history, opt), bounds, values, edge)}
+    return out
+
+
 def matched_rounds(primary: dict) -> int:
     """The number of rounds a secondary tuning runs (``rounds_of``): the round at which the primary's replayed plan
     (``plan``'s result) finished. Raises ValueError while the primary is still running."""
@@ -188,8 +220,10 @@ def plan(spec: dict, records: list[dict], metric: str, higher: bool) -> dict:
             selection[opt] = {"label": label, "values": values, "score": score, "seeds": sorted(trials[label]), "round": rnd}
             edges[opt] = at_edge(spaces[opt], bounds, values, float(spec.get("edge", EDGE)))
         history[-1]["edges"] = edges
+        history[-1]["selection"] = {opt: dict(sel) for opt, sel in selection.items()}
         if (not any(edges.values()) and rnd >= int(spec.get("min_rounds", 1))) or rnd == int(spec.get("max_rounds", 3)):
-            return {"round": rnd, "phase": "done", "points": {}, "seeds": [], "history": history, "selection": selection}
+            return {"round": rnd, "phase": "done", "points": {}, "seeds": [], "history": history,
+                    "selection": final_selection(history, got, seeds, higher, bounds, float(spec.get("edge", EDGE)))}
         spaces = {opt: next_space(spaces[opt], bounds, selection[opt]["values"], edges[opt]) for opt in spec["optimizers"]}
     raise AssertionError("unreachable")
 

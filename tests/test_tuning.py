@@ -423,3 +423,33 @@ def test_the_comparators_tuning_runs_as_many_rounds_as_the_primary_ran(monkeypat
     with pytest.raises(SystemExit):
         tune.main(["lm/cpu_tune_comparators", "--plan"])
     assert "matched 2 rounds of lm/cpu_tune" in capsys.readouterr().err
+
+
+def test_the_selection_is_the_best_confirmed_trial_of_any_round_and_its_edge_is_judged_on_everything_searched():
+    """A narrowing round may score below the selection it narrows around: the earlier trial stays selected. A round's
+    selection at the edge of its narrowed range starts another round, but the final selection is 'at an edge' only in
+    the outer sixth of the span of every round's range."""
+    spec = {**SPEC, "optimizers": ["adamw"], "max_rounds": 2, "space": {"adamw": SPEC["space"]["adamw"]}}
+    records = []
+    # round 1: the score peaks inside the ranges (no edge) and min_rounds=2 forces a narrowing round 2, which scores
+    # everything 5 lower: round 1's best confirmed trial must stay the selection
+    peak = lambda v: -abs(math.log10(v["lr"]) + 3) - abs(math.log10(v["optimizer.weight_decay"]) + 1.5) - abs(math.log10(1 - v["optimizer.kwargs.beta2"]) + 2)  # noqa: E731
+    spec2 = {**spec, "min_rounds": 2}
+    for _ in range(4):
+        p = tuning.plan(spec2, records, "accuracy", True)
+        if p["phase"] == "done":
+            break
+        run_phase(p, lambda opt, v, r=p["round"]: peak(v) - (5.0 if r == 2 else 0.0), records)
+    done = tuning.plan(spec2, records, "accuracy", True)
+    assert done["phase"] == "done" and len(done["history"]) == 2
+    sel, round2 = done["selection"]["adamw"], done["history"][1]["selection"]["adamw"]
+    assert sel["round"] == 1 and sel["label"].startswith("r1") and sel["score"] > round2["score"]
+    assert sel["edges"] == {}  # inside everything searched
+    # the span of every round's range: an edge of round 2's narrowed range is not an edge of the search
+    hull = tuning.searched_hull(done["history"], "adamw")
+    assert hull["lr"]["low"] == 1e-4 and hull["lr"]["high"] == 1e-2
+    narrowed = done["history"][1]["spaces"]["adamw"]["lr"]
+    ends = [{**sel["values"], "lr": narrowed[end]} for end in ("low", "high")]  # the ends of round 2's LR range
+    assert all("lr" in tuning.at_edge(done["history"][1]["spaces"]["adamw"], {}, e) for e in ends)
+    assert any("lr" not in tuning.at_edge(hull, {}, e) for e in ends)  # one of them well inside round 1's
+    assert tuning.at_edge(hull, {}, {**sel["values"], "lr": 9e-3}).get("lr") == 1  # the top of everything searched

@@ -235,11 +235,14 @@ def protocol3_section(done: list[dict], experiment_dir: Path, metric: str) -> li
              f"Every optimizer searched a {len(next(iter(spec['space'].values())))}-D space with {spec['trials']} scrambled-Sobol "
              f"trials per round on tuning seed {spec['seeds'][0]}; the best third of each round also ran on seeds "
              f"{', '.join(map(str, spec['seeds'][1:]))}; the selection is the best mean of `select_{metric}` (the selection "
-             "instances, never the reported ones) over the three seeds (docs/protocol.md).", ""]
+             "instances, never the reported ones) over the three seeds, among the confirmed trials of every round; a selection in "
+             "the outer sixth of its round's range starts another round; the final one is at an edge only in the outer sixth of "
+             "everything searched (docs/protocol.md).", ""]
     if plan["phase"] != "done":
         lines += [f"**Unfinished**: round {plan['round']}, {plan['phase']} phase still to run (`python scripts/tune.py ...` resumes it).", ""]
     lines += [f"| optimizer | rounds | runs | selected trial | selected values | select_{metric} (tuning seeds) | "
-              f"final {metric}, evaluation seeds at these settings (n) | at an edge (the selection's round) |", "|---|---|---|---|---|---|---|---|"]
+              f"final {metric}, evaluation seeds at these settings (n) | at an edge ({'of everything searched' if plan['phase'] == 'done' else 'its round'}) |",
+              "|---|---|---|---|---|---|---|---|"]
     for opt in sorted(spec["optimizers"], key=pair_rank):
         runs = [r for r in done if r["optimizer"] == opt]
         sel = plan["selection"].get(opt)
@@ -250,12 +253,19 @@ def protocol3_section(done: list[dict], experiment_dir: Path, metric: str) -> li
         evals = [r["evals"][-1]["metrics"][metric] for r in at_opt if runs_at(r, sel["values"])]
         ev = (f"{mean_ci(evals)[0]:.4g} ({len(evals)})" if evals
               else f"not run at these settings ({len(at_opt)} runs at others)" if at_opt else "not run")
-        edges = (plan["history"][sel["round"] - 1].get("edges") or {}).get(opt) or {}  # the selection's own round
-        lines.append(f"| {opt} | {sel['round']} | {len(runs)} | {sel['label']} | " + ", ".join(f"{k.removeprefix('optimizer.')}={v:g}" for k, v in sel["values"].items())
+        # done: the final selection's place in the span of every round's range; while a round runs, its round's edges
+        edges = sel["edges"] if "edges" in sel else (plan["history"][sel["round"] - 1].get("edges") or {}).get(opt) or {}
+        lines.append(f"| {opt} | {len(plan['history'])} | {len(runs)} | {sel['label']} | " + ", ".join(f"{k.removeprefix('optimizer.')}={v:g}" for k, v in sel["values"].items())
                      + f" | {sel['score']:.4g} | {ev} | {', '.join(f'{k} ({chr(43) if d > 0 else chr(45)})' for k, d in edges.items()) or 'none'} |")
     lines += ["", "The gap between a selection's tuning score and its evaluation mean is the winner's curse (a best-of-many score is "
               "biased upwards) plus the difference between the selection and the reported instances.", ""]
+    sign = lambda d: chr(43) if d > 0 else chr(45)  # noqa: E731
     for h in plan["history"]:
         lines += [f"Round {h['round']} ranges: " + "; ".join(f"{o}: " + ", ".join(f"{k.removeprefix('optimizer.')} [{d['low']:g}, {d['high']:g}]"
-                                                                             for k, d in sp.items()) for o, sp in h["spaces"].items()), ""]
+                                                                             for k, d in sp.items()) for o, sp in h["spaces"].items())]
+        if h.get("selection"):  # the round's own best and its edges: what started the next round
+            lines += [f"Round {h['round']} selections (the round's best; at an edge of its ranges): " + "; ".join(
+                f"{o} {sel['label']} {sel['score']:.4g}" + (" (" + ", ".join(f"{k.removeprefix('optimizer.')} {sign(d)}" for k, d in h["edges"][o].items()) + ")"
+                                                             if h["edges"].get(o) else "") for o, sel in h["selection"].items())]
+        lines += [""]
     return lines
