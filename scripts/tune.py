@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,30 @@ def primary_rounds(args, task: str, primary: str, parser) -> int:
     except ValueError as err:
         parser.error(f"{args.experiment} runs as many rounds as {task}/{primary} (rounds_of: equal trials for every "
                      f"optimizer of the task), whose tuning is unfinished ({err}): run python scripts/tune.py {task}/{primary} first")
+
+
+def misapplied(args, cfg, selection: dict, records: list[dict]) -> list[str]:
+    """Where a run at the task's tuned settings (no lr= given: what the headline evaluation runs) would differ from
+    its selected trial, in the LR or the optimizer config. A task that builds on another's config (task=lm_lora on
+    lm.yaml) merges that task's tuned block under its own, so a key the selection does not set can leak in."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from experiments.protocol import resolve
+
+    out = []
+    for opt, sel in selection.items():
+        trial = next(r for r in records if r["optimizer"] == opt and r["status"] == "done"
+                     and (r["config"].get("tune") or {}).get("label") == sel["label"])
+        with initialize_config_dir(config_dir=str(args.configs.resolve()), version_base="1.3"):
+            run = hydra_compose("train", overrides=[f"task={cfg.task.name}", f"scale={cfg.scale.name}", f"optimizer={opt}", *args.overrides])
+        got = resolve(run, given=set())
+        have, want = OmegaConf.to_container(got.optimizer, resolve=True), trial["config"]["optimizer"]
+        if not math.isclose(float(got.lr), float(trial["config"]["lr"]), rel_tol=1e-9) or have != want:
+            out.append(f"{opt}: a run at the tuned settings gets lr={got.lr} and {have}; its trial {sel['label']} ran lr="
+                       f"{trial['config']['lr']} and {want}")
+    return out
 
 
 def main(argv=None) -> int:
@@ -144,6 +169,13 @@ def main(argv=None) -> int:
     tuning.write_selection(task_yaml, selection, source=f" from {results}/records.jsonl")
     print(f"wrote the selected settings into {task_yaml} (lr and tuned)")
     subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(results)], cwd=ROOT, check=True)
+    wrong = misapplied(args, cfg, selection, records)
+    if wrong:  # the evaluation would not run what was selected
+        print("error: the written selection does not reproduce its trials:\n  " + "\n  ".join(wrong) + "\nA key from a task "
+              f"config that {task_yaml.name} builds on (its defaults list) leaks in: set it explicitly in {task_yaml}, or remove it "
+              "from that config's tuned block", file=sys.stderr)
+        return 1
+    print("checked: a run at the tuned settings reproduces each selected trial's LR and optimizer config")
     return 0
 
 

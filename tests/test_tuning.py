@@ -453,3 +453,29 @@ def test_the_selection_is_the_best_confirmed_trial_of_any_round_and_its_edge_is_
     assert all("lr" in tuning.at_edge(done["history"][1]["spaces"]["adamw"], {}, e) for e in ends)
     assert any("lr" not in tuning.at_edge(hull, {}, e) for e in ends)  # one of them well inside round 1's
     assert tuning.at_edge(hull, {}, {**sel["values"], "lr": 9e-3}).get("lr") == 1  # the top of everything searched
+
+
+def test_the_tool_checks_that_the_written_selection_reproduces_its_trials(tmp_path):
+    """A task that builds on another's config (lm_lora on lm.yaml) merges that task's tuned block under its own: a key
+    its selection does not set (lm's DoPr-AdamW betas) would reach the evaluation runs but not the trials. The tool
+    compares a run at the tuned settings with each selected trial and names the leak."""
+    import argparse
+
+    from omegaconf import OmegaConf
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import tune
+
+    configs = tmp_path / "configs"
+    shutil.copytree(ROOT / "configs", configs)
+    args = argparse.Namespace(configs=configs, overrides=[])
+    cfg = tune.compose(configs, "lm_lora/cpu_tune", [])
+    spec = OmegaConf.to_container(cfg.tune_spec, resolve=True)
+    records = record.read(ROOT / "results" / "lm_lora" / "cpu_tune")
+    selection = tuning.plan(spec, records, "accuracy", True)["selection"]
+    assert tune.misapplied(args, cfg, selection, records) == []  # the committed selection reproduces its trials
+    lm = configs / "task" / "lm.yaml"
+    lm.write_text(lm.read_text().replace("dopr_adamw: {weight_decay: 0.03, kwargs: {damping: 1}}",
+                                         "dopr_adamw: {weight_decay: 0.03, kwargs: {damping: 1, betas: [0.9, 0.95]}}"))
+    wrong = tune.misapplied(args, cfg, selection, records)
+    assert len(wrong) == 1 and wrong[0].startswith("dopr_adamw:") and "0.95" in wrong[0]
