@@ -243,6 +243,7 @@ def protocol3_section(done: list[dict], experiment_dir: Path, metric: str) -> li
     lines += [f"| optimizer | rounds | runs | selected trial | selected values | select_{metric} (tuning seeds) | "
               f"final {metric}, evaluation seeds at these settings (n) | at an edge ({'of everything searched' if plan['phase'] == 'done' else 'its round'}) |",
               "|---|---|---|---|---|---|---|---|"]
+    sign = lambda d: chr(43) if d > 0 else chr(45)  # noqa: E731  an edge's side
     for opt in sorted(spec["optimizers"], key=pair_rank):
         runs = [r for r in done if r["optimizer"] == opt]
         sel = plan["selection"].get(opt)
@@ -256,10 +257,9 @@ def protocol3_section(done: list[dict], experiment_dir: Path, metric: str) -> li
         # done: the final selection's place in the span of every round's range; while a round runs, its round's edges
         edges = sel["edges"] if "edges" in sel else (plan["history"][sel["round"] - 1].get("edges") or {}).get(opt) or {}
         lines.append(f"| {opt} | {len(plan['history'])} | {len(runs)} | {sel['label']} | " + ", ".join(f"{k.removeprefix('optimizer.')}={v:g}" for k, v in sel["values"].items())
-                     + f" | {sel['score']:.4g} | {ev} | {', '.join(f'{k} ({chr(43) if d > 0 else chr(45)})' for k, d in edges.items()) or 'none'} |")
+                     + f" | {sel['score']:.4g} | {ev} | {', '.join(f'{k} ({sign(d)})' for k, d in edges.items()) or 'none'} |")
     lines += ["", "The gap between a selection's tuning score and its evaluation mean is the winner's curse (a best-of-many score is "
               "biased upwards) plus the difference between the selection and the reported instances.", ""]
-    sign = lambda d: chr(43) if d > 0 else chr(45)  # noqa: E731
     for h in plan["history"]:
         lines += [f"Round {h['round']} ranges: " + "; ".join(f"{o}: " + ", ".join(f"{k.removeprefix('optimizer.')} [{d['low']:g}, {d['high']:g}]"
                                                                              for k, d in sp.items()) for o, sp in h["spaces"].items())]
