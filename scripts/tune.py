@@ -29,12 +29,13 @@ from experiments.checkpoint import atomic_write_json  # noqa: E402
 from experiments.protocol import launch_overrides  # noqa: E402
 
 
-def compose(configs: Path, experiment: str, overrides: list[str]):
+def compose(configs: Path, overrides: list[str]):
+    """train.yaml under ``overrides``, as experiments.train would compose it (with the hydra node, for the sweeper)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(configs.resolve()), version_base="1.3"):
-        return hydra_compose("train", overrides=[f"+experiment={experiment}", *overrides], return_hydra_config=True)
+        return hydra_compose("train", overrides=overrides, return_hydra_config=True)
 
 
 def eta_text(records: list[dict], runs: int, jobs: int) -> str:
@@ -57,7 +58,7 @@ def primary_rounds(args, task: str, primary: str, parser) -> int:
     stops with the command to run while it is unfinished."""
     from omegaconf import OmegaConf
 
-    cfg = compose(args.configs, f"{task}/{primary}", args.overrides)
+    cfg = compose(args.configs, [f"+experiment={task}/{primary}", *args.overrides])
     spec = OmegaConf.to_container(cfg.tune_spec, resolve=True)
     state = tuning.plan(spec, records_of(Path(cfg.results_dir)), spec["metric"], bool(spec.get("higher_is_better", True)))
     try:
@@ -71,8 +72,6 @@ def misapplied(args, cfg, selection: dict, records: list[dict]) -> list[str]:
     """Where a run at the task's tuned settings (no lr= given: what the headline evaluation runs) would differ from
     its selected trial, in the LR or the optimizer config. A task that builds on another's config (task=lm_lora on
     lm.yaml) merges that task's tuned block under its own, so a key the selection does not set can leak in."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
     from experiments.protocol import resolve
@@ -81,8 +80,7 @@ def misapplied(args, cfg, selection: dict, records: list[dict]) -> list[str]:
     for opt, sel in selection.items():
         trial = next(r for r in records if r["optimizer"] == opt and r["status"] == "done"
                      and (r["config"].get("tune") or {}).get("label") == sel["label"])
-        with initialize_config_dir(config_dir=str(args.configs.resolve()), version_base="1.3"):
-            run = hydra_compose("train", overrides=[f"task={cfg.task.name}", f"scale={cfg.scale.name}", f"optimizer={opt}", *args.overrides])
+        run = compose(args.configs, [f"task={cfg.task.name}", f"scale={cfg.scale.name}", f"optimizer={opt}", *args.overrides])
         got = resolve(run, given=set())
         have, want = OmegaConf.to_container(got.optimizer, resolve=True), trial["config"]["optimizer"]
         if not math.isclose(float(got.lr), float(trial["config"]["lr"]), rel_tol=1e-9) or have != want:
@@ -104,7 +102,7 @@ def main(argv=None) -> int:
     path = args.configs / "experiment" / f"{args.experiment}.yaml"
     if not path.exists():
         parser.error(f"{path} does not exist: name a tuning experiment as <task>/<name> (ls {args.configs}/experiment/)")
-    cfg = compose(args.configs, args.experiment, args.overrides)
+    cfg = compose(args.configs, [f"+experiment={args.experiment}", *args.overrides])
     if not cfg.get("tune_spec"):
         parser.error(f"{path} has no tune_spec: it is not a tuning experiment (see docs/protocol.md, 'Tuning')")
     from omegaconf import OmegaConf

@@ -469,7 +469,7 @@ def test_the_tool_checks_that_the_written_selection_reproduces_its_trials(tmp_pa
     configs = tmp_path / "configs"
     shutil.copytree(ROOT / "configs", configs)
     args = argparse.Namespace(configs=configs, overrides=[])
-    cfg = tune.compose(configs, "lm_lora/cpu_tune", [])
+    cfg = tune.compose(configs, ["+experiment=lm_lora/cpu_tune"])
     spec = OmegaConf.to_container(cfg.tune_spec, resolve=True)
     records = record.read(ROOT / "results" / "lm_lora" / "cpu_tune")
     selection = tuning.plan(spec, records, "accuracy", True)["selection"]
