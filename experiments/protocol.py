@@ -143,3 +143,35 @@ def launch_overrides(launcher: str, jobs: int, threads: int) -> list[str]:
     if launcher == "local":
         out += [f"hydra.launcher.n_jobs={jobs}", f"threads={threads}"]
     return out
+
+
+# The analysis plan's numbers (docs/protocol.md, "Seeds, instances and common random numbers"): the evaluation seed
+# floor, and the target MDD, 10% of each task's floor-to-ceiling range. scripts/power.py counts seeds against it and
+# scripts/summary.py reads a "no difference" as a finding (MDD <= target) or as "the instrument cannot tell".
+MIN_EVAL_SEEDS = 10
+TARGET_RULES = {"control": "0.1 x expert_return", "lm": "0.1 (accuracy, range 1)", "lm_lora": "0.1 (accuracy, range 1)",
+                "robot": "0.1 (success rate, range 1)", "robot_image": "0.1 (success rate, range 1)",
+                "flow": "0.1 x (best baseline's mean FD - mean fd_floor)"}
+
+
+def target_mdd(task: str, rows: list[dict], metric: str, expert_return: float | None = None) -> tuple[float, str]:
+    """(target MDD, how it was made) for ``task`` from its evaluation's per-run rows (``final_<metric>``, ``optimizer``
+    and, on flow, ``fd_floor``) and, on control, the expert's return. ValueError names what is missing."""
+    if task not in TARGET_RULES:
+        raise ValueError(f"no target MDD for task {task!r}: the known tasks are {', '.join(TARGET_RULES)}")
+    if task == "control":
+        if expert_return is None:
+            raise ValueError("control: the runs name no expert_return (task_meta): rerun with the committed expert")
+        return 0.1 * float(expert_return), f"0.1 x expert_return {float(expert_return):g}"
+    if task == "flow":
+        means = {}
+        for o in ("adamw", "muon"):
+            vals = [float(r[f"final_{metric}"]) for r in rows if r["optimizer"] == o]
+            if vals:
+                means[o] = sum(vals) / len(vals)
+        floors = [float(r["fd_floor"]) for r in rows if r.get("fd_floor") not in (None, "")]
+        if not means or not floors:
+            raise ValueError("flow: the target needs adamw or muon runs and the fd_floor column")
+        best, floor = min(means, key=means.get), sum(floors) / len(floors)
+        return 0.1 * (means[best] - floor), f"0.1 x ({best} mean FD {means[best]:.4g} - fd_floor {floor:.4g})"
+    return 0.1, TARGET_RULES[task]

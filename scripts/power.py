@@ -9,7 +9,9 @@ Per comparison (DoPr-X against X, paired by seed over the seeds both have): the 
 the mean and standard deviation (SD) of the paired differences, the minimum detectable difference at this n
 (a two-sided paired t-test at 0.05 with 80% power: (t(0.975, n-1) + t(0.8, n-1)) x SD / sqrt(n)), the target
 MDD, and the seeds needed to reach it (the smallest n with MDD(n) <= target at this SD, counted up because t
-depends on n). The target is 10% of the task's floor-to-ceiling range:
+depends on n), and the seeds to run: that number, never below the protocol's floor of 10. Only runs of the task's
+current version (configs/task/<task>.yaml) are read where any exist, as on the pages; where none does, the answer is
+about the newest version there and says so. The target is 10% of the task's floor-to-ceiling range (experiments/protocol.py):
 
     control          0.1 x expert_return (the committed expert's mean return; records' task_meta)
     lm, lm_lora      0.1 (accuracy, range 1)
@@ -37,7 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from experiments import record  # noqa: E402
+from experiments import protocol, record  # noqa: E402
 from experiments.registry import base_of, is_primary_pair, pairs  # noqa: E402
 from experiments.reports import load  # noqa: E402
 from experiments.stats import mdd_at, minimum_detectable_difference, seeds_needed  # noqa: E402
@@ -45,9 +47,6 @@ from experiments.stats import mdd_at, minimum_detectable_difference, seeds_neede
 BUDGET = 20  # the most seeds a headline comparison is planned with
 CAP = 100  # seeds needed are counted up to this
 MIN_SEEDS = 3  # fewer paired seeds give no usable SD
-TARGET_RULES = {"control": "0.1 x expert_return", "lm": "0.1 (accuracy, range 1)", "lm_lora": "0.1 (accuracy, range 1)",
-                "robot": "0.1 (success rate, range 1)", "robot_image": "0.1 (success rate, range 1)",
-                "flow": "0.1 x (best baseline's mean FD - mean fd_floor)"}
 
 
 class Refusal(Exception):
@@ -64,26 +63,13 @@ def sample_var(xs):
 
 
 def target_mdd(task: str, rows: list[dict], done: list[dict], metric: str) -> tuple[float, str]:
-    """(target MDD, how it was made) for a task (see the module docstring)."""
-    if task not in TARGET_RULES:
-        raise Refusal(f"no target MDD for task {task!r}: the known tasks are {', '.join(TARGET_RULES)}; "
-                      f"give one with --target VALUE (in {metric}'s units)")
-    if task == "control":
-        expert = next((r["summary"].get("task_meta", {}).get("expert_return") for r in done
-                       if (r["summary"].get("task_meta") or {}).get("expert_return") is not None), None)
-        if expert is None:
-            raise Refusal("control: the records name no expert_return (task_meta): rerun with the committed expert, "
-                          "or give the target with --target VALUE")
-        return 0.1 * expert, f"0.1 x expert_return {expert:g}"
-    if task == "flow":
-        means = {o: mean([r[f"final_{metric}"] for r in rows if r["optimizer"] == o]) for o in ("adamw", "muon")
-                 if any(r["optimizer"] == o for r in rows)}
-        floors = [r["fd_floor"] for r in rows if r.get("fd_floor") is not None]
-        if not means or not floors:
-            raise Refusal("flow: the target needs adamw or muon runs and the fd_floor column: give it with --target VALUE")
-        best = min(means, key=means.get)
-        return 0.1 * (means[best] - mean(floors)), f"0.1 x ({best} mean FD {means[best]:.4g} - fd_floor {mean(floors):.4g})"
-    return 0.1, TARGET_RULES[task]
+    """(target MDD, how it was made) for a task (experiments/protocol.py: the rule of docs/protocol.md)."""
+    expert = next((r["summary"].get("task_meta", {}).get("expert_return") for r in done
+                   if (r["summary"].get("task_meta") or {}).get("expert_return") is not None), None)
+    try:
+        return protocol.target_mdd(task, rows, metric, expert)
+    except ValueError as err:
+        raise Refusal(f"{err}; or give the target with --target VALUE (in {metric}'s units)") from None
 
 
 def run_outcomes(r: dict) -> tuple[list[float], list[int]] | None:
@@ -160,6 +146,8 @@ def comparisons(done: list[dict], target: float, budget: int, cap: int) -> list[
         sd = math.sqrt(sample_var(diffs))
         need = seeds_needed(sd, target, cap)
         c.update({"mean_diff": mean(diffs), "sd": sd, "mdd": minimum_detectable_difference(diffs), "seeds_needed": need,
+                  # the plan's seed count: what power asks for, never below the protocol's floor of 10
+                  "seeds_to_run": None if need is None else max(need, protocol.MIN_EVAL_SEEDS),
                   "mdd_at_budget": mdd_at(sd, budget), "reaches_target_within_budget": need is not None and need <= budget})
         c["noise"] = noise_split([(by_id[treated[s]["run"]], by_id[control[s]["run"]]) for s in seeds], sd)
         if not c["reaches_target_within_budget"]:
@@ -174,7 +162,7 @@ def comparisons(done: list[dict], target: float, budget: int, cap: int) -> list[
     return out
 
 
-def analyse(runs: Path, target: float | None = None, budget: int = BUDGET, cap: int = CAP) -> dict:
+def analyse(runs: Path, target: float | None = None, budget: int = BUDGET, cap: int = CAP, configs: Path = ROOT / "configs" / "task") -> dict:
     runs = Path(runs)
     if not (runs / record.RECORDS).exists():
         hint = "" if runs.exists() else " (no such folder)"
@@ -189,12 +177,21 @@ def analyse(runs: Path, target: float | None = None, budget: int = BUDGET, cap: 
         raise Refusal(f"no finished run in {runs}: run the experiment first (see docs/experiments.md)")
     s = done[0]["summary"]
     task, metric = s["task"], s["metric_name"]
+    # one task version, as on the pages (scripts/report.py): the current one where it has runs, else the newest there
+    # is (and the answer says so); an older version's runs are neither paired with the new ones nor read for the target
+    now, version = load.current_version(configs, task), load.task_version
+    versions = sorted({version(r) for r in done})
+    keep = now if now in versions else versions[-1]  # the current version, else the newest there is
+    done = [r for r in done if version(r) == keep]
+    stale = (f"these runs are of task version {keep}; the task is at version {now} (configs/task/{task}.yaml): the "
+             f"numbers describe the older version") if now is not None and keep != now else None
     if target is None:
         target, rule = target_mdd(task, load.per_run_rows(done), done, metric)
     else:
         rule = "given with --target"
     return {"runs": str(runs), "task": task, "metric": metric, "higher_is_better": s.get("higher_is_better", True),
             "target_mdd": target, "target_rule": rule, "budget": budget, "cap": cap, "alpha": 0.05, "power": 0.8,
+            "min_seeds": protocol.MIN_EVAL_SEEDS, "task_version": now, "superseded": stale,
             "comparisons": comparisons(done, target, budget, cap)}
 
 
@@ -215,20 +212,24 @@ def table(result: dict) -> str:
     lines = [f"{result['runs']}: task {result['task']}, metric {result['metric']} "
              f"({'higher' if result['higher_is_better'] else 'lower'} is better); paired t-test at 0.05, 80% power",
              f"target MDD {g(result['target_mdd'])} = {result['target_rule']}", ""]
-    head = ["comparison", "n", "mean diff", "paired SD", "MDD now", "target", "seeds needed", "dominant noise (seed / episodes var)"]
+    head = ["comparison", "n", "mean diff", "paired SD", "MDD now", "target", "seeds needed", f"to run (>= {result['min_seeds']})",
+            "dominant noise (seed / episodes var)"]
     body = []
     for c in result["comparisons"]:
         if "sd" not in c:
-            body.append([c["comparison"], str(c["n"]), "-", "-", "-", g(c["target_mdd"]), "-", "-"])
+            body.append([c["comparison"], str(c["n"]), "-", "-", "-", g(c["target_mdd"]), "-", "-", "-"])
             continue
         need = str(c["seeds_needed"]) if c["seeds_needed"] is not None else f"more than {result['cap']}"
         n = c["noise"]
         noise = f"{n['dominant']} ({g(n['seed_var'])} / {g(n['episodes_var'])})" if n["dominant"] != "unknown" else "unknown"
-        body.append([c["comparison"], str(c["n"]), f"{c['mean_diff']:+.3g}", g(c["sd"]), g(c["mdd"]), g(c["target_mdd"]), need, noise])
+        run = str(c["seeds_to_run"]) if c["seeds_to_run"] is not None else need
+        body.append([c["comparison"], str(c["n"]), f"{c['mean_diff']:+.3g}", g(c["sd"]), g(c["mdd"]), g(c["target_mdd"]), need, run, noise])
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
     fmt = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
     lines += [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)]
     notes = [f"- {c['comparison']}: {c['note']}" for c in result["comparisons"] if c.get("note")]
+    if result.get("superseded"):
+        notes.insert(0, f"- warning: {result['superseded']}")
     if not result["comparisons"]:
         notes.append("- no DoPr-X with its X in these runs: nothing to compare")
     return "\n".join(lines + ([""] + notes if notes else []))

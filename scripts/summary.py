@@ -26,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from experiments import protocol  # noqa: E402
 from experiments.checkpoint import atomic_write_text  # noqa: E402
 from experiments.registry import COMPARATORS, base_of, display, is_primary_pair, pair_rank, pairs, variant_suffix  # noqa: E402
 from experiments.reports import budget, crosstask  # noqa: E402
@@ -106,9 +107,10 @@ def _comparisons(entry: dict) -> list[dict]:
         treated, control = by_opt[t_name], by_opt[c_name]
         d_metric = paired({s: r[metric_key] for s, r in treated.items()}, {s: r[metric_key] for s, r in control.items()})
         d_loss = paired({s: r["final_val_loss"] for s, r in treated.items()}, {s: r["final_val_loss"] for s, r in control.items()})
-        x = [r[metric_key] for r in control.values()]
-        dx = [r[metric_key] for r in treated.values()]
         keys = d_metric["seeds"]
+        # every column of the row on the same seeds as the difference (the paired ones; all of each where none pair)
+        x = [control[k][metric_key] for k in keys] if keys else [r[metric_key] for r in control.values()]
+        dx = [treated[k][metric_key] for k in keys] if keys else [r[metric_key] for r in treated.values()]
         rows.append({"base": base_of(t_name), "treated": t_name, "control": c_name, "primary_pair": is_primary_pair(t_name, c_name),
                      "ap_vs_x": c_name == base_of(t_name), "metric": d_metric, "loss": d_loss, "metric_verdict": verdict(d_metric, sign),
                      # rliable's estimators: IQM of each, P(DoPr-X beats X) on a run, both with stratified-bootstrap 95% intervals
@@ -116,8 +118,7 @@ def _comparisons(entry: dict) -> list[dict]:
                      "poi": bootstrap_ci(probability_of_improvement, [sign * v for v in dx], [sign * v for v in x]),
                      "mdd": minimum_detectable_difference([treated[k][metric_key] - control[k][metric_key] for k in keys]),
                      "loss_verdict": verdict(d_loss, -1),
-                     "base_mean": mean_ci([r[metric_key] for r in control.values()])[0],
-                     "dopr_mean": mean_ci([r[metric_key] for r in treated.values()])[0]})
+                     "base_mean": mean_ci(x)[0], "dopr_mean": mean_ci(dx)[0]})
     return rows
 
 
@@ -144,30 +145,35 @@ def p_text(p: float) -> str:
 
 PRIMARY_EXPERIMENT = "cpu"  # in each task's headline experiment, results/<task>/cpu (current task version)
 EQUAL_TIME = "cpu_equal_time"  # its equal-time arms: cpu_equal_time (X for DoPr-X's time), cpu_equal_time_k10 (for DoPr-X@10's)
-ALPHA = 0.05
+ALPHA = 0.05  # a comparison is better or worse when its Holm-adjusted p is below this (docs/protocol.md)
+PRIMARY_BASES = ("adamw", "muon")  # the primary family's X, per task: DoPr-X vs X
 
 
 def primary_family(entries: list[dict]) -> dict:
-    """The comparison protocol's primary family: per task, DoPr-AdamW vs AdamW and DoPr-Muon vs Muon on the final
-    rollout metric in results/<task>/cpu, Holm-adjusted across all tasks as one family. A primary comparison
-    without a test (fewer than 2 paired seeds) is named and left out of the family (its size depends on the seeds
-    run, never on an outcome), and so is one whose runs are of an earlier task version (``superseded``). Returns
-    {"tested": [(entry, comparison, adjusted p)], "untested": [(entry, comparison)], "superseded": [(entry,
-    comparison)]} in the order of the entries."""
-    tested, untested, stale = [], [], []
+    """The comparison protocol's primary family, declared in advance (docs/protocol.md): per task of
+    crosstask.PRIMARY_TASKS, DoPr-AdamW vs AdamW and DoPr-Muon vs Muon on the final rollout metric in
+    results/<task>/cpu, Holm-adjusted as one family of all 10. A declared comparison without a test yet (no current
+    runs, runs of an earlier task version, fewer than 2 paired seeds) counts at p = 1 in the adjustment, so the
+    family's size never shrinks to the comparisons run so far (which would make Holm less strict than declared).
+    Returns {"tested": [(entry, comparison, adjusted p)], "untested": [(entry, comparison)], "superseded": [(entry,
+    comparison)], "missing": ["<task> DoPr-X"], "size": 10} in the order of the entries."""
+    tested, untested, stale, seen = [], [], [], set()
     for e in entries:
-        if e["folder"].name != PRIMARY_EXPERIMENT:
-            continue
-        if e.get("superseded"):  # runs of an earlier task version: shown, never counted
-            stale += [(e, c) for c in comparisons(e) if c["primary_pair"]]
+        if e["folder"].name != PRIMARY_EXPERIMENT or e["meta"]["task"] not in crosstask.PRIMARY_TASKS:
             continue
         for c in comparisons(e):
             if not c["primary_pair"]:  # other GPs and DoPr-X@10 (experiments/registry.py) are secondary
                 continue
-            (tested if c["metric"]["n"] >= 2 and not math.isnan(c["metric"]["p"]) else untested).append((e, c))
-    adjusted = holm([c["metric"]["p"] for _, c in tested])
-    return {"tested": [(e, c, q) for (e, c), q in zip(tested, adjusted)], "untested": untested, "superseded": stale}
-
+            seen.add((e["meta"]["task"], c["base"]))
+            if e.get("superseded"):  # runs of an earlier task version: shown, never tested
+                stale.append((e, c))
+            else:
+                (tested if c["metric"]["n"] >= 2 and not math.isnan(c["metric"]["p"]) else untested).append((e, c))
+    declared = [(t, b) for t in crosstask.PRIMARY_TASKS for b in PRIMARY_BASES]
+    ps = [c["metric"]["p"] for _, c in tested]
+    adjusted = holm(ps + [1.0] * (len(declared) - len(ps)))[:len(ps)]
+    return {"tested": [(e, c, q) for (e, c), q in zip(tested, adjusted)], "untested": untested, "superseded": stale,
+            "missing": [f"{t} {display('dopr_' + b)}" for t, b in declared if (t, b) not in seen], "size": len(declared)}
 
 
 def family_key(e: dict, c: dict) -> tuple:
@@ -193,30 +199,54 @@ def equal_time_cell(e: dict, c: dict, equal_time: dict) -> str:
     return ci_text(paired(d, x), 3) if set(x) & set(d) else "not run"
 
 
+def target_of(e: dict) -> float:
+    """The task's target MDD (experiments/protocol.py: 10% of its floor-to-ceiling range), nan where its runs cannot
+    give it (no expert_return in a control page's meta, no fd_floor column on flow)."""
+    m = e["meta"]
+    try:
+        return protocol.target_mdd(m["task"], e["runs"], m["metric"], m.get("expert_return"))[0]
+    except ValueError:
+        return math.nan
+
+
+def reading(e: dict, c: dict, q: float) -> str:
+    """docs/protocol.md: better or worse when the Holm-adjusted p is below 0.05 (in the direction of the mean paired
+    difference); otherwise "no difference" is a finding only when the MDD reaches the task's target, and "the
+    instrument cannot tell" when it does not."""
+    if q < ALPHA:
+        return "**better**" if (c["metric"]["mean"] > 0) == bool(e["meta"]["higher_is_better"]) else "**worse**"
+    target = target_of(e)
+    if math.isnan(c["mdd"]) or math.isnan(target):
+        return "no test of power (no MDD or target)"
+    return "no difference (MDD within target)" if c["mdd"] <= target else "the instrument cannot tell (MDD above target)"
+
+
 def headline(entries: list[dict], family: dict) -> list[str]:
     """The paragraph the front README quotes: the primary family, Holm-adjusted, then every paired comparison."""
     tested = family["tested"]
-    significant = [(e, c, q) for e, c, q in tested if q <= ALPHA]
+    significant = [(e, c, q) for e, c, q in tested if q < ALPHA]
     name = lambda e, c: f"{e['meta']['task']} {display(c['treated'])}"  # noqa: E731
     parts = ["## Headline (the primary family)", "",
              f"Primary family (the comparison protocol, version 3): per task, DoPr-AdamW vs AdamW and DoPr-Muon vs Muon on the "
              f"final rollout metric at the task's step budget, in each task's headline experiment (`<task>/{PRIMARY_EXPERIMENT}`); "
-             f"paired t-tests over seeds, Holm-adjusted across all tasks as one family. {len(tested)} comparisons in the family; "
-             f"{len(significant)} significant after Holm at {ALPHA}"
+             f"paired t-tests over seeds, Holm-adjusted across all tasks as one family of the {family['size']} declared in advance, "
+             f"where a comparison not tested yet counts at p = 1. {len(tested)} of the {family['size']} tested; "
+             f"{len(significant)} significant after Holm (adjusted p below {ALPHA})"
              + (": " + ", ".join(f"{name(e, c)} ({'better' if (c['metric']['mean'] > 0) == bool(e['meta']['higher_is_better']) else 'worse'}, "
                                  f"adjusted p {q:.3f})" for e, c, q in significant) if significant else "") + "."
              + (" Not in the family (fewer than 2 paired seeds, no test): " + ", ".join(f"{name(e, c)} ({c['metric']['n']} seed{'s' if c['metric']['n'] != 1 else ''})"
                                                                                         for e, c in family["untested"]) + "." if family["untested"] else "")
              + (" Not in the family (runs of an earlier task version, shown in the tables but superseded until the "
                 "task's new version is tuned, `make tune-<task>`, and evaluated, `make reproduce-<task>`): " + ", ".join(f"{name(e, c)}{version_note(e)}" for e, c in family["superseded"]) + "."
-                if family["superseded"] else ""),
-             "", "| task | comparison | seeds | metric | difference (DoPr-X minus X) | raw p | adjusted p (Holm) | significant at 0.05 |",
-             "|---|---|---|---|---|---|---|---|"]
+                if family["superseded"] else "")
+             + (" Not run yet: " + ", ".join(family["missing"]) + "." if family["missing"] else ""),
+             "", "| task | comparison | seeds | metric | difference (DoPr-X minus X) | raw p | adjusted p (Holm) | MDD (target) | reading |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for e, c, q in tested:
         m = e["meta"]
         parts.append(f"| {m['task']} | {display(c['treated'])} vs {display(c['control'])} | {c['metric']['n']} | "
                      f"{m['metric']} ({'higher' if m['higher_is_better'] else 'lower'} is better) | {c['metric']['mean']:+.4g} | "
-                     f"{p_text(c['metric']['p'])} | {p_text(q)} | {'yes' if q <= ALPHA else 'no'} |")
+                     f"{p_text(c['metric']['p'])} | {p_text(q)} | {mdd_text(c['mdd'])} ({mdd_text(target_of(e))}) | {reading(e, c, q)} |")
     verdicts = [c["metric_verdict"] for e in entries for c in comparisons(e) if c["ap_vs_x"]]  # not DoPr-X@10 vs DoPr-X
     few = verdicts.count("too few seeds")  # one seed (e.g. robot_image's one-seed table): no interval, not counted
     verdicts = [v for v in verdicts if v != "too few seeds"]

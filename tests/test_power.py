@@ -98,6 +98,36 @@ def test_a_rate_uses_p_one_minus_p_and_names_the_episodes_when_they_dominate(tmp
     assert capped["comparisons"][0]["seeds_needed"] is None and f"more than {need - 1}" in power.table(capped)
 
 
+def test_only_the_current_task_version_is_paired_and_the_seeds_to_run_keep_the_floor_of_ten(tmp_path):
+    """Runs of an older task version (the same seeds, before a recalibration) are not paired with the new ones; where
+    every run is older the newest version's are read and the answer says so; the seeds to run are power's count, never below the protocol's 10."""
+    configs = tmp_path / "configs" / "task"
+    configs.mkdir(parents=True)
+    (configs / "robot.yaml").write_text("version: 2\n")
+    old = {0: (0.2, 0.9), 1: (0.9, 0.1), 2: (0.1, 0.8)}  # version 1: wild differences
+    new = {0: (0.50, 0.60), 1: (0.52, 0.60), 2: (0.48, 0.61)}  # version 2: about +0.1, tight
+    records = []
+    for version, table in ((1, old), (2, new)):
+        for s, (a, d) in table.items():
+            for o, v in (("adamw", a), ("dopr_adamw", d)):
+                r = synthetic_record("robot", o, s, "success", [v])
+                r["config"]["task"]["version"] = version
+                r["run_id"] = f"{o}-s{s}-v{version}"
+                records.append(r)
+    folder = write(tmp_path / "robot" / "cpu", records)
+    result = power.analyse(folder, configs=configs)
+    (c,) = result["comparisons"]
+    diffs = [d - a for a, d in new.values()]
+    assert c["n"] == 3 and c["sd"] == pytest.approx(math.sqrt(var1(diffs))) and result["superseded"] is None
+    need = next(n for n in range(2, 101) if hand_mdd(c["sd"], n) <= 0.1)
+    assert c["seeds_needed"] == need < 10 and c["seeds_to_run"] == 10
+    (configs / "robot.yaml").write_text("version: 3\n")  # every run is older now
+    result = power.analyse(folder, configs=configs)
+    assert result["superseded"].startswith("these runs are of task version 2; the task is at version 3")
+    assert result["comparisons"][0]["sd"] == pytest.approx(c["sd"])  # the newest version's runs, not both
+    assert "warning: these runs are of task version" in power.table(result)
+
+
 def test_fewer_than_three_seeds_is_said_not_printed_as_nan(tmp_path):
     records = [synthetic_record("robot", o, s, "success", [1, 0, 1]) for s in (0, 1) for o in ("muon", "dopr_muon")]
     folder = write(tmp_path / "robot" / "cpu", records)

@@ -55,53 +55,67 @@ def test_selection_regret_by_hand():
     assert down["by_metric"] == 1e-1 and math.isclose(down["regret"], 0.4)
 
 
-def _write_report(folder: Path, metric: str, higher: bool, runs: list[dict], stem="results"):
+def _write_report(folder: Path, metric: str, higher: bool, runs: list[dict], stem="results", **meta_extra):
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f"{stem}_runs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in runs for k in r)))
         writer.writeheader()
         writer.writerows(runs)
     meta = {"task": folder.parent.name, "scale": folder.name, "metric": metric, "higher_is_better": higher, "runs": len(runs),
-            "failed": [], "command": "synthetic", "horizon_label": "steps", "lr_sweep": stem == "lr_sweep"}
+            "failed": [], "command": "synthetic", "horizon_label": "steps", "lr_sweep": stem == "lr_sweep", **meta_extra}
     (folder / f"{stem}_meta.json").write_text(json.dumps(meta))
 
 
 def test_summary_on_synthetic_reports_is_right_and_deterministic(tmp_path):
+    """The primary family is the declared 10 (5 tasks x DoPr-AdamW, DoPr-Muon), Holm-adjusted with the untested at
+    p = 1; a task outside the five (robot_image) never joins it; a non-significant comparison reads "no difference"
+    only when its MDD reaches the task's target, else "the instrument cannot tell"."""
     from scipy import stats
 
     results = tmp_path / "results"
-    # task "alpha": accuracy up by 0.19, 0.20, 0.21 with AP (sd 0.01: the interval excludes 0 -> better);
+    # lm: accuracy up by 0.19, 0.20, 0.21 with AP (sd 0.01: the interval excludes 0 -> better);
     # val loss changed by +0.01, -0.02, +0.015 (the interval includes 0 -> no difference)
     runs = []
     for seed, (acc, loss, d_loss) in enumerate([(0.5, 1.0, 0.01), (0.6, 0.9, -0.02), (0.4, 1.1, 0.015)]):
         runs.append({"optimizer": "adamw", "lr": 0.001, "seed": seed, "final_val_loss": loss, "final_accuracy": acc})
         runs.append({"optimizer": "dopr_adamw", "lr": 0.001, "seed": seed, "final_val_loss": loss + d_loss,
                      "final_accuracy": acc + 0.19 + 0.01 * seed})
-    _write_report(results / "alpha" / "cpu", "accuracy", True, runs)
+    _write_report(results / "lm" / "cpu", "accuracy", True, runs)
     # its tuning: three trials of adamw (LR x weight decay 0.1)
     sweep = [{"optimizer": "adamw", "lr": lr, "weight_decay": 0.1, "seed": 100, "final_val_loss": loss, "final_accuracy": acc}
              for lr, loss, acc in [(1e-3, 1.0, 0.3), (1e-2, 0.8, 0.5), (1e-1, 0.7, 0.2)]]
-    _write_report(results / "alpha" / "cpu", "accuracy", True, sweep, stem="tuning")
-    # task "beta": FD (lower is better), AP worse by exactly 1.0 on each seed -> CI of width 0
+    _write_report(results / "lm" / "cpu", "accuracy", True, sweep, stem="tuning")
+    # flow: FD (lower is better), AP worse by exactly 1.0 on each seed -> CI of width 0
     runs = []
     for seed in range(3):
         runs.append({"optimizer": "muon", "lr": 0.01, "seed": seed, "final_val_loss": 0.3, "final_fd": 2.0 + seed})
         runs.append({"optimizer": "dopr_muon", "lr": 0.01, "seed": seed, "final_val_loss": 0.3, "final_fd": 3.0 + seed,
                      "damping": 1.0})
-    _write_report(results / "beta" / "cpu", "fd", False, runs)
-    # task "gamma": one seed (a one-seed table): no interval, left out of the headline's count
-    _write_report(results / "gamma" / "cpu", "accuracy", True,
+    _write_report(results / "flow" / "cpu", "fd", False, runs)
+    # robot: one seed (a one-seed table): no interval, left out of the headline's count
+    _write_report(results / "robot" / "cpu", "accuracy", True,
                   [{"optimizer": o, "lr": 0.001, "seed": 0, "final_val_loss": 1.0, "final_accuracy": a, "damping": 1.0}
                    for o, a in (("adamw", 0.5), ("dopr_adamw", 0.9))])
-    # task "delta": adamw differences 0.1, 0.3, 0.2 (t = 0.2 / (0.1 / sqrt 3), p = 0.074), in the primary family; and a
-    # secondary GP (signum), outside it
+    # lm_lora: adamw differences 0.1, 0.3, 0.2 (t = 0.2 / (0.1 / sqrt 3), p = 0.074; MDD 0.31 > the target 0.1), in
+    # the primary family; and a secondary GP (signum), outside it
     runs = []
     for seed, d in enumerate([0.1, 0.3, 0.2]):
         for base in ("adamw", "signum"):
             runs.append({"optimizer": base, "lr": 0.001, "seed": seed, "final_val_loss": 1.0, "final_accuracy": 0.3, "task_version": 1})
             runs.append({"optimizer": f"dopr_{base}", "lr": 0.001, "seed": seed, "final_val_loss": 1.0, "final_accuracy": 0.3 + d,
                          "damping": 1.0, "task_version": 1})
-    _write_report(results / "delta" / "cpu", "accuracy", True, runs)
+    _write_report(results / "lm_lora" / "cpu", "accuracy", True, runs)
+    # control: return differences +5, -5, +3, -3, 0 (p = 1) with an MDD of about 7, within the target 300 (10% of the
+    # expert's 3000): a finding of no difference
+    runs = []
+    for seed, d in enumerate([5, -5, 3, -3, 0]):
+        runs.append({"optimizer": "adamw", "lr": 0.001, "seed": seed, "final_val_loss": 1.0, "final_return": 2000.0})
+        runs.append({"optimizer": "dopr_adamw", "lr": 0.001, "seed": seed, "final_val_loss": 1.0, "final_return": 2000.0 + d, "damping": 1.0})
+    _write_report(results / "control" / "cpu", "return", True, runs, expert_return=3000.0)
+    # robot_image (secondary, outside the five tasks): AP better by 0.1 on 3 seeds, never in the family
+    _write_report(results / "robot_image" / "cpu", "success", True,
+                  [{"optimizer": o, "lr": 0.001, "seed": s, "final_val_loss": 1.0, "final_success": 0.3 + (0.1 + 0.01 * s if o == "dopr_adamw" else 0)}
+                   for s in range(3) for o in ("adamw", "dopr_adamw")])
 
     def make(*extra):
         subprocess.run([sys.executable, "scripts/summary.py", "--results", str(results), *extra], cwd=ROOT, check=True, capture_output=True)
@@ -110,61 +124,67 @@ def test_summary_on_synthetic_reports_is_right_and_deterministic(tmp_path):
     text = make()
     assert make() == text  # deterministic
     detail = text.split("## Did AP help?")[1].splitlines()  # the verdict table at the top holds the same rows, in short
-    alpha = next(line for line in detail if line.startswith("| [alpha]"))
+    lm = next(line for line in detail if line.startswith("| [lm]"))
     half = T2 * 0.01 / math.sqrt(3)  # differences 0.19, 0.20, 0.21: sd 0.01
-    assert f"+0.2000 [{0.2 - half:+.4f}, {0.2 + half:+.4f}]" in alpha and "| **better** |" in alpha
-    assert alpha.rstrip(" |").endswith("no difference")
-    beta = next(line for line in detail if line.startswith("| [beta]"))
-    assert "+1.0000 [+1.0000, +1.0000]" in beta and "**worse**" in beta.split("|")[11]
+    assert f"+0.2000 [{0.2 - half:+.4f}, {0.2 + half:+.4f}]" in lm and "| **better** |" in lm
+    assert lm.rstrip(" |").endswith("no difference")
+    flow = next(line for line in detail if line.startswith("| [flow]"))
+    assert "+1.0000 [+1.0000, +1.0000]" in flow and "**worse**" in flow.split("|")[11]
     # the tuning: val loss picks 0.1 (loss 0.7, accuracy 0.2), accuracy picks 0.01 (0.5): regret 0.3
-    sweep_line = next(line for line in text.splitlines() if line.startswith("| alpha | adamw |"))
+    sweep_line = next(line for line in text.splitlines() if line.startswith("| lm | adamw |"))
     cells = [c.strip() for c in sweep_line.strip("|").split("|")]
     assert cells[2:8] == ["3", "0.1, 0.1", "0.01, 0.1", "0.2", "0.5", "0.3"]
-    # the primary family: alpha adamw (p = 2 t.sf(0.2 / (0.01 / sqrt 3), 2)), beta muon (differences all +1: p 0),
-    # delta adamw (p 0.074); gamma's one seed is named and left out; delta's signum is secondary. Holm by hand:
-    # sorted 0 (x3), p_alpha (x2), p_delta (x1), each under the running maximum
-    p_alpha, p_delta = (2 * stats.t.sf(m / (sd / math.sqrt(3)), 2) for m, sd in ((0.2, 0.01), (0.2, 0.1)))
-    assert 0.07 < p_delta < 0.08
-    assert "3 comparisons in the family; 2 significant after Holm at 0.05: alpha DoPr-AdamW (better, adjusted p " \
-           f"{2 * p_alpha:.3f}), beta DoPr-Muon (worse, adjusted p 0.000)." in text
-    assert "Not in the family (fewer than 2 paired seeds, no test): gamma DoPr-AdamW (1 seed)." in text
+    # the primary family, 10 declared: lm adamw (p = 2 t.sf(0.2 / (0.01 / sqrt 3), 2)), flow muon (differences all +1:
+    # p 0), lm_lora adamw (p 0.074), control adamw (p 1); robot's one seed is named and counts at p = 1; the five not
+    # run count at p = 1; lm_lora's signum is secondary, robot_image outside. Holm by hand over 10: sorted 0 (x10),
+    # p_lm (x9), p_lora (x8), then 1s, each under the running maximum
+    p_lm, p_lora = (2 * stats.t.sf(m / (sd / math.sqrt(3)), 2) for m, sd in ((0.2, 0.01), (0.2, 0.1)))
+    assert 0.07 < p_lora < 0.08 and 9 * p_lm < 0.05
+    assert "4 of the 10 tested; 2 significant after Holm (adjusted p below 0.05): flow DoPr-Muon (worse, adjusted p 0.000), " \
+           f"lm DoPr-AdamW (better, adjusted p {9 * p_lm:.3f})." in text
+    assert "Not in the family (fewer than 2 paired seeds, no test): robot DoPr-AdamW (1 seed)." in text
+    assert "Not run yet: lm DoPr-Muon, lm_lora DoPr-Muon, flow DoPr-AdamW, control DoPr-Muon, robot DoPr-Muon." in text
     family = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in text.split("## Did AP help?")[0].splitlines()
               if line.startswith("| ") and " vs " in line and not line.startswith("| task")}
-    assert family["alpha"][5:] == [f"{p_alpha:.3f}", f"{2 * p_alpha:.3f}", "yes"]
-    assert family["delta"][5:] == [f"{p_delta:.3f}", f"{p_delta:.3f}", "no"] and set(family) == {"alpha", "beta", "delta"}
+    assert set(family) == {"lm", "flow", "lm_lora", "control"}  # robot_image is not a primary task
+    assert family["lm"][5:7] == [f"{p_lm:.3f}", f"{9 * p_lm:.3f}"] and family["lm"][8] == "**better**"
+    assert family["flow"][8] == "**worse**"
+    assert family["lm_lora"][5:7] == [f"{p_lora:.3f}", f"{8 * p_lora:.3f}"]
+    mdd_lora = (stats.t.ppf(0.975, 2) + stats.t.ppf(0.8, 2)) * 0.1 / math.sqrt(3)
+    assert family["lm_lora"][7] == f"{mdd_lora:.3g} (0.1)" and family["lm_lora"][8] == "the instrument cannot tell (MDD above target)"
+    assert family["control"][7].endswith("(300)") and family["control"][8] == "no difference (MDD within target)"
     holm_column = {(line.split("|")[1], line.split("|")[3].strip()): line.split("|")[10].strip() for line in detail
                    if line.startswith("| [")}
-    assert holm_column[(" [delta](delta/cpu/results.md) ", "signum")] == "secondary"
-    assert holm_column[(" [gamma](gamma/cpu/results.md) ", "adamw")] == "n/a (not tested)"
-    assert holm_column[(" [alpha](alpha/cpu/results.md) ", "adamw")] == f"{2 * p_alpha:.3f}"
-    assert "Unadjusted, over all 4 paired DoPr-X vs X comparisons on the rollout metric (4 results folders, secondary GPs " \
-           "included), the 95% t-interval over seeds excluded 0 in favour of DoPr in 1, against it in 1, and included 0 in 2." in text
+    assert holm_column[(" [lm_lora](lm_lora/cpu/results.md) ", "signum")] == "secondary"
+    assert holm_column[(" [robot](robot/cpu/results.md) ", "adamw")] == "n/a (not tested)"
+    assert holm_column[(" [lm](lm/cpu/results.md) ", "adamw")] == f"{9 * p_lm:.3f}"
+    assert "Unadjusted, over all 6 paired DoPr-X vs X comparisons on the rollout metric (6 results folders, secondary GPs " \
+           "included), the 95% t-interval over seeds excluded 0 in favour of DoPr in 2, against it in 1, and included 0 in 3." in text
     assert "Left out: 1 with one seed (no interval)." in text
-    assert "too few seeds" in next(line for line in detail if line.startswith("| [gamma]"))
+    assert "too few seeds" in next(line for line in detail if line.startswith("| [robot]"))
     # the verdict table at the top: one row per task and GP, the adjusted p, the equal-time arm not run yet
     verdicts = text.split("## Verdicts")[1].split("## Headline")[0]
-    row = next(line for line in verdicts.splitlines() if line.startswith("| [alpha]"))
-    assert f"| {2 * p_alpha:.3f} | not run |" in row, row
-    assert next(line for line in verdicts.splitlines() if line.startswith("| [delta]") and "| signum |" in line).count("secondary") == 1
+    row = next(line for line in verdicts.splitlines() if line.startswith("| [lm]"))
+    assert f"| {9 * p_lm:.3f} | not run |" in row, row
+    assert next(line for line in verdicts.splitlines() if line.startswith("| [lm_lora]") and "| signum |" in line).count("secondary") == 1
     assert cells[8] == "+0.50"
 
-    # delta's runs are task version 1; once its config says version 2 they are superseded: shown, out of the family
+    # lm_lora's runs are task version 1; once its config says version 2 they are superseded: shown, out of the family
     configs = tmp_path / "configs" / "task"
     configs.mkdir(parents=True)
-    (configs / "delta.yaml").write_text("version: 2\n")
-    (configs / "alpha.yaml").write_text("version: 5\n")  # alpha's runs carry no version: never marked
+    (configs / "lm_lora.yaml").write_text("version: 2\n")
+    (configs / "lm.yaml").write_text("version: 5\n")  # lm's runs carry no version: never marked
     text = make("--configs", str(configs))
-    assert "2 comparisons in the family; 2 significant after Holm at 0.05" in text
+    assert "3 of the 10 tested; 2 significant after Holm (adjusted p below 0.05)" in text
     assert "(runs of an earlier task version, shown in the tables but superseded until the task's new version is tuned, " \
-           "`make tune-<task>`, and evaluated, `make reproduce-<task>`): delta DoPr-AdamW (version 1; the task is now version 2)." in text
-    assert "Superseded task versions included: delta." in text  # the unadjusted tally says what it counts
+           "`make tune-<task>`, and evaluated, `make reproduce-<task>`): lm_lora DoPr-AdamW (version 1; the task is now version 2)." in text
+    assert "Superseded task versions included: lm_lora." in text  # the unadjusted tally says what it counts
     verdicts = text.split("## Verdicts")[1].split("## Headline")[0]
-    row = next(line for line in verdicts.splitlines() if line.startswith("| [delta]") and "| adamw |" in line)
-    assert row.startswith("| [delta](delta/cpu/results.md) (version 1; the task is now version 2) |") and "| superseded |" in row
-    assert "(version" not in next(line for line in verdicts.splitlines() if line.startswith("| [alpha]"))
+    row = next(line for line in verdicts.splitlines() if line.startswith("| [lm_lora]") and "| adamw |" in line)
+    assert row.startswith("| [lm_lora](lm_lora/cpu/results.md) (version 1; the task is now version 2) |") and "| superseded |" in row
+    assert "(version" not in next(line for line in verdicts.splitlines() if line.startswith("| [lm]"))
     loss_table = text.split("## Loss versus performance")[1].split("\n## ")[0]
-    assert next(line for line in loss_table.splitlines() if line.startswith("| delta")).startswith("| delta (version 1; the task is now version 2) |")
-    # Spearman over the 3 sweep runs: loss ranks 3,2,1 vs accuracy ranks 2,3,1: 1 - 6*2/(3*8)
+    assert next(line for line in loss_table.splitlines() if line.startswith("| lm_lora")).startswith("| lm_lora (version 1; the task is now version 2) |")
 
 
 def test_summary_without_reports_names_the_fix(tmp_path):

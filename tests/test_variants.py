@@ -86,7 +86,7 @@ def test_summary_keeps_k10_out_of_the_primary_family_and_pairs_it_with_its_own_e
                                                        "final_success": 0.55} for s in range(3)])
     subprocess.run([sys.executable, "scripts/summary.py", "--results", str(results)], cwd=ROOT, check=True, capture_output=True)
     text = (results / "README.md").read_text()
-    assert "1 comparisons in the family" in text and "| robot | DoPr-AdamW vs AdamW | 3 |" in text
+    assert "1 of the 10 tested" in text and "| robot | DoPr-AdamW vs AdamW | 3 |" in text
     assert "DoPr-AdamW@10" not in text.split("## Verdicts")[1].split("## Did AP help?")[0].split("| task | comparison |")[1]
     verdicts = [[c.strip() for c in line.strip("|").split("|")] for line in text.split("## Verdicts")[1].split("## Headline")[0].splitlines()
                 if line.startswith("| [robot]")]
