@@ -18,6 +18,7 @@ import functools
 import logging
 import math
 import sys
+import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -448,6 +449,9 @@ class ActivationPreconditioner:
         # Compute cond(Sigma) per statistic at refreshes while True (one eigvalsh per statistic);
         # the training loop turns it on for the steps it logs, not every step.
         self.track_conditioning = False
+        # Wall seconds those diagnostics took (host time: on a GPU it counts the launches): a training loop that
+        # times its steps subtracts them, as they are logging, not training (experiments/train.py).
+        self.diagnostic_seconds = 0.0
         self.layers: list[_Layer] = []
         self.uncovered: dict[str, str] = {}
         self._generator = torch.Generator().manual_seed(seed)
@@ -1062,7 +1066,9 @@ class ActivationPreconditioner:
             if solver is None:
                 continue
             if self.track_conditioning:
+                t0 = time.perf_counter()
                 cond = self._condition(e)
+                self.diagnostic_seconds += time.perf_counter() - t0
             for layer in e["members"]:
                 layer.solver, layer.damping, layer.refreshed = solver, lam, True
                 if self.track_conditioning:

@@ -208,6 +208,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     for step in range(start, tr.steps):
         maybe_fail("step")
         t_step, cpu_step = time.perf_counter(), time.process_time()
+        diagnostics = ap.diagnostic_seconds if ap is not None else 0.0  # cond(Sigma) for the logs: not training time
         batch = shard(task.train_batch(step), rank, world)
         seen = accumulate_gradients(task, train_model, batch, micro, ap, autocast, train_model.no_sync if world > 1 else None)
         if world > 1:  # every process must see the same loss to stop together on a non-finite one
@@ -225,9 +226,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if ema is not None:
             ema_step[0] = step  # the n-th update (the first one copies the weights)
             ema.update_parameters(model)
-        train_seconds += time.perf_counter() - t_step
+        logged = (ap.diagnostic_seconds - diagnostics) if ap is not None else 0.0
+        train_seconds += time.perf_counter() - t_step - logged
         if train_cpu_seconds is not None:
-            train_cpu_seconds += time.process_time() - cpu_step
+            train_cpu_seconds += time.process_time() - cpu_step - logged
         done = step + 1
         snapshot(done)
         if lead and (done % tr.log_every == 0 or done == tr.steps):

@@ -25,6 +25,7 @@ from statistics import median
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from experiments import record  # noqa: E402
+from experiments.reports import load  # noqa: E402
 from experiments.protocol import launch_overrides  # noqa: E402
 from experiments.registry import base_of, has_ap, rank, variant_suffix  # noqa: E402
 
@@ -73,6 +74,17 @@ def main(argv=None) -> int:
     if not (source / record.RECORDS).exists():
         parser.error(f"{source / record.RECORDS} does not exist: run the task's headline evaluation first (make reproduce-{args.task.replace('_', '-')})")
     records = record.read(source)
+    # the arm runs the task's current config: only headline runs of the current task version set its budget (an older
+    # version's steps and periods, scaled, would run the new version at the old budget)
+    now = load.current_version(ROOT / "configs" / "task", args.task)
+    stale = sorted({load.task_version(r) for r in records if load.task_version(r) != now}) if now is not None else []
+    records = [r for r in records if now is None or load.task_version(r) == now]
+    if not records:
+        parser.error(f"{source / record.RECORDS} holds runs of task version {', '.join(map(str, stale))} only; the task is at "
+                     f"version {now} (configs/task/{args.task}.yaml): run its headline evaluation first "
+                     f"(make reproduce-{args.task.replace('_', '-')})")
+    if stale:
+        print(f"left out: the runs of task version {', '.join(map(str, stale))} (the task is at version {now})", flush=True)
     suffixes = sorted({variant_suffix(r["optimizer"]) for r in records if has_ap(r["optimizer"])})  # "": DoPr-X; "k10": DoPr-X@10
     launch = launch_overrides(args.launcher, args.jobs, args.threads)
     planned = {s: plan(records, s) for s in suffixes}

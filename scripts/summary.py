@@ -191,11 +191,14 @@ def equal_time_cell(e: dict, c: dict, equal_time: dict) -> str:
     arm = equal_time.get((e["meta"]["task"], variant_suffix(c["treated"]))) if c["ap_vs_x"] else None
     if arm is None:
         return "not run" if c["ap_vs_x"] else "n/a"
-    if arm.get("superseded"):  # an arm of an earlier task version than the headline's
+    if arm.get("superseded") or e.get("superseded"):  # the arm or the headline of an earlier task version
         return "superseded"
-    key = f"final_{e['meta']['metric']}"
-    x = {int(float(r["seed"])): float(r[key]) for r in arm["runs"] if r["optimizer"] == c["control"]}
-    d = {int(float(r["seed"])): float(r[key]) for r in e["runs"] if r["optimizer"] == c["treated"]}
+    key, version = f"final_{e['meta']['metric']}", lambda r: r.get("task_version")
+    d_rows = {int(float(r["seed"])): r for r in e["runs"] if r["optimizer"] == c["treated"]}
+    d = {s: float(r[key]) for s, r in d_rows.items()}
+    # paired by seed and task version: an arm run of another version than the headline run it faces is no pair
+    x = {int(float(r["seed"])): float(r[key]) for r in arm["runs"] if r["optimizer"] == c["control"]
+         and int(float(r["seed"])) in d_rows and version(r) == version(d_rows[int(float(r["seed"]))])}
     return ci_text(paired(d, x), 3) if set(x) & set(d) else "not run"
 
 

@@ -26,6 +26,7 @@ def test_targets_and_steps_to_target_by_hand():
     assert (cols["dopr_adamw-s0"]["steps_to_target"], cols["dopr_adamw-s0"]["seconds_to_target"]) == (100.0, 100.0)
     # per optimizer: the median over seeds, infinite when more than half miss
     assert budget.optimizer_time([200.0, math.inf, 300.0]) == 300.0 and budget.optimizer_time([math.inf, math.inf, 100.0]) == math.inf
+    assert all(math.isnan(budget.optimizer_time(v)) for v in ([math.nan, 100.0, 200.0], [100.0, math.nan, 200.0]))  # unknown: not by order
     # lower is better: the floor is the base GPs' median first evaluation
     fd = [run("adamw", s, [(100, v0), (200, v1)]) for s, (v0, v1) in enumerate([(90, 50), (100, 40), (80, 60)])]
     t = budget.targets(fd, "acc", False)
@@ -78,12 +79,12 @@ def test_the_time_to_target_section_states_the_measured_light_rollout_cost():
 
 def test_performance_profile_by_hand():
     times = {"a": {"x": 100.0, "y": 200.0}, "b": {"x": 300.0, "y": 150.0}, "c": {"x": math.inf, "y": 50.0},
-             "d": {"x": math.inf, "y": math.inf}}  # d: nobody reaches the target, so it drops out
+             "d": {"x": math.inf, "y": math.inf}}  # d: nobody reaches the target: a miss for both (AlgoPerf)
     prof = budget.profile(times, taus=[1.0, 2.0, 4.0])
-    assert prof["x"]["ratios"] == [1.0, 2.0, math.inf] and prof["y"]["ratios"] == [2.0, 1.0, 1.0]
-    assert prof["x"]["rho"] == [1 / 3, 2 / 3, 2 / 3] and prof["y"]["rho"] == [2 / 3, 1.0, 1.0]
-    # area under rho on [1, 4] over 3: x has tasks at r=1 (area 3) and r=2 (area 2): (3 + 2) / 3 tasks / 3
-    assert math.isclose(prof["x"]["score"], 5 / 9) and math.isclose(prof["y"]["score"], (2 + 3 + 3) / 9)
+    assert prof["x"]["ratios"] == [1.0, 2.0, math.inf, math.inf] and prof["y"]["ratios"] == [2.0, 1.0, 1.0, math.inf]
+    assert prof["x"]["rho"] == [1 / 4, 2 / 4, 2 / 4] and prof["y"]["rho"] == [2 / 4, 3 / 4, 3 / 4]
+    # area under rho on [1, 4] over 3: x has tasks at r=1 (area 3) and r=2 (area 2): (3 + 2) / 4 tasks / 3
+    assert math.isclose(prof["x"]["score"], 5 / 12) and math.isclose(prof["y"]["score"], (2 + 3 + 3) / 12)
 
 
 def test_lr_schedules_follow_their_formulas_and_reject_unknown_names():

@@ -34,6 +34,31 @@ def test_the_ratio_is_the_median_over_seeds_and_every_period_scales_with_it():
         equal_time.plan(old)
 
 
+def test_only_the_current_task_versions_runs_set_the_arm(tmp_path, monkeypatch, capsys):
+    """The arm runs the task's current config: headline runs of an older version (before a recalibration) neither
+    set its budget nor mix with the current ones; with none current it stops and names the command."""
+    source = tmp_path / "lm" / "cpu"
+    source.mkdir(parents=True)
+    (source / "records.jsonl").write_text("")
+
+    def versioned(r, version):
+        r["config"]["task"] = {"name": "lm", "version": version}
+        return r
+
+    now = equal_time.load.current_version(ROOT / "configs" / "task", "lm")
+    old = [versioned(rec(o, s, 10.0 if o == "adamw" else 50.0, steps=300), now - 1) for o in ("adamw", "dopr_adamw") for s in (0, 1)]
+    new = [versioned(rec(o, s, 10.0 if o == "adamw" else 12.0, steps=800), now) for o in ("adamw", "dopr_adamw") for s in (0, 1)]
+    monkeypatch.setattr(equal_time.record, "read", lambda folder: old + new)
+    assert equal_time.main(["lm", "--results", str(tmp_path), "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert f"left out: the runs of task version {now - 1}" in out and "1.200x" in out and "adamw runs 960 steps" in out
+    monkeypatch.setattr(equal_time.record, "read", lambda folder: old)
+    with pytest.raises(SystemExit):
+        equal_time.main(["lm", "--results", str(tmp_path), "--plan"])
+    err = capsys.readouterr().err
+    assert f"holds runs of task version {now - 1} only" in err and "make reproduce-lm" in err
+
+
 @pytest.mark.slow  # entry-point runs: .ci/run runs the slow suite
 def test_the_arm_runs_x_for_doprs_time_and_the_summary_shows_it(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}

@@ -100,8 +100,9 @@ def light_cost(done: list[dict]) -> dict:
 
 
 def optimizer_time(values: list[float]) -> float:
-    """The median over seeds; infinite when more than half of the seeds miss (their values are infinite)."""
-    if not values:
+    """The median over seeds; infinite when more than half of the seeds miss (their values are infinite); nan when
+    any seed's time is unknown (nan: a run without training seconds), which the median would place by input order."""
+    if not values or any(math.isnan(v) for v in values):
         return math.nan
     if sum(math.isinf(v) for v in values) * 2 > len(values):
         return math.inf
@@ -110,16 +111,18 @@ def optimizer_time(values: list[float]) -> float:
 
 def profile(times: dict[str, dict[str, float]], taus: list[float] | None = None) -> dict[str, dict]:
     """Performance profiles from {task: {optimizer: time}}: per optimizer its ratios per task, rho at each tau and
-    the score (area under rho on [1, TAU_MAX] / (TAU_MAX - 1)). Tasks where no optimizer has a finite time drop out;
-    an optimizer missing from a task (not run there) counts as never reaching the target."""
-    tasks = {t: ts for t, ts in times.items() if any(math.isfinite(v) and v > 0 for v in ts.values())}
+    the score (area under rho on [1, TAU_MAX] / (TAU_MAX - 1)). As in AlgoPerf's scoring, rho's denominator is every
+    task given: a task where no optimizer reaches the target counts as a miss for all (it stays in the denominator,
+    so adding or losing such a task moves every score alike); an optimizer missing from a task (not run there) counts
+    as never reaching the target."""
+    tasks = times
     optimizers = sorted({o for ts in tasks.values() for o in ts})
     ratios = {o: [] for o in optimizers}
     for ts in tasks.values():
-        best = min(v for v in ts.values() if math.isfinite(v) and v > 0)
+        best = min((v for v in ts.values() if math.isfinite(v) and v > 0), default=math.inf)
         for o in optimizers:
             v = ts.get(o, math.inf)
-            ratios[o].append(v / best if math.isfinite(v) else math.inf)
+            ratios[o].append(v / best if math.isfinite(v) and math.isfinite(best) else math.inf)
     taus = taus or [1 + 0.01 * i for i in range(int((TAU_MAX - 1) / 0.01) + 1)]
     out = {}
     for o, rs in ratios.items():
