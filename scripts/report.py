@@ -36,6 +36,18 @@ BY = {"damping": ("optimizer", "lr", "damping"), "lr_sweep": ("optimizer", "lr")
       "tuning": ("optimizer", "lr", "damping", "weight_decay")}
 
 
+
+def command_text(made_by: list[str]) -> str | None:
+    """The meta's one-line command: the runs' commands where there are one or two; for a sweep whose runs each recorded
+    their own (``optimizer=adamw seed=0 ...``), the words every run shares and the keys that vary, so that the cross-task
+    summary quotes a line, not forty."""
+    if len(made_by) <= 2:
+        return " and ".join(made_by) or None
+    words = [c.split() for c in made_by]
+    common = [w for w in words[0] if all(w in ws for ws in words[1:])]
+    varying = sorted({w.split("=", 1)[0] for ws in words for w in ws if w not in common})
+    return " ".join(common) + (f" ({', '.join(varying)} per run; each run's command is in its record)" if varying else "")
+
 def kind_and_pages(source: Path) -> tuple[str, Path]:
     """(report kind, folder its pages go to) of an experiment folder, from its name."""
     for suffix, kind in KINDS.items():
@@ -187,7 +199,7 @@ def render(source: Path, out: Path, kind: str, shown: str, configs: Path | None 
     meta = {"task": task, "scale": scale, "experiment": group[0].name, "metric": metric, "higher_is_better": higher, **lab,
             "lr_sweep": kind == "lr_sweep", "damping_sweep": kind == "damping", "runs": len(done),
             "failed": [{"run": f["run_id"], "status": f["status"], "error": f.get("error", "")} for f in failed],
-            "training_commits": commits, "command": " and ".join(made_by) or None, "metric_range": [0, 1] if rate else None,
+            "training_commits": commits, "command": command_text(made_by), "metric_range": [0, 1] if rate else None,
             "rollout_episodes": rollout_episodes(done),
             "horizons": {name: [n for n, _ in pts] for name, pts in horizons.items()},
             "targets": budget.targets(done, metric, higher)}

@@ -222,3 +222,13 @@ def test_the_tuning_pages_every_run_table_has_one_line_per_trial_in_round_order(
     shown = [(cells[0].strip("| "), cells[1]) for cells in lines]
     assert shown == sorted(seeds), shown[:5]  # one line per trial, by optimizer then round and trial
     assert [int(cells[7]) for cells in lines] == [seeds[key] for key in shown]  # the seeds column: all the trial's runs
+
+
+def test_the_meta_command_of_a_sweep_whose_runs_recorded_their_own_is_one_line(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import report
+
+    runs = [f"python -m experiments.train optimizer={o} seed={s} +experiment=lm_lora/cpu threads=1" for o in ("adamw", "muon") for s in range(3)]
+    assert report.command_text(runs) == ("python -m experiments.train +experiment=lm_lora/cpu threads=1 (optimizer, seed per run; "
+                                         "each run's command is in its record)")
+    assert report.command_text(runs[:2]) == f"{runs[0]} and {runs[1]}" and report.command_text([]) is None
