@@ -20,9 +20,11 @@ about the newest version there and says so. The target is 10% of the task's floo
                      the mean of the fd_floor column (what real images of the sample's size score)
 
 Where the seed budget (20) cannot reach the target, it says which noise source dominates the paired SD: the
-seeds (between-seed variance) or the episodes / problems (the sampling variance of each run's mean over its
-evaluation instances: p(1-p)/n for a rate, the per-episode variance / n for a return; summed over the two runs
-of a pair and averaged over the seeds), estimated from the records' per-episode / per-problem outcomes.
+seeds (between-seed variance) or the episodes / problems (the sampling variance of the pair's difference of means
+over its evaluation instances, averaged over the seeds), estimated from the records' per-episode / per-problem
+outcomes. The runs of a pair face the same instances in the same order (common random numbers), so that variance is
+the per-instance differences' variance / n; where the instances do not align, each run's (p(1-p)/n for a rate, the
+per-episode variance / n for a return) summed over the two runs, as independent draws.
 
 It reads the records (experiments/reports/load.py), not results_runs.csv: the outcomes the noise split needs
 are only there, and the numbers do not depend on the pages having been rebuilt.
@@ -72,11 +74,11 @@ def target_mdd(task: str, rows: list[dict], done: list[dict], metric: str) -> tu
         raise Refusal(f"{err}; or give the target with --target VALUE (in {metric}'s units)") from None
 
 
-def run_outcomes(r: dict) -> tuple[list[float], list[int]] | None:
-    """The final evaluation's per-instance outcomes of the headline metric as strata: ([variance of the run's mean
-    from that stratum's instances], [instances]) per stratum, or None where the record has none. One stratum where
-    the outcomes are the metric's own (control's returns, robot's successes); the main horizon series' strata
-    where the metric pools them (lm's accuracy: problems of each chain length), when they give the metric back."""
+def run_outcomes(r: dict) -> list[list[float]] | None:
+    """The final evaluation's per-instance outcomes of the headline metric as strata (lists in instance order), or
+    None where the record has none. One stratum where the outcomes are the metric's own (control's returns, robot's
+    successes); the main horizon series' strata where the metric pools them (lm's accuracy: problems of each chain
+    length), when they give the metric back."""
     s = r["summary"]
     metric, last = s["metric_name"], load.final_eval(r)
     outcomes = (r.get("outcomes") or {}).get(str(last["step"])) or {}
@@ -91,35 +93,46 @@ def run_outcomes(r: dict) -> tuple[list[float], list[int]] | None:
         pooled = [x for st in strata for x in st]
         if not pooled or abs(mean(pooled) - last["metrics"][metric]) > 1e-9:
             return None  # the strata do not pool into the metric: no estimate
-    total = sum(len(st) for st in strata)
-    if total == 0:
-        return None
-    var = 0.0
+    return strata if sum(len(st) for st in strata) else None
+
+
+def mean_variance(strata: list[list[float]], rate_formula: bool = True) -> float:
+    """The sampling variance of the pooled mean over the strata's instances: per stratum p(1-p)/n for a rate (0/1
+    outcomes, with ``rate_formula``), else its sample variance / n, weighted by the stratum's share squared."""
+    total, var = sum(len(st) for st in strata), 0.0
     for st in strata:
-        binary = set(st) <= {0, 1}
-        v = mean(st) * (1 - mean(st)) if binary else sample_var(st)  # p(1-p) for a rate, else the sample variance
+        binary = rate_formula and set(st) <= {0, 1}
+        v = mean(st) * (1 - mean(st)) if binary else sample_var(st)
         if math.isnan(v):
-            return None
-        var += (len(st) / total) ** 2 * v / len(st)  # the stratum's share of the pooled mean
-    return [var], [total]
+            return math.nan
+        var += (len(st) / total) ** 2 * v / len(st)
+    return var
 
 
 def noise_split(pairs: list[tuple[dict, dict]], sd: float) -> dict:
-    """The paired variance SD^2 split into the episodes' part (each run's sampling variance of its mean over
-    instances, the two runs of a pair taken as independent draws, averaged over seeds) and the seeds' part (the
-    rest, at least 0)."""
+    """The paired variance SD^2 split into the episodes' part (averaged over seeds) and the seeds' part (the rest, at
+    least 0). Under common random numbers (docs/protocol.md) the two runs of a pair face the same instances in the
+    same order, so where their strata align the episodes' part of a pair is the sampling variance of the mean of the
+    per-instance differences (their correlation included); where they do not, the two runs are taken as independent
+    draws (the sum of each run's variance of its mean)."""
     total = sd ** 2
-    parts = []
+    parts, aligned = [], 0
     for treated, control in pairs:
         a, b = run_outcomes(treated), run_outcomes(control)
         if a is None or b is None:
             return {"episodes_var": None, "seed_var": None, "dominant": "unknown",
                     "why": "the records hold no per-episode / per-problem outcomes of the metric"}
-        parts.append(a[0][0] + b[0][0])
+        if [len(st) for st in a] == [len(st) for st in b] and all(len(st) > 1 for st in a):
+            parts.append(mean_variance([[x - y for x, y in zip(sa, sb)] for sa, sb in zip(a, b)], rate_formula=False))
+            aligned += 1
+        else:
+            parts.append(mean_variance(a) + mean_variance(b))
+    if any(math.isnan(v) for v in parts):
+        return {"episodes_var": None, "seed_var": None, "dominant": "unknown", "why": "a stratum with one instance has no variance"}
     episodes = mean(parts)
     seed = max(total - episodes, 0.0)
     return {"episodes_var": episodes, "seed_var": seed, "dominant": "seed" if seed >= episodes else "episodes",
-            "episodes_var_over_paired_var": episodes / total if total > 0 else math.nan}
+            "episodes_var_over_paired_var": episodes / total if total > 0 else math.nan, "paired_instances": aligned == len(pairs)}
 
 
 def comparisons(done: list[dict], target: float, budget: int, cap: int) -> list[dict]:

@@ -71,24 +71,30 @@ def test_numbers_against_a_hand_computation(tmp_path):
     need = next(n for n in range(2, 101) if hand_mdd(sd, n) <= 300.0)  # counted up by hand: t moves with n
     assert c["seeds_needed"] == need and need > 20 and not c["reaches_target_within_budget"]
     assert c["mdd_at_budget"] == pytest.approx(hand_mdd(sd, 20))
-    # the noise split: each run's variance of its mean over episodes (sample variance / 3), summed over a pair's two
-    # runs and averaged over seeds; the rest of the paired variance is the seeds'
-    episodes = sum(var1(a) / 3 + var1(d) / 3 for a, d in CONTROL.values()) / 4
-    assert c["noise"]["episodes_var"] == pytest.approx(episodes) and c["noise"]["seed_var"] == pytest.approx(sd ** 2 - episodes)
-    assert c["noise"]["dominant"] == "seed"
+    # the noise split: the pair's runs face the same 3 episodes (common random numbers), so a pair's episode part is
+    # the sample variance of the per-episode differences / 3, averaged over seeds; the rest of the paired variance is
+    # the seeds'
+    episodes = sum(var1([y - x for x, y in zip(a, d)]) / 3 for a, d in CONTROL.values()) / 4
+    assert c["noise"]["paired_instances"] and c["noise"]["episodes_var"] == pytest.approx(episodes)
+    assert c["noise"]["seed_var"] == pytest.approx(sd ** 2 - episodes) and c["noise"]["dominant"] == "seed"
+    independent = sum(var1(a) / 3 + var1(d) / 3 for a, d in CONTROL.values()) / 4
+    assert episodes != pytest.approx(independent)  # the pairing is what is measured, not two independent draws
     text = power.table(result)
     assert "20 seeds cannot reach the target" in text and "the seeds dominate" in text and str(need) in text
 
 
 def test_a_rate_uses_p_one_minus_p_and_names_the_episodes_when_they_dominate(tmp_path):
-    # robot: 10 episodes per run, the same success rate per optimizer on every seed up to episode noise
+    # robot: 10 episodes per adamw run, 20 per dopr_adamw run (the instances do not align: each run's variance, as
+    # independent draws), the same success rate per optimizer on every seed up to episode noise
     succ = {0: ([1] * 5 + [0] * 5, [1] * 7 + [0] * 3), 1: ([1] * 6 + [0] * 4, [1] * 4 + [0] * 6),
             2: ([1] * 5 + [0] * 5, [1] * 7 + [0] * 3), 3: ([0] * 4 + [1] * 6, [0] * 6 + [1] * 4)}
+    succ = {s: (a, d * 2) for s, (a, d) in succ.items()}
     records = [synthetic_record("robot", o, s, "success", x) for s, (a, d) in succ.items() for o, x in (("adamw", a), ("dopr_adamw", d))]
     result = power.analyse(write(tmp_path / "robot" / "cpu", records))
     (c,) = result["comparisons"]
     p = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    episodes = sum(p(a) * (1 - p(a)) / 10 + p(d) * (1 - p(d)) / 10 for a, d in succ.values()) / 4
+    episodes = sum(p(a) * (1 - p(a)) / 10 + p(d) * (1 - p(d)) / 20 for a, d in succ.values()) / 4
+    assert c["noise"]["paired_instances"] is False
     diffs = [p(d) - p(a) for a, d in succ.values()]  # 0.2, -0.2, 0.2, -0.2
     assert result["target_mdd"] == 0.1 and c["sd"] == pytest.approx(math.sqrt(var1(diffs)))
     assert c["noise"]["episodes_var"] == pytest.approx(episodes) and c["noise"]["dominant"] == "episodes"
