@@ -237,12 +237,12 @@ def headline(entries: list[dict], family: dict) -> list[str]:
              f"{len(significant)} significant after Holm (adjusted p below {ALPHA})"
              + (": " + ", ".join(f"{name(e, c)} ({'better' if (c['metric']['mean'] > 0) == bool(e['meta']['higher_is_better']) else 'worse'}, "
                                  f"adjusted p {q:.3f})" for e, c, q in significant) if significant else "") + "."
-             + (" Not in the family (fewer than 2 paired seeds, no test): " + ", ".join(f"{name(e, c)} ({c['metric']['n']} seed{'s' if c['metric']['n'] != 1 else ''})"
+             + (" Not tested yet, counted at p = 1 (fewer than 2 paired seeds): " + ", ".join(f"{name(e, c)} ({c['metric']['n']} seed{'s' if c['metric']['n'] != 1 else ''})"
                                                                                         for e, c in family["untested"]) + "." if family["untested"] else "")
-             + (" Not in the family (runs of an earlier task version, shown in the tables but superseded until the "
+             + (" Not tested yet, counted at p = 1 (runs of an earlier task version, shown in the tables but superseded until the "
                 "task's new version is tuned, `make tune-<task>`, and evaluated, `make reproduce-<task>`): " + ", ".join(f"{name(e, c)}{version_note(e)}" for e, c in family["superseded"]) + "."
                 if family["superseded"] else "")
-             + (" Not run yet: " + ", ".join(family["missing"]) + "." if family["missing"] else ""),
+             + (" Not run yet, counted at p = 1: " + ", ".join(family["missing"]) + "." if family["missing"] else ""),
              "", "| task | comparison | seeds | metric | difference (DoPr-X minus X) | raw p | adjusted p (Holm) | MDD (target) | reading |",
              "|---|---|---|---|---|---|---|---|---|"]
     for e, c, q in tested:

@@ -142,8 +142,8 @@ def test_summary_on_synthetic_reports_is_right_and_deterministic(tmp_path):
     assert 0.07 < p_lora < 0.08 and 9 * p_lm < 0.05
     assert "4 of the 10 tested; 2 significant after Holm (adjusted p below 0.05): flow DoPr-Muon (worse, adjusted p 0.000), " \
            f"lm DoPr-AdamW (better, adjusted p {9 * p_lm:.3f})." in text
-    assert "Not in the family (fewer than 2 paired seeds, no test): robot DoPr-AdamW (1 seed)." in text
-    assert "Not run yet: lm DoPr-Muon, lm_lora DoPr-Muon, flow DoPr-AdamW, control DoPr-Muon, robot DoPr-Muon." in text
+    assert "Not tested yet, counted at p = 1 (fewer than 2 paired seeds): robot DoPr-AdamW (1 seed)." in text
+    assert "Not run yet, counted at p = 1: lm DoPr-Muon, lm_lora DoPr-Muon, flow DoPr-AdamW, control DoPr-Muon, robot DoPr-Muon." in text
     family = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in text.split("## Did AP help?")[0].splitlines()
               if line.startswith("| ") and " vs " in line and not line.startswith("| task")}
     assert set(family) == {"lm", "flow", "lm_lora", "control"}  # robot_image is not a primary task
