@@ -115,10 +115,9 @@ def profile(times: dict[str, dict[str, float]], taus: list[float] | None = None)
     task given: a task where no optimizer reaches the target counts as a miss for all (it stays in the denominator,
     so adding or losing such a task moves every score alike); an optimizer missing from a task (not run there) counts
     as never reaching the target."""
-    tasks = times
-    optimizers = sorted({o for ts in tasks.values() for o in ts})
+    optimizers = sorted({o for ts in times.values() for o in ts})
     ratios = {o: [] for o in optimizers}
-    for ts in tasks.values():
+    for ts in times.values():
         best = min((v for v in ts.values() if math.isfinite(v) and v > 0), default=math.inf)
         for o in optimizers:
             v = ts.get(o, math.inf)
